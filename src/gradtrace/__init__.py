@@ -1,0 +1,46 @@
+"""gradtrace: see, diagnose and fix vanishing and exploding gradients in PyTorch.
+
+Example:
+    >>> import gradtrace as gt
+    >>> with gt.watch(model, optimizer, out="runs/exp1") as mon:   # doctest: +SKIP
+    ...     ...
+    >>> findings = gt.diagnose(gt.load("runs/exp1"))                # doctest: +SKIP
+
+Public names are imported lazily so that ``import gradtrace`` stays cheap and never
+pulls an optional dependency.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "watch": "monitor", "Monitor": "monitor", "PRESETS": "monitor",
+    "load": "trace", "Trace": "trace", "TraceWarning": "trace",
+    "Finding": "findings", "Fix": "findings", "KINDS": "findings",
+    "diagnose": "detect", "report": "report",
+    "clip_grad_norm_": "remedies.clip", "clip_grad_value_": "remedies.clip",
+    "adaptive_clip_grad_": "remedies.clip", "AutoClip": "remedies.clip", "ZClip": "remedies.clip",
+    "Guard": "remedies.guard",
+    "init_for_activation": "remedies.init", "lsuv_": "remedies.init",
+    "scale_residual_branches_": "remedies.init",
+    "spectrum": "spectrum", "Spectrum": "spectrum", "preflight": "preflight",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f"gradtrace.{_EXPORTS[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gradtrace' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

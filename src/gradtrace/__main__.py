@@ -1,0 +1,3 @@
+from gradtrace.cli import main
+
+raise SystemExit(main())

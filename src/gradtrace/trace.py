@@ -1,0 +1,376 @@
+"""The trace: gradtrace's memory of a run, written append-only and read back as numpy.
+
+Layout of a trace directory::
+
+    meta.json        layers (name, type, shape, activation kind), versions, watch config
+    records.jsonl    one JSON object per line, flushed per line:
+                       {"step": 12, "scalars": {...}, "param": {stat: [...]},
+                        "module": {stat: [...]}, "vectors": {stat: {name: [...]}}}
+                     or an event: {"event": "guard_skip", "step": 12, ...}
+
+Per-parameter and per-module statistics are lists aligned with the names in
+``meta.json`` (``null`` where a statistic does not apply), so names are written once.
+A reader copes with a file that is still being written and with a torn last line left
+by a killed process: every complete line is read, the torn one becomes a warning.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+FORMAT = "gradtrace-trace"
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+RECORDS_FILE = "records.jsonl"
+
+
+class TraceWarning(UserWarning):
+    """A trace was readable but not whole (e.g. a torn last line after a crash)."""
+
+
+def _encode(x: Any) -> Any:
+    # json cannot carry NaN/inf portably; strings keep them readable by any tool.
+    if isinstance(x, float):
+        if math.isfinite(x):
+            return x
+        return "nan" if x != x else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _encode(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_encode(v) for v in x]
+    return x
+
+
+def _decode_number(v: Any) -> float:
+    if v is None:
+        return math.nan
+    if isinstance(v, str):
+        return float(v)
+    return float(v)
+
+
+class Trace:
+    """Recorded statistics of one run, as numpy arrays.
+
+    Build one with :func:`load` (a trace directory) or take ``monitor.trace``.
+
+    Example:
+        >>> trace = gt.load("runs/exp1")                      # doctest: +SKIP
+        >>> trace.series("grad_norm", "encoder.0.weight")     # doctest: +SKIP
+        array([0.41, 0.39, ...])
+        >>> trace.series("total_grad_norm")                   # doctest: +SKIP
+    """
+
+    def __init__(self, meta: dict[str, Any], records: Iterable[dict] = (), path: str | None = None):
+        self.meta = meta
+        self.path = path
+        self.warnings: list[str] = []
+        self._records: list[dict] = []
+        self._events: list[dict] = []
+        for r in records:
+            self._append(r)
+
+    # ---- construction -------------------------------------------------------------
+    def _append(self, rec: dict) -> None:
+        if "event" in rec:
+            self._events.append(rec)
+        else:
+            self._records.append(rec)
+
+    # ---- names ----------------------------------------------------------------------
+    @property
+    def params(self) -> list[str]:
+        """Qualified names of the watched parameters, in ``named_parameters()`` order."""
+        return [p["name"] for p in self.meta.get("params", [])]
+
+    @property
+    def modules(self) -> list[str]:
+        """Qualified names of the watched modules, in ``named_modules()`` order."""
+        return [m["name"] for m in self.meta.get("modules", [])]
+
+    def module_info(self, name: str) -> dict[str, Any]:
+        """Metadata of one watched module: ``type``, ``activation`` kind, parameter names."""
+        for m in self.meta.get("modules", []):
+            if m["name"] == name:
+                return m
+        raise KeyError(_unknown("module", name, self.modules))
+
+    def param_info(self, name: str) -> dict[str, Any]:
+        """Metadata of one watched parameter: ``shape``, ``dtype``, owning ``module``."""
+        for p in self.meta.get("params", []):
+            if p["name"] == name:
+                return p
+        raise KeyError(_unknown("parameter", name, self.params))
+
+    @property
+    def steps_recorded(self) -> np.ndarray:
+        """Optimizer step of every record, ascending."""
+        return np.array([r["step"] for r in self._records], dtype=np.int64)
+
+    @property
+    def records(self) -> list[dict]:
+        """The raw step records (dicts as stored in ``records.jsonl``)."""
+        return self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __repr__(self) -> str:
+        where = f" at {self.path!r}" if self.path else " (in memory)"
+        return (f"<Trace{where}: {len(self._records)} records, {len(self.params)} params, "
+                f"{len(self.modules)} modules, {len(self._events)} events>")
+
+    # ---- statistics -------------------------------------------------------------------
+    def _index(self) -> dict[str, str]:
+        """stat name -> section ("scalars" | "param" | "module" | "vectors")."""
+        out: dict[str, str] = {}
+        for r in self._records:
+            for section in ("scalars", "param", "module", "vectors"):
+                for k in r.get(section, {}):
+                    out.setdefault(k, section)
+        return out
+
+    def stats(self) -> list[str]:
+        """Names of every recorded statistic, sorted.
+
+        Example:
+            >>> "grad_norm" in trace.stats()                   # doctest: +SKIP
+            True
+        """
+        return sorted(self._index())
+
+    def kind_of(self, stat: str) -> str:
+        """Where a statistic lives: ``"scalars"`` (per step), ``"param"``, ``"module"`` or ``"vectors"``."""
+        index = self._index()
+        if stat not in index:
+            raise KeyError(_unknown("statistic", stat, list(index)))
+        return index[stat]
+
+    def _names_for(self, section: str) -> list[str]:
+        return self.params if section == "param" else self.modules
+
+    def series(self, stat: str, name: str | None = None, *, with_steps: bool = False):
+        """Values of ``stat`` (for ``name``) over the records where it was recorded.
+
+        Per-step statistics (``total_grad_norm``, ``loss``, ...) take no name. Vector
+        statistics (e.g. ``time_grad_norm``) come back as a 2-D array (records x length).
+        With ``with_steps=True`` returns ``(steps, values)``.
+
+        Example:
+            >>> trace.series("grad_norm", "0.weight")            # doctest: +SKIP
+            >>> steps, loss = trace.series("loss", with_steps=True)  # doctest: +SKIP
+        """
+        section = self.kind_of(stat)
+        steps: list[int] = []
+        values: list[Any] = []
+        if section == "scalars":
+            if name is not None:
+                raise KeyError(f"statistic {stat!r} is per step and takes no name")
+            for r in self._records:
+                if stat in r.get("scalars", {}):
+                    steps.append(r["step"])
+                    values.append(_decode_number(r["scalars"][stat]))
+            arr = np.asarray(values, dtype=np.float64)
+        elif section == "vectors":
+            if name is None:
+                raise KeyError(f"statistic {stat!r} needs a name; recorded for: "
+                               f"{sorted({n for r in self._records for n in r.get('vectors', {}).get(stat, {})})}")
+            known = set()
+            for r in self._records:
+                vec = r.get("vectors", {}).get(stat, {})
+                known.update(vec)
+                if name in vec:
+                    steps.append(r["step"])
+                    values.append(_decode_vector(vec[name]))
+            if not steps:
+                raise KeyError(_unknown(f"name for {stat!r}", name, sorted(known)))
+            lengths = {len(v) for v in values}
+            arr = np.stack(values) if len(lengths) == 1 else np.array(values, dtype=object)
+        else:
+            names = self._names_for(section)
+            if name is None:
+                raise KeyError(f"statistic {stat!r} is per {section}; pass one of its names, "
+                               f"e.g. {names[:3]}")
+            try:
+                i = names.index(name)
+            except ValueError:
+                raise KeyError(_unknown(section if section == "module" else "parameter", name, names)) from None
+            for r in self._records:
+                col = r.get(section, {}).get(stat)
+                if col is not None and i < len(col) and col[i] is not None:
+                    steps.append(r["step"])
+                    values.append(_decode_number(col[i]))
+            arr = np.asarray(values, dtype=np.float64)
+        if with_steps:
+            return np.asarray(steps, dtype=np.int64), arr
+        return arr
+
+    def matrix(self, stat: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """A per-parameter or per-module statistic as ``(steps, names, values)``.
+
+        ``values`` has shape (records where ``stat`` was recorded, names); NaN marks
+        a name for which it was not recorded. Handy for heatmaps and detectors.
+
+        Example:
+            >>> steps, names, g = trace.matrix("grad_norm")     # doctest: +SKIP
+        """
+        section = self.kind_of(stat)
+        if section not in ("param", "module"):
+            raise KeyError(f"statistic {stat!r} is not per parameter or per module; use series()")
+        names = self._names_for(section)
+        steps, rows = [], []
+        for r in self._records:
+            col = r.get(section, {}).get(stat)
+            if col is None:
+                continue
+            steps.append(r["step"])
+            rows.append([_decode_number(v) for v in col] + [math.nan] * (len(names) - len(col)))
+        values = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
+        return np.asarray(steps, dtype=np.int64), names, values
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        """Events (guard skips, first non-finite values, exceptions...), optionally of one kind.
+
+        Example:
+            >>> [e["step"] for e in trace.events("guard_skip")]   # doctest: +SKIP
+        """
+        if kind is None:
+            return list(self._events)
+        return [e for e in self._events if e["event"] == kind]
+
+    def scalar_at(self, stat: str, step: int) -> float | None:
+        for r in self._records:
+            if r["step"] == step:
+                v = r.get("scalars", {}).get(stat)
+                return None if v is None else _decode_number(v)
+        return None
+
+
+def _decode_vector(v: Any) -> np.ndarray:
+    if isinstance(v, str):  # a packed bit mask, hex, LSB first
+        n_bits, hexstr = v.split(":", 1)
+        raw = np.frombuffer(bytes.fromhex(hexstr), dtype=np.uint8)
+        bits = np.unpackbits(raw, bitorder="little")[: int(n_bits)]
+        return bits.astype(bool)
+    return np.asarray([_decode_number(x) for x in v], dtype=np.float64)
+
+
+def pack_mask(mask: np.ndarray) -> str:
+    """Pack a boolean vector into the trace's compact ``"<n>:<hex>"`` form."""
+    mask = np.asarray(mask, dtype=bool).ravel()
+    return f"{mask.size}:" + np.packbits(mask, bitorder="little").tobytes().hex()
+
+
+def _unknown(what: str, name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=5, cutoff=0.5)
+    hint = f"; close matches: {close}" if close else f"; known: {list(valid)[:12]}"
+    return f"unknown {what} {name!r}{hint}"
+
+
+# ---- writing ---------------------------------------------------------------------------
+class TraceWriter:
+    """Appends records to a trace directory, one flushed JSON line each.
+
+    Example:
+        >>> w = TraceWriter("runs/x", meta)            # doctest: +SKIP
+        >>> w.write({"step": 0, "scalars": {"loss": 2.3}})  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any], fsync: bool = False):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+        tmp = self.path / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(_encode(meta), indent=1))
+        os.replace(tmp, self.path / META_FILE)  # atomic: a reader never sees half a meta.json
+        # A new watch starts a new trace: appending to an old run's records would mix runs.
+        self._file = open(self.path / RECORDS_FILE, "w", encoding="utf-8")
+        self._fsync = fsync
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file.closed:
+            return
+        self._file.write(json.dumps(_encode(record), separators=(",", ":")) + "\n")
+        self._file.flush()
+        if self._fsync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class MemoryWriter:
+    """Keeps records in a :class:`Trace` in memory (``watch(..., out=None)``)."""
+
+    def __init__(self, meta: dict[str, Any]):
+        self.trace = Trace({"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
+
+    def write(self, record: dict[str, Any]) -> None:
+        # Round-trip through the same encoding so in-memory and on-disk traces agree.
+        self.trace._append(json.loads(json.dumps(_encode(record))))
+
+    def close(self) -> None:
+        pass
+
+
+# ---- reading ---------------------------------------------------------------------------
+def load(path: str | os.PathLike) -> Trace:
+    """Read a trace directory, also while it is being written or after a crash.
+
+    Raises ``ValueError`` if ``path`` is not a gradtrace trace directory. A torn last
+    line (a writer killed mid-write) is skipped with a :class:`TraceWarning`.
+
+    Example:
+        >>> trace = gt.load("runs/exp1")              # doctest: +SKIP
+        >>> trace.stats()                             # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"trace directory {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{str(p)!r} is a file; a trace is a directory holding {META_FILE} and {RECORDS_FILE}")
+    meta_path = p / META_FILE
+    if not meta_path.exists():
+        raise ValueError(f"{str(p)!r} is not a gradtrace trace: no {META_FILE} in it")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(meta_path)!r} is corrupt (not JSON: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{str(p)!r} is not a gradtrace trace ({META_FILE} has no format={FORMAT!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"trace format version {meta['format_version']} is newer than this "
+                         f"gradtrace reads ({FORMAT_VERSION}); upgrade gradtrace")
+    trace = Trace(meta, path=str(p))
+    rec_path = p / RECORDS_FILE
+    if not rec_path.exists():
+        return trace
+    with open(rec_path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    # A final chunk without newline is a line still being (or never fully) written.
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict) or ("step" not in rec and "event" not in rec):
+                raise ValueError("not a record")
+        except (ValueError, UnicodeDecodeError):
+            is_last = lineno >= len(lines) - 1
+            if is_last:
+                msg = f"{rec_path}: line {lineno} is torn (incomplete write); skipped it"
+                trace.warnings.append(msg)
+                warnings.warn(msg, TraceWarning, stacklevel=2)
+                continue
+            raise ValueError(f"{rec_path}: line {lineno} is corrupt; the trace cannot be read") from None
+        trace._append(rec)
+    return trace
