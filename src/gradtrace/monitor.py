@@ -1,0 +1,607 @@
+"""The monitor: attaches hooks, reduces statistics on the device, writes one record a step.
+
+Step lifecycle (with an optimizer; without one, ``mon.step()`` closes a step by hand)::
+
+    forward hooks     per watched module: a one-kernel non-finite flag; on activation
+                      steps also mean/std/max|x|, ReLU zeros and active units, saturation,
+                      and a tensor hook for the gradient arriving at the output
+    optimizer pre     per parameter: grad L2 norm, max|g|, parameter norm (foreach kernels)
+    optimizer post    on activation steps: the update ||dw|| / ||w|| just applied;
+                      then one device-to-host copy of the flat buffer, one record written
+
+Steps that record nothing do no device work and no host sync: every hook returns at once.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import traceback
+import warnings
+import weakref
+from functools import partial
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import stats
+from .probe import SATURATION_BOUNDS, activation_kind, floating_tensors, select, unit_view
+from .trace import MemoryWriter, Trace, TraceWriter, load, pack_mask
+
+F32 = torch.float32
+
+#: Named trade-offs between cost and insight (pass ``preset=`` to :func:`watch`).
+PRESETS: dict[str, dict[str, Any]] = {
+    # every 10th step, activations every 100th: near-free on any model
+    "economy": {"every": 10, "activations_every": 100, "backward_flags": False},
+    # the defaults: parameter figures every step, activations every 10th
+    "default": {"every": 1, "activations_every": 10, "backward_flags": False},
+    # everything every step, including output-gradient non-finite flags for localisation
+    "full": {"every": 1, "activations_every": 1, "backward_flags": True},
+}
+
+# Models currently watched; a WeakSet keeps no model alive and puts nothing on it.
+_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after a step with ``nan``/``inf`` when ``watch(..., raise_on_nonfinite=True)``."""
+
+
+def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be >= {0 if allow_zero else 1} "
+                         f"({'0 turns it off' if allow_zero else 'record every N steps'}), got {value}")
+    return value
+
+
+class Monitor:
+    """Watches a model (and optionally its optimizer) and writes a trace.
+
+    Create it with :func:`watch`. Use as a context manager, or call :meth:`close`.
+
+    Example:
+        >>> mon = gt.watch(model, optimizer, out=None)        # doctest: +SKIP
+        >>> ...train...; mon.close(); mon.trace.stats()        # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 out: str | None = None, every: int = 1, activations_every: int = 10,
+                 layers: Any = None, preset: str | None = None, backward_flags: bool = False,
+                 time_gradients: bool = False, raise_on_nonfinite: bool = False,
+                 sinks: Iterable[Any] = (), fsync: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset={preset!r} is unknown; valid: {', '.join(PRESETS)}")
+            cfg = PRESETS[preset]
+            every, activations_every = cfg["every"], cfg["activations_every"]
+            backward_flags = cfg["backward_flags"]
+        self.every = _check_every("every", every)
+        self.activations_every = _check_every("activations_every", activations_every, allow_zero=True)
+        if model in _WATCHED:
+            raise RuntimeError("this model is already watched by a gradtrace monitor; close that "
+                               "monitor first (mon.close() or leave its `with` block)")
+        self.model = model
+        self.optimizer = optimizer
+        self.backward_flags = bool(backward_flags)
+        self.raise_on_nonfinite = raise_on_nonfinite
+        self.compiled = hasattr(model, "_orig_mod")
+        root = model._orig_mod if self.compiled else model
+
+        sel = select(root, layers)
+        mods = dict(root.named_modules())
+        params = dict(root.named_parameters())
+        self._mod_names = sel.modules
+        self._modules = [mods[n] for n in sel.modules]
+        self._kinds = [activation_kind(m) for m in self._modules]
+        self._param_names = sel.params
+        self._params = [params[n] for n in sel.params]
+        self._device = self._params[0].device if self._params else torch.device("cpu")
+
+        self._handles: list[Any] = []
+        self._closed = False
+        self._dist = None  # set by gradtrace.distributed when a process group is active
+        self.step_count = 0           # optimizer steps closed so far (index of the current step)
+        self._last_order: list[int] | None = None
+        self._clip_info: dict | None = None
+        meta = self._meta(root, layers, out, time_gradients, preset)
+        self._writer = TraceWriter(out, meta, fsync=fsync) if out is not None else MemoryWriter(meta)
+        self._sinks = list(sinks)
+        for s in self._sinks:
+            if hasattr(s, "start"):
+                s.start(meta)
+        self.out = out
+
+        _WATCHED.add(model)
+        try:
+            self._attach(time_gradients)
+        except Exception:
+            self.close()
+            raise
+        self._begin_step()
+
+    # ---- setup ------------------------------------------------------------------------
+    def _meta(self, root, layers, out, time_gradients, preset) -> dict:
+        from . import __version__
+
+        owner = {}
+        for mname, m in zip(self._mod_names, self._modules):
+            for pname, _ in m.named_parameters(prefix=mname, recurse=True):
+                owner.setdefault(pname, mname)
+        return {
+            "gradtrace_version": __version__,
+            "torch_version": torch.__version__,
+            "created": time.time(),
+            "model": type(root).__name__,
+            "optimizer": type(self.optimizer).__name__ if self.optimizer else None,
+            "config": {"every": self.every, "activations_every": self.activations_every,
+                       "layers": None if layers is None else repr(layers), "preset": preset,
+                       "backward_flags": self.backward_flags, "time_gradients": bool(time_gradients),
+                       "out": None if out is None else str(out)},
+            "saturation_bounds": SATURATION_BOUNDS,
+            "modules": [{"name": n, "type": type(m).__name__, "activation": k,
+                         "params": [p for p, o in owner.items() if o == n]}
+                        for n, m, k in zip(self._mod_names, self._modules, self._kinds)],
+            "params": [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
+                        "module": owner.get(n, n.rpartition(".")[0])}
+                       for n, p in zip(self._param_names, self._params)],
+        }
+
+    def _attach(self, time_gradients: bool) -> None:
+        if self.compiled:
+            warnings.warn("gradtrace: the model is torch.compile'd; module hooks would break its "
+                          "graphs, so activation statistics are skipped. Parameter-gradient "
+                          "statistics, clipping and the guard work as usual.", stacklevel=3)
+        else:
+            for i, m in enumerate(self._modules):
+                self._handles.append(m.register_forward_hook(partial(self._on_forward, i)))
+                if time_gradients and self._kinds[i] == "recurrent":
+                    self._handles.append(m.register_forward_pre_hook(partial(self._on_rnn_input, i)))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
+
+    # ---- step lifecycle ----------------------------------------------------------------
+    def _begin_step(self) -> None:
+        s = self.step_count
+        self._act = self.activations_every > 0 and s % self.activations_every == 0
+        self._rec = s % self.every == 0 or self._act
+        self._calls: list[tuple] = []          # (module idx, flag tensor, act tuple | None)
+        self._bwd: list[tuple] = []            # (module idx, grad sq-norm tensor)
+        self._order: list[int] = []            # first-call order of modules this step
+        self._seen: set[int] = set()
+        self._bwd_order: list[int] = []
+        self._bwd_seen: set[int] = set()
+        self._masks: dict[int, torch.Tensor] = {}
+        self._time: dict[int, list[torch.Tensor]] = {}
+        self._losses: list[Any] = []
+        self._pending: dict[str, Any] | None = None
+
+    def _on_forward(self, idx: int, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not self._rec or self._closed:
+            return
+        try:
+            tensors = floating_tensors(output)
+            if not tensors:
+                return
+            if idx not in self._seen:
+                self._seen.add(idx)
+                self._order.append(idx)
+            for t in tensors:
+                td = t.detach()
+                # A sum is finite iff every entry is (NaN/inf propagate): one cheap kernel.
+                flag = td.sum(dtype=F32)
+                act = self._activation_stats(idx, td) if self._act else None
+                self._calls.append((idx, flag, act))
+                if t.requires_grad and (self._act or self.backward_flags):
+                    t.register_hook(partial(self._on_out_grad, idx))
+        except Exception as e:  # a monitoring bug must never stop the user's training
+            self._internal_error(e)
+
+    def _activation_stats(self, idx: int, td: torch.Tensor) -> tuple:
+        kind = self._kinds[idx]
+        mn, mx = td.aminmax()
+        sq = torch.linalg.vector_norm(td, dtype=F32)
+        # x - x is 0 for finite x and NaN for NaN/inf: a count without isfinite's slow path.
+        bad = torch.count_nonzero(td - td)
+        extra = None
+        if kind == "relu":
+            extra = torch.count_nonzero(td)                    # active entries
+            active = unit_view(td).amax(0) > 0                 # units that fired at least once
+            prev = self._masks.get(idx)
+            self._masks[idx] = active if prev is None or prev.shape != active.shape else prev | active
+        elif kind in SATURATION_BOUNDS:
+            lo, hi = SATURATION_BOUNDS[kind]
+            extra = ((td < lo) | (td > hi)).sum()
+        return (td.numel(), mn, mx, sq, bad, extra)
+
+    def _on_out_grad(self, idx: int, grad: torch.Tensor) -> None:
+        if self._closed or not self._rec:
+            return
+        try:
+            if idx not in self._bwd_seen:
+                self._bwd_seen.add(idx)
+                self._bwd_order.append(idx)
+            self._bwd.append((idx, torch.linalg.vector_norm(grad.detach(), dtype=F32)))
+        except Exception as e:
+            self._internal_error(e)
+
+    def _on_rnn_input(self, idx: int, module: nn.Module, args: tuple):
+        """Make the sequence input of a recurrent layer report the gradient per time step."""
+        if self._closed or not self._act or not args or not torch.is_grad_enabled():
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+            return None  # packed sequences and the like are left alone
+        time_dim = 1 if getattr(module, "batch_first", False) and x.dim() == 3 else 0
+        if not x.requires_grad:
+            # Data needs no gradient; a leaf copy that asks for one changes no parameter update.
+            x = x.detach().requires_grad_(True)
+        dims = [d for d in range(x.dim()) if d != time_dim]
+
+        def per_step(g: torch.Tensor) -> None:
+            if not self._closed:
+                self._time.setdefault(idx, []).append(
+                    torch.linalg.vector_norm(g.detach(), dim=dims, dtype=F32))
+        x.register_hook(per_step)
+        return (x,) + tuple(args[1:])
+
+    def _on_pre_step(self, optimizer, args, kwargs) -> None:
+        if self._rec and not self._closed:
+            try:
+                self._collect_params(with_snapshot=self._act)
+            except Exception as e:
+                self._internal_error(e)
+
+    def _on_post_step(self, optimizer, args, kwargs) -> None:
+        if self._closed:
+            return
+        try:
+            if self._rec:
+                self._finish_step()
+        finally:
+            self.step_count += 1
+            self._begin_step()
+
+    def step(self) -> None:
+        """Close a step by hand (when the monitor was given no optimizer).
+
+        Call it after ``loss.backward()`` (and after your own update, before zeroing the
+        gradients). Update ratios need an optimizer and are not recorded this way.
+
+        Example:
+            >>> loss.backward(); mon.step(); model.zero_grad()   # doctest: +SKIP
+        """
+        if self._closed:
+            raise RuntimeError("this monitor is closed; start a new one with gt.watch(...)")
+        if self.optimizer is not None:
+            raise RuntimeError("this monitor closes steps on optimizer.step(); do not call mon.step() too")
+        try:
+            if self._rec:
+                self._collect_params(with_snapshot=False)
+                self._finish_step()
+        finally:
+            self.step_count += 1
+            self._begin_step()
+
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Note this step's loss without a host sync (several calls in one step average).
+
+        Example:
+            >>> mon.record_loss(loss)            # doctest: +SKIP
+        """
+        if self._rec and not self._closed:
+            self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+
+    def log_event(self, kind: str, step: int | None = None, **data: Any) -> None:
+        """Write an event (a guard skip, a note) into the trace at this step.
+
+        Example:
+            >>> mon.log_event("guard_skip", reason="nonfinite_grad")   # doctest: +SKIP
+        """
+        if self._closed:
+            return
+        self._write({"event": kind, "step": self.step_count if step is None else step, **data})
+
+    # ---- reductions -----------------------------------------------------------------------
+    def _grads(self) -> tuple[list[int], list[torch.Tensor]]:
+        idx, grads = [], []
+        for i, p in enumerate(self._params):
+            if p.grad is not None:
+                idx.append(i)
+                grads.append(p.grad.detach())
+        return idx, grads
+
+    def _collect_params(self, with_snapshot: bool) -> None:
+        dev = self._device
+        idx, grads = self._grads()
+        params = [self._params[i].detach() for i in idx]
+        pending: dict[str, Any] = {"idx": idx}
+        if grads:
+            if self._clip_info is not None and self._clip_info["grads"] == len(grads):
+                gsq = self._clip_info["sq"]          # norms already computed by the clipper
+            else:
+                gsq = stats.squared_norms(grads, dev)
+            pending["gsq"] = gsq
+            pending["gmax"] = stats.max_abs(grads, dev)
+            pending["psq"] = stats.squared_norms(params, dev)
+            if with_snapshot:
+                pending["old"] = [p.clone() for p in params]
+        self._pending = pending
+
+    def _finish_step(self) -> None:
+        pending = self._pending or {"idx": []}
+        self._pending = None
+        dev = self._device
+        parts: list[tuple[str, torch.Tensor]] = []
+        idx = pending["idx"]
+        if "gsq" in pending:
+            parts += [("gsq", pending["gsq"]), ("gmax", pending["gmax"]), ("psq", pending["psq"])]
+            if "old" in pending and self.optimizer is not None:
+                new = [self._params[i].detach() for i in idx]
+                delta = torch._foreach_sub(new, pending["old"])
+                parts.append(("dsq", stats.squared_norms(delta, dev)))
+        if self._clip_info is not None:
+            parts.append(("clip", torch.stack([self._clip_info["total"].float(), self._clip_info["coef"].float()]).to(dev)))
+        losses = [l for l in self._losses if isinstance(l, torch.Tensor)]
+        if losses:
+            parts.append(("loss", torch.stack([l.float().reshape(()).to(dev) for l in losses])))
+        calls = self._calls
+        if calls:
+            parts.append(("flag", torch.stack([c[1].to(dev) for c in calls])))
+            acts = [c for c in calls if c[2] is not None]
+            if acts:
+                cols = []
+                for _, _, (n, mn, mx, sq, bad, extra) in acts:
+                    e = extra if extra is not None else mn.new_zeros(())
+                    cols.append(torch.stack([mn.float(), mx.float(), sq.float(), bad.float(), e.float()]).to(dev))
+                parts.append(("act", torch.stack(cols).reshape(-1)))
+        if self._bwd:
+            parts.append(("bwd", torch.stack([b[1].to(dev) for b in self._bwd])))
+        for i, m in self._masks.items():
+            parts.append((f"mask{i}", m.to(dev, F32)))
+        for i, seqs in self._time.items():
+            parts.append((f"time{i}", torch.stack([s.to(dev) for s in seqs]).pow(2).sum(0).sqrt()))
+
+        if self._dist is not None:
+            # Sum squares / counts and max the max-abs across ranks and shards, in as few
+            # collectives as the backend allows (see distributed.py).
+            parts = self._dist.reduce(parts)
+        host: dict[str, np.ndarray] = {}
+        if parts:
+            flat = torch.cat([t.reshape(-1).to(F32) for _, t in parts])
+            values = flat.cpu().numpy()            # the one device-to-host copy of this step
+            off = 0
+            for name, t in parts:
+                host[name] = values[off: off + t.numel()]
+                off += t.numel()
+        record = self._build_record(host, idx, calls, pending)
+        self._clip_info = None
+        self._write(record)
+        if self.raise_on_nonfinite and record.get("_nonfinite"):
+            raise NonFiniteError(record["_nonfinite"])
+
+    def _build_record(self, host: dict, idx: list[int], calls: list, pending: dict) -> dict:
+        n_p, n_m = len(self._params), len(self._modules)
+        rec: dict[str, Any] = {"step": self.step_count, "time": time.time()}
+        scalars: dict[str, Any] = {}
+        param: dict[str, list] = {}
+        module: dict[str, list] = {}
+        vectors: dict[str, dict] = {}
+
+        def scatter(values, n, where) -> list:
+            col: list = [None] * n
+            for j, v in zip(where, values):
+                col[j] = float(v)
+            return col
+
+        bad_params: list[str] = []
+        if "gsq" in host:
+            gnorm = np.sqrt(host["gsq"].astype(np.float64))
+            param["grad_norm"] = scatter(gnorm, n_p, idx)
+            param["grad_maxabs"] = scatter(host["gmax"], n_p, idx)
+            param["param_norm"] = scatter(np.sqrt(host["psq"].astype(np.float64)), n_p, idx)
+            nonfinite = [0] * len(idx)
+            broken = [k for k, v in enumerate(gnorm) if not math.isfinite(v)]
+            if broken:  # count entries only where a norm proved something non-finite (rare)
+                counts = stats.nonfinite_counts([self._params[idx[k]].grad for k in broken])
+                for k, c in zip(broken, counts):
+                    nonfinite[k] = c
+                bad_params = [self._param_names[idx[k]] for k in broken if nonfinite[k] > 0]
+            param["grad_nonfinite"] = scatter(nonfinite, n_p, idx)
+            total_sq = float(np.sum(host["gsq"].astype(np.float64)))
+            scalars["total_grad_norm"] = math.sqrt(total_sq) if total_sq >= 0 else float("nan")
+            if "dsq" in host:
+                pn = np.sqrt(host["psq"].astype(np.float64))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.sqrt(host["dsq"].astype(np.float64)) / pn
+                param["update_ratio"] = scatter(ratio, n_p, idx)
+        if "clip" in host:
+            total, coef = host["clip"]
+            scalars["total_grad_norm"] = float(total)
+            scalars["clip_coef"] = float(coef)
+            scalars["total_grad_norm_post_clip"] = float(total) * min(float(coef), 1.0)
+        loss_vals = [float(v) for v in host.get("loss", [])] + [l for l in self._losses if not isinstance(l, torch.Tensor)]
+        if loss_vals:
+            scalars["loss"] = float(np.mean(loss_vals))
+        if self.optimizer is not None and self.optimizer.param_groups:
+            lr = self.optimizer.param_groups[0].get("lr")
+            if isinstance(lr, (int, float)):
+                scalars["lr"] = float(lr)
+
+        first_fwd = None
+        if calls:
+            flags = host["flag"]
+            nonfinite_mod = np.zeros(n_m, dtype=bool)
+            for (i, _, _), f in zip(calls, flags):
+                if not math.isfinite(f):
+                    nonfinite_mod[i] = True
+            module["out_flag_nonfinite"] = [1.0 if nonfinite_mod[i] else 0.0 if i in self._seen else None
+                                            for i in range(n_m)]
+            first_fwd = next((self._mod_names[i] for i in self._order if nonfinite_mod[i]), None)
+            self._host_masks = {i: host[f"mask{i}"] > 0.5 for i in self._masks}
+            if "act" in host:
+                self._aggregate_activations(host["act"].reshape(-1, 5), calls, flags, module, vectors)
+        first_bwd = None
+        if self._bwd:
+            sq = np.zeros(n_m)
+            for (i, _), v in zip(self._bwd, host["bwd"]):
+                sq[i] += float(v) ** 2
+            got = set(b[0] for b in self._bwd)
+            module["outgrad_norm"] = [math.sqrt(sq[i]) if i in got else None for i in range(n_m)]
+            first_bwd = next((self._mod_names[i] for i in self._bwd_order if not math.isfinite(sq[i])), None)
+        for i in self._time:
+            vectors.setdefault("time_grad_norm", {})[self._mod_names[i]] = [float(v) for v in host[f"time{i}"]]
+        if self._order and self._order != self._last_order:
+            rec["exec_order"] = [self._mod_names[i] for i in self._order]
+            self._last_order = list(self._order)
+
+        rec["scalars"], rec["param"], rec["module"] = scalars, param, module
+        if vectors:
+            rec["vectors"] = vectors
+        loss_bad = "loss" in scalars and not math.isfinite(scalars["loss"])
+        if first_fwd or first_bwd or bad_params or loss_bad:
+            info = {"forward": first_fwd, "backward": first_bwd, "params": bad_params,
+                    "loss_nonfinite": loss_bad}
+            self._write({"event": "nonfinite", "step": self.step_count, **info})
+            rec["_nonfinite"] = (f"non-finite values at step {self.step_count}: first forward module "
+                                 f"{first_fwd}, first backward module {first_bwd}, parameters "
+                                 f"with non-finite gradients {bad_params[:5]}")
+        return rec
+
+    def _aggregate_activations(self, act: np.ndarray, calls: list, flags: np.ndarray,
+                               module: dict, vectors: dict) -> None:
+        """Combine per-call figures into per-module ones (a module may run many times)."""
+        n_m = len(self._modules)
+        acc: dict[int, list[float]] = {}
+        rows = iter(act)
+        for (i, _, a), total in zip(calls, flags):
+            if a is None:
+                continue
+            mn, mx, norm, bad, extra = (float(v) for v in next(rows))
+            s = acc.setdefault(i, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+            s[0] += a[0]                       # entries
+            s[1] += float(total)               # sum of x (the flag kernel is the sum)
+            s[2] += norm * norm                # sum of x^2
+            s[3] += bad                        # non-finite entries
+            s[4] += extra                      # ReLU: active entries; sigmoid/tanh: saturated
+            big = max(abs(mn), abs(mx))
+            s[5] = big if math.isnan(big) or math.isnan(s[5]) else max(s[5], big)
+        cols: dict[str, list] = {k: [None] * n_m for k in
+                                 ("out_mean", "out_std", "out_maxabs", "out_nonfinite")}
+        relu = {k: [None] * n_m for k in ("zero_frac", "dead_units", "units")}
+        sat: list = [None] * n_m
+        for i, (n, total, sumsq, bad, extra, maxabs) in acc.items():
+            mean = total / n
+            cols["out_mean"][i] = mean
+            var = sumsq / n - mean * mean
+            cols["out_std"][i] = math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
+            cols["out_maxabs"][i] = maxabs
+            cols["out_nonfinite"][i] = bad
+            kind = self._kinds[i]
+            if kind == "relu":
+                relu["zero_frac"][i] = 1.0 - extra / n
+            elif kind in SATURATION_BOUNDS:
+                sat[i] = extra / n
+        module.update(cols)
+        for i, mask in self._masks.items():
+            active = self._host_masks[i]
+            relu["dead_units"][i] = float(active.size - active.sum())
+            relu["units"][i] = float(active.size)
+            vectors.setdefault("active_mask", {})[self._mod_names[i]] = pack_mask(active)
+        if any(v is not None for v in relu["zero_frac"]):
+            module.update(relu)
+        if any(v is not None for v in sat):
+            module["saturated_frac"] = sat
+
+    # ---- output ----------------------------------------------------------------------------
+    def _write(self, record: dict) -> None:
+        clean = {k: v for k, v in record.items() if not k.startswith("_")}
+        self._writer.write(clean)
+        for s in self._sinks:
+            s.write(clean)
+
+    def _internal_error(self, e: Exception) -> None:
+        if not getattr(self, "_warned", False):
+            self._warned = True
+            warnings.warn(f"gradtrace: monitoring error ignored so training can go on: {e!r}",
+                          RuntimeWarning, stacklevel=3)
+
+    @property
+    def trace(self) -> Trace:
+        """The trace so far: in memory when ``out=None``, else read back from ``out``."""
+        if isinstance(self._writer, MemoryWriter):
+            return self._writer.trace
+        return load(self.out)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Remove every hook and close the trace. Safe to call twice.
+
+        Example:
+            >>> mon.close()      # doctest: +SKIP
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if exc is not None:
+            self._writer.write({"event": "exception", "step": self.step_count,
+                                "type": type(exc).__name__, "message": str(exc)[:2000],
+                                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]})
+        self._writer.close()
+        for s in self._sinks:
+            if hasattr(s, "close"):
+                s.close()
+        _WATCHED.discard(self.model)
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed and sys is not None:
+                self.close()
+        except Exception:
+            pass
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> Monitor:
+    """Start recording layer-by-layer statistics of ``model``.
+
+    Args:
+        model: the module to watch (a ``torch.compile``'d model works for parameter figures).
+        optimizer: steps close on its ``step()``; without one, call ``mon.step()``.
+        out: trace directory, or ``None`` to keep the trace in memory (``mon.trace``).
+        every: record every N optimizer steps (default 1).
+        activations_every: activation and output-gradient statistics every N steps
+            (default 10; 0 turns them off).
+        layers: which modules: glob (``"encoder.*"``), compiled regex, module type,
+            predicate ``(name, module) -> bool``, or a list of these. Default: every leaf.
+        preset: ``"economy"``, ``"default"`` or ``"full"`` (overrides the three above).
+        backward_flags: also flag non-finite output gradients on non-activation steps.
+        time_gradients: for RNN/LSTM/GRU, record the gradient reaching each time step.
+        raise_on_nonfinite: raise :class:`NonFiniteError` after a step with nan/inf
+            (the trace is written first). Default: record and carry on.
+        sinks: extra writers (TensorBoard, W&B, CSV) receiving every record.
+
+    Example:
+        >>> with gt.watch(model, optimizer, out="runs/exp1") as mon:   # doctest: +SKIP
+        ...     for x, y in loader:
+        ...         loss = loss_fn(model(x), y)
+        ...         mon.record_loss(loss)
+        ...         loss.backward(); optimizer.step(); optimizer.zero_grad()
+    """
+    return Monitor(model, optimizer, **kwargs)

@@ -1,0 +1,76 @@
+"""On-device reductions over lists of tensors, grouped by (device, dtype).
+
+Every function returns float32 tensors on one device and never reads a value on the
+host: the monitor gathers the results into one flat buffer and copies it once.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+F32 = torch.float32
+
+
+def _groups(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype, t.is_sparse)].append(i)
+    return groups
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    # A sparse gradient's norm and max are those of its stored values (after coalescing,
+    # duplicate indices are summed as the dense tensor would be).
+    return t.coalesce()._values() if t.is_sparse else t
+
+
+def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Squared L2 norm of each tensor, in float32, as one 1-D tensor on ``device``.
+
+    Squares (not norms) are what add up across tensors, shards and ranks.
+
+    Example:
+        >>> squared_norms([torch.ones(4), torch.ones(9)], torch.device("cpu"))
+        tensor([4., 9.])
+    """
+    out = torch.empty(len(tensors), dtype=F32, device=device)
+    for (dev, dtype, sparse), idx in _groups(tensors).items():
+        group = [_dense(tensors[i]) for i in idx]
+        try:
+            norms = torch._foreach_norm(group, 2, dtype=F32)
+        except (TypeError, RuntimeError):  # older torch: no dtype argument
+            norms = torch._foreach_norm([g.float() for g in group], 2)
+        vals = torch.stack(norms).to(device, non_blocking=True)
+        out[torch.tensor(idx, device=device)] = vals * vals
+    return out
+
+
+def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Largest |entry| of each tensor (NaN if it holds a NaN), float32, on ``device``.
+
+    ``aminmax`` reads each tensor once; ``_foreach_norm(.., inf)`` takes a slow path.
+
+    Example:
+        >>> max_abs([torch.tensor([-3.0, 2.0])], torch.device("cpu"))
+        tensor([3.])
+    """
+    if not tensors:
+        return torch.empty(0, dtype=F32, device=device)
+    lo, hi = [], []
+    for t in tensors:
+        mn, mx = _dense(t).aminmax() if _dense(t).numel() else (t.new_zeros(()), t.new_zeros(()))
+        lo.append(mn.to(device=device, dtype=F32, non_blocking=True))
+        hi.append(mx.to(device=device, dtype=F32, non_blocking=True))
+    # maximum() propagates NaN, so a NaN anywhere in a tensor shows in its max |x|.
+    return torch.maximum(torch.stack(hi), -torch.stack(lo))
+
+
+def nonfinite_counts(tensors: list[torch.Tensor]) -> list[int]:
+    """Number of ``nan``/``inf`` entries of each tensor (host ints: call only on failure).
+
+    Example:
+        >>> nonfinite_counts([torch.tensor([1.0, float("nan"), float("inf")])])
+        [2]
+    """
+    return [int((~torch.isfinite(_dense(t))).sum()) for t in tensors]
