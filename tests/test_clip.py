@@ -1,0 +1,501 @@
+"""Tests for gradtrace.remedies.clip: equivalence with torch, references, no host syncs."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from gradtrace.remedies import clip as C
+
+RTOL = 1e-6          # vs torch.nn.utils (same arithmetic, different summation order)
+REF_RTOL = 1e-5      # vs plain-float references
+SEED = 1234
+
+
+# ----------------------------------------------------------------------------- models
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 6, 2, stride=2)
+        self.fc = nn.Linear(6 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.up(torch.relu(self.conv(x)))).flatten(1))
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(7, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 3))
+
+
+def _rnn():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.rnn = nn.GRU(8, 8, batch_first=True)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(self.rnn(self.emb(x))[0][:, -1])
+    return M()
+
+
+def _input(name, n=4):
+    if name == "cnn":
+        return torch.randn(n, 3, 4, 4)
+    if name == "rnn":
+        return torch.randint(0, 20, (n, 5))
+    return torch.randn(n, 7)
+
+
+MODELS = {"mlp": _mlp, "cnn": TinyCNN, "rnn": _rnn}
+
+
+def _make(name, mixed=False, scale=10.0):
+    """A model with gradients; with mixed=True some parameters are float64/bfloat16."""
+    torch.manual_seed(SEED)
+    model = MODELS[name]()
+    x = _input(name)
+    model(x).pow(2).sum().mul(scale).backward()
+    if mixed:
+        params = list(model.parameters())
+        for i, p in enumerate(params):
+            if i % 3 == 1:
+                p.data = p.data.double()
+                p.grad = p.grad.double()
+            elif i % 3 == 2:
+                p.data = p.data.bfloat16()
+                p.grad = p.grad.bfloat16()
+    # one parameter without a gradient must be skipped
+    first = next(model.parameters())
+    first.grad = None
+    return model
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _assert_grads_close(a, b, rtol=RTOL):
+    for ga, gb in zip(a, b):
+        if ga is None or gb is None:
+            assert ga is None and gb is None
+            continue
+        assert ga.dtype == gb.dtype
+        torch.testing.assert_close(ga, gb, rtol=rtol, atol=0.0)
+
+
+# -------------------------------------------------------------- torch equivalence
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_clip_grad_norm_matches_torch(name, norm_type, mixed, foreach):
+    ours, theirs = _make(name, mixed), _make(name, mixed)
+    max_norm = 0.5
+    t_ours = C.clip_grad_norm_(ours.parameters(), max_norm, norm_type, foreach=foreach)
+    t_theirs = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm, norm_type,
+                                              foreach=foreach)
+    assert t_ours.dtype == t_theirs.dtype
+    torch.testing.assert_close(t_ours, t_theirs, rtol=RTOL, atol=0.0)
+    # bfloat16 grads are multiplied by a coefficient that may differ in its last bit
+    rtol = 1e-2 if mixed else RTOL
+    _assert_grads_close(_grads(ours), _grads(theirs), rtol=rtol)
+
+
+def test_clip_grad_norm_no_clip_when_small_and_single_tensor():
+    p = torch.nn.Parameter(torch.zeros(5))
+    p.grad = torch.full((5,), 0.01)
+    before = p.grad.clone()
+    total = C.clip_grad_norm_(p, max_norm=10.0)
+    torch.testing.assert_close(total, torch.linalg.vector_norm(before), rtol=RTOL, atol=0)
+    torch.testing.assert_close(p.grad, before, rtol=RTOL, atol=0)
+
+
+def test_clip_grad_norm_empty_and_errors():
+    assert float(C.clip_grad_norm_([], 1.0)) == 0.0
+    with pytest.warns(UserWarning, match="empty generator"):
+        C.clip_grad_norm_((p for p in []), 1.0)
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([1.0, math.nan])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        C.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    with pytest.raises(ValueError, match="max_norm"):
+        C.clip_grad_norm_([p], -1.0)
+    with pytest.raises(TypeError, match="norm_type"):
+        C.clip_grad_norm_([p], 1.0, norm_type="two")
+    with pytest.raises(TypeError, match="parameters"):
+        C.clip_grad_norm_([1.0], 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_clip_grad_value_matches_torch(name, mixed, foreach):
+    ours, theirs = _make(name, mixed), _make(name, mixed)
+    assert C.clip_grad_value_(ours.parameters(), 0.05, foreach=foreach) is None
+    torch.nn.utils.clip_grad_value_(theirs.parameters(), 0.05, foreach=foreach)
+    _assert_grads_close(_grads(ours), _grads(theirs), rtol=0.0)
+    with pytest.raises(ValueError, match="clip_value"):
+        C.clip_grad_value_(ours.parameters(), -1.0)
+
+
+def _sparse_embedding():
+    torch.manual_seed(SEED)
+    emb = nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 1, 3, 7])).pow(2).sum().mul(5).backward()
+    return emb
+
+
+def test_sparse_gradients_norm_and_value():
+    emb = _sparse_embedding()
+    assert emb.weight.grad.is_sparse
+    dense = emb.weight.grad.to_dense()
+    total = C.clip_grad_norm_(emb.parameters(), 0.1)
+    torch.testing.assert_close(total, torch.linalg.vector_norm(dense), rtol=RTOL, atol=0)
+    expected = dense * min(1.0, 0.1 / (float(total) + C.CLIP_EPS))
+    torch.testing.assert_close(emb.weight.grad.to_dense(), expected, rtol=RTOL, atol=0)
+
+    emb = _sparse_embedding()
+    dense = emb.weight.grad.to_dense()
+    C.clip_grad_value_(emb.parameters(), 0.5)
+    torch.testing.assert_close(emb.weight.grad.to_dense(), dense.clamp(-0.5, 0.5))
+
+    emb = _sparse_embedding()
+    norms, total = C.grad_norms([emb.weight.grad], norm_type=math.inf)
+    assert float(total) == pytest.approx(float(emb.weight.grad.to_dense().abs().max()))
+
+
+# ------------------------------------------------------------------------- helpers
+
+def test_grad_norms_and_clip_with_norms():
+    torch.manual_seed(SEED)
+    grads = [torch.randn(3, 4), torch.randn(5).double(), torch.randn(2, 2)]
+    norms, total = C.grad_norms(grads)
+    assert len(norms) == 3 and all(n.ndim == 0 for n in norms)
+    for g, n in zip(grads, norms):
+        assert float(n) == pytest.approx(float(torch.linalg.vector_norm(g)), rel=REF_RTOL)
+    expected_total = math.sqrt(sum(float(n) ** 2 for n in norms))
+    assert float(total) == pytest.approx(expected_total, rel=REF_RTOL)
+    before = [g.clone() for g in grads]
+    coef = C.clip_with_norms_(grads, total, 1.0)
+    assert float(coef) == pytest.approx(1.0 / (expected_total + 1e-6), rel=REF_RTOL)
+    for g, b in zip(grads, before):
+        torch.testing.assert_close(g, b * coef.to(g.dtype), rtol=RTOL, atol=0)
+    assert C.grad_norms([])[0] == []
+
+
+def test_observer_contract():
+    model = _make("cnn")
+    calls = []
+
+    def obs(grads, norms, total, coef, norm_type):
+        calls.append((grads, norms, total, coef, norm_type))
+
+    grads_before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    C.add_norm_observer(obs)
+    C.add_norm_observer(obs)  # idempotent
+    try:
+        total = C.clip_grad_norm_(model.parameters(), 0.5)
+    finally:
+        C.remove_norm_observer(obs)
+    C.remove_norm_observer(obs)  # removing twice is harmless
+    assert len(calls) == 1
+    grads, norms, t, coef, norm_type = calls[0]
+    live = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(norms) == len(live)
+    assert all(a is b for a, b in zip(grads, live))
+    for n, g in zip(norms, grads_before):
+        assert float(n) == pytest.approx(float(torch.linalg.vector_norm(g)), rel=REF_RTOL)
+    assert t is total and norm_type == 2.0
+    assert float(coef) == pytest.approx(0.5 / (float(total) + 1e-6), rel=REF_RTOL)
+    C.clip_grad_norm_(model.parameters(), 0.5)
+    assert len(calls) == 1  # removed
+    with pytest.raises(TypeError, match="callable"):
+        C.add_norm_observer(3)
+
+
+# ----------------------------------------------------------------------------- AGC
+
+def _agc_reference(param, grad, unit_dim, clip_factor, eps):
+    """Explicit per-unit loop in float64."""
+    w = param.detach().double()
+    g = grad.detach().double().clone()
+    if g.ndim <= 1:
+        wn = max(float(w.norm()), eps)
+        gn = float(g.norm())
+        if gn / wn > clip_factor:
+            g *= clip_factor * wn / max(gn, 1e-6)
+        return g
+    w = w.movedim(unit_dim, 0)
+    g = g.movedim(unit_dim, 0)
+    for i in range(g.shape[0]):
+        wn = max(float(w[i].norm()), eps)
+        gn = float(g[i].norm())
+        if gn / wn > clip_factor:
+            g[i] *= clip_factor * wn / max(gn, 1e-6)
+    return g.movedim(0, unit_dim)
+
+
+def test_agc_matches_loop_reference_including_conv_transpose():
+    model = _make("cnn", scale=50.0)
+    clip_factor, eps = 0.01, 1e-3
+    groups = C.agc_param_groups(model, exclude=("fc",))
+    names = [g.name for g in groups]
+    assert "fc.weight" not in names and "fc.bias" not in names
+    assert {g.name: g.unit_dim for g in groups}["up.weight"] == 1
+    expected = {}
+    for it in groups:
+        if it.param.grad is not None:
+            expected[it.name] = _agc_reference(it.param, it.param.grad, it.unit_dim,
+                                               clip_factor, eps)
+    fc_before = model.fc.weight.grad.clone()
+    C.adaptive_clip_grad_(groups, clip_factor, eps)
+    n_clipped_units = 0
+    for it in groups:
+        if it.param.grad is None:
+            continue
+        torch.testing.assert_close(it.param.grad.double(), expected[it.name],
+                                   rtol=REF_RTOL, atol=1e-12)
+        n_clipped_units += 1
+    assert n_clipped_units >= 3
+    assert torch.equal(model.fc.weight.grad, fc_before)
+
+
+def test_agc_named_parameters_exclude_and_tensor_exclude():
+    model = _make("mlp", scale=100.0)
+    last = model[4]
+    before = last.weight.grad.clone()
+    C.adaptive_clip_grad_(model.named_parameters(), exclude=("4",))
+    assert torch.equal(last.weight.grad, before)
+    ref = _agc_reference(model[2].weight, model[2].weight.grad, 0, 0.01, 1e-3)
+    torch.testing.assert_close(model[2].weight.grad.double(), ref, rtol=REF_RTOL, atol=0)
+
+    model = _make("mlp", scale=100.0)
+    before = model[4].weight.grad.clone()
+    C.adaptive_clip_grad_(model.parameters(), exclude=[model[4].weight])
+    assert torch.equal(model[4].weight.grad, before)
+    with pytest.raises(ValueError, match="names"):
+        C.adaptive_clip_grad_(model.parameters(), exclude=("4",))
+    with pytest.raises(ValueError, match="clip_factor"):
+        C.adaptive_clip_grad_(model.parameters(), clip_factor=0.0)
+    with pytest.raises(TypeError, match="parameters must contain"):
+        C.adaptive_clip_grad_([3])
+
+
+def test_agc_grouped_conv_transpose():
+    torch.manual_seed(SEED)
+    layer = nn.ConvTranspose2d(4, 6, 3, groups=2)
+    layer(torch.randn(2, 4, 5, 5)).pow(2).sum().mul(100).backward()
+    (it,) = [g for g in C.agc_param_groups(layer) if g.name == "weight"]
+    assert (it.unit_dim, it.groups) == (1, 2)
+    w, g = layer.weight.detach().double(), layer.weight.grad.double().clone()
+    # output channel j of group k is the slice [k*2:(k+1)*2, j]
+    for k in range(2):
+        for j in range(3):
+            wn = max(float(w[2 * k:2 * k + 2, j].norm()), 1e-3)
+            gn = float(g[2 * k:2 * k + 2, j].norm())
+            if gn / wn > 0.01:
+                g[2 * k:2 * k + 2, j] *= 0.01 * wn / gn
+    C.adaptive_clip_grad_([it])
+    torch.testing.assert_close(layer.weight.grad.double(), g, rtol=REF_RTOL, atol=0)
+
+
+# ------------------------------------------------------------------------ AutoClip
+
+def _norm_stream(n_steps, seed=SEED):
+    """(param, list of grads) whose norms vary, with occasional spikes."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for t in range(n_steps):
+        scale = 1.0 + 0.3 * math.sin(t) + (25.0 if t % 17 == 16 else 0.0)
+        grads.append(torch.randn(6, generator=gen) * scale)
+    return grads
+
+
+def _run(clipper, grads):
+    p = nn.Parameter(torch.zeros(6))
+    out, totals = [], []
+    for g in grads:
+        p.grad = g.clone()
+        totals.append(float(clipper(p)))
+        out.append(p.grad.clone())
+    return out, totals
+
+
+@pytest.mark.parametrize("history", [None, 7])
+def test_autoclip_matches_float_reference(history):
+    grads = _norm_stream(40)
+    out, totals = _run(C.AutoClip(percentile=10, history=history), grads)
+    hist = []
+    for g, got, total in zip(grads, out, totals):
+        norm = math.sqrt(sum(float(v) ** 2 for v in g))
+        assert total == pytest.approx(norm, rel=REF_RTOL)
+        hist.append(norm)
+        window = hist if history is None else hist[-history:]
+        thr = float(np.percentile(window, 10))
+        coef = min(1.0, thr / (norm + 1e-6))
+        torch.testing.assert_close(got, g * coef, rtol=REF_RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("history", [None, 7])
+def test_autoclip_resume_identical(history):
+    grads = _norm_stream(30)
+    full, _ = _run(C.AutoClip(10, history), grads)
+    first = C.AutoClip(10, history)
+    part1, _ = _run(first, grads[:13])
+    state = copy.deepcopy(first.state_dict())
+    resumed = C.AutoClip(50, None)
+    resumed.load_state_dict(state)
+    part2, _ = _run(resumed, grads[13:])
+    for a, b in zip(full, part1 + part2):
+        assert torch.equal(a, b)
+    assert resumed.count == 30
+
+
+def test_autoclip_bad_args():
+    with pytest.raises(ValueError, match="percentile"):
+        C.AutoClip(percentile=150)
+    with pytest.raises(ValueError, match="history"):
+        C.AutoClip(history=0)
+
+
+# --------------------------------------------------------------------------- ZClip
+
+def _zclip_reference(norms, alpha, z_thresh, warmup, mode, eps=1e-6):
+    """Plain-float ZClip: returns the coefficient applied at each step."""
+    buf, mean, var, coefs = [], None, None, []
+    for g in norms:
+        if mean is None:
+            buf.append(g)
+            if len(buf) >= warmup:
+                mean = sum(buf) / len(buf)
+                var = sum((x - mean) ** 2 for x in buf) / len(buf)
+            coefs.append(1.0)
+            continue
+        std = math.sqrt(var)
+        z = (g - mean) / (std + eps)
+        x = g
+        if z > z_thresh:
+            if mode == "adaptive":
+                x = mean + z_thresh ** 2 * std / z
+            elif mode == "mean":
+                x = mean
+            else:
+                x = mean + z_thresh * std
+        coefs.append(min(1.0, x / (g + 1e-6)) if g > x else 1.0)
+        mean = alpha * mean + (1 - alpha) * x
+        var = alpha * var + (1 - alpha) * (x - mean) ** 2
+    return coefs
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "mean", "fixed"])
+def test_zclip_matches_float_reference(mode):
+    grads = _norm_stream(60)
+    warmup = 10
+    out, totals = _run(C.ZClip(alpha=0.9, z_thresh=2.0, warmup=warmup, mode=mode), grads)
+    norms = [math.sqrt(sum(float(v) ** 2 for v in g)) for g in grads]
+    coefs = _zclip_reference(norms, 0.9, 2.0, warmup, mode)
+    assert sum(c < 1.0 for c in coefs) >= 2  # spikes were clipped
+    for g, got, c, total, n in zip(grads, out, coefs, totals, norms):
+        assert total == pytest.approx(n, rel=REF_RTOL)
+        torch.testing.assert_close(got, g * c, rtol=REF_RTOL, atol=1e-7)
+
+
+def test_zclip_resume_identical_and_state_dict():
+    grads = _norm_stream(50)
+    full, _ = _run(C.ZClip(warmup=8), grads)
+    for k in (5, 20):  # interrupted during and after warmup
+        first = C.ZClip(warmup=8)
+        part1, _ = _run(first, grads[:k])
+        state = copy.deepcopy(first.state_dict())
+        resumed = C.ZClip(alpha=0.5, warmup=3, mode="mean")
+        resumed.load_state_dict(state)
+        assert resumed.mode == "adaptive" and resumed.warmup == 8
+        part2, _ = _run(resumed, grads[k:])
+        for a, b in zip(full, part1 + part2):
+            assert torch.equal(a, b)
+
+
+def test_zclip_nonfinite_kept_out_of_statistics():
+    z = C.ZClip(warmup=3)
+    p = nn.Parameter(torch.zeros(2))
+    for v in (1.0, 1.1, 0.9, 1.0):
+        p.grad = torch.tensor([v, 0.0])
+        z(p)
+    mean, var = z.mean.clone(), z.var.clone()
+    p.grad = torch.tensor([math.inf, 0.0])
+    z(p)
+    assert torch.equal(z.mean, mean) and torch.equal(z.var, var)
+
+
+def test_zclip_bad_args():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        C.ZClip(mode="zscore")
+    with pytest.raises(ValueError, match="alpha"):
+        C.ZClip(alpha=1.5)
+    with pytest.raises(ValueError, match="warmup"):
+        C.ZClip(warmup=0)
+
+
+# ----------------------------------------------------------------------- host syncs
+
+class SyncCounter:
+    """Counts Tensor->host conversions while installed via monkeypatch."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        self.where: list[str] = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, original))
+
+    def _wrap(self, name, original):
+        def wrapper(t, *a, **k):
+            self.count += 1
+            self.where.append(name)
+            return original(t, *a, **k)
+        return wrapper
+
+
+def test_no_host_syncs_on_hot_path(monkeypatch):
+    model = _make("cnn")
+    params = list(model.parameters())
+    agc = C.agc_param_groups(model, exclude=("fc",))
+    auto = C.AutoClip(10, history=16)
+    zclip = C.ZClip(warmup=2)
+    zclip(params)
+    zclip(params)   # warm-up done; statistics initialised
+    obs_calls = []
+    C.add_norm_observer(lambda *a: obs_calls.append(a))
+    try:
+        counter = SyncCounter(monkeypatch)
+        C.clip_grad_norm_(params, 1.0)
+        C.clip_grad_norm_(params, 1.0, norm_type=math.inf)
+        C.clip_grad_value_(params, 0.1)
+        C.adaptive_clip_grad_(agc)
+        C.adaptive_clip_grad_(model.parameters())
+        for _ in range(3):
+            auto(params)
+            zclip(params)
+        C.grad_norms([p.grad for p in params if p.grad is not None])
+        syncs = counter.count
+        C.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+        syncs_with_check = counter.count - syncs
+    finally:
+        C._norm_observers.clear()
+    assert syncs == 0, counter.where
+    float(torch.ones(()))  # the counter does see a sync
+    assert counter.count == syncs + syncs_with_check + 1
+    assert syncs_with_check >= 1  # the documented exception
+    assert len(obs_calls) == 2 + 3 + 3 + 1
