@@ -34,16 +34,27 @@ def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
         >>> squared_norms([torch.ones(4), torch.ones(9)], torch.device("cpu"))
         tensor([4., 9.])
     """
-    out = torch.empty(len(tensors), dtype=F32, device=device)
-    for (dev, dtype, sparse), idx in _groups(tensors).items():
+    if not tensors:
+        return torch.empty(0, dtype=F32, device=device)
+    groups = _groups(tensors)
+    parts, order = [], []
+    for idx in groups.values():
         group = [_dense(tensors[i]) for i in idx]
         try:
             norms = torch._foreach_norm(group, 2, dtype=F32)
         except (TypeError, RuntimeError):  # older torch: no dtype argument
             norms = torch._foreach_norm([g.float() for g in group], 2)
-        vals = torch.stack(norms).to(device, non_blocking=True)
-        out[torch.tensor(idx, device=device)] = vals * vals
-    return out
+        parts.append(torch.stack(norms).to(device, non_blocking=True))
+        order += idx
+    vals = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if order != list(range(len(tensors))):
+        # Several (device, dtype) groups: put the values back in input order. The
+        # permutation is a small host-to-device copy, never a sync.
+        inverse = [0] * len(order)
+        for pos, i in enumerate(order):
+            inverse[i] = pos
+        vals = vals[torch.as_tensor(inverse, device=device)]
+    return vals * vals
 
 
 def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

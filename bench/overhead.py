@@ -1,0 +1,160 @@
+"""Step-time overhead of gradtrace, measured interleaved (A B A B ...) in one run.
+
+    python bench/overhead.py [--steps 60] [--rounds 7] [--threads 1] [--quick]
+
+Each variant trains the same seeded model; rounds alternate between variants so that
+machine noise hits all of them alike. Reported: median step time and its ratio to bare
+training. Variants:
+
+  bare            plain training
+  chapter loop    the chapter's per-parameter ``grad_stats`` (``.item()`` per tensor)
+  gt default      ``gt.watch(model, opt)`` with default settings
+  gt full         ``preset="full"``: every statistic on every step
+  clip alone      torch ``clip_grad_norm_`` before each step
+  gt + clip       gradtrace monitor with gradtrace's fused ``clip_grad_norm_``
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import gradtrace as gt
+
+
+def mlp(depth: int, width: int = 256) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+class Encoder(nn.Module):
+    def __init__(self, d: int = 128, layers: int = 6):
+        super().__init__()
+        self.embed = nn.Linear(32, d)
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True,
+                                                               norm_first=True) for _ in range(layers))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h.mean(1))
+
+
+def chapter_grad_stats(model: nn.Module) -> None:
+    """The chapter's loop: a host round trip per tensor (printing left out)."""
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        _ = (name, param.grad.norm().item(), param.data.norm().item())
+
+
+class Variant:
+    def __init__(self, name: str, make_model, batch, mode: str):
+        torch.manual_seed(0)
+        self.name, self.mode = name, mode
+        self.model = make_model()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.x, self.y = batch
+        self.mon = None
+        if mode in ("default", "full", "gtclip"):
+            self.mon = gt.watch(self.model, self.opt, out=None,
+                                **({"preset": "full"} if mode == "full" else {}))
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        out = self.model(self.x)
+        loss = nn.functional.cross_entropy(out, self.y)
+        if self.mon is not None:
+            self.mon.record_loss(loss)
+        loss.backward()
+        if self.mode == "chapter":
+            chapter_grad_stats(self.model)
+        elif self.mode == "clip":
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        elif self.mode == "gtclip":
+            gt.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def run(self, steps: int) -> None:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.times.append((time.perf_counter() - t0) / steps)
+
+    def close(self) -> None:
+        if self.mon is not None:
+            self.mon.close()
+
+
+def compare(title: str, make_model, batch, modes: list[tuple[str, str]], steps: int, rounds: int,
+            baseline: str = "bare") -> dict[str, float]:
+    variants = [Variant(n, make_model, batch, m) for n, m in modes]
+    for v in variants:       # warm-up: allocator, kernels, first-step caches
+        v.run(5)
+        v.times.clear()
+    for _ in range(rounds):
+        for v in variants:
+            v.run(steps)
+    med = {v.name: statistics.median(v.times) for v in variants}
+    base = med[baseline]
+    print(f"\n{title}")
+    print(f"| variant | ms / step | ratio to {baseline} |")
+    print("|---|---:|---:|")
+    for v in variants:
+        print(f"| {v.name} | {med[v.name] * 1e3:.2f} | {med[v.name] / base:.3f}x |")
+        v.close()
+    return med
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="steps per round and variant")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 5, 2
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
+          "medians of interleaved rounds")
+
+    modes = [("bare", "bare"), ("chapter loop", "chapter"), ("gt default", "default"), ("gt full", "full")]
+    g = torch.Generator().manual_seed(0)
+    mlp_batch = (torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g))
+    compare("24-layer MLP, width 256, batch 128 (Linear+ReLU)", lambda: mlp(24), mlp_batch,
+            modes, args.steps, args.rounds)
+    tr_batch = (torch.randn(16, 64, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    compare("6-layer pre-LN transformer encoder (d=128, 4 heads, seq 64, batch 16)", Encoder, tr_batch,
+            modes, args.steps, args.rounds)
+    compare("24-layer MLP: clipping alone vs monitor + fused clipping", lambda: mlp(24), mlp_batch,
+            [("clip alone", "clip"), ("gt + clip", "gtclip")], args.steps, args.rounds, baseline="clip alone")
+
+    print("\nOverhead of gradtrace defaults vs depth (MLP width 256, batch 128)")
+    print("| depth | bare ms | gt default ms | ratio |")
+    print("|---:|---:|---:|---:|")
+    for depth in (12, 50, 100, 200):
+        steps = max(3, args.steps * 24 // depth)
+        vs = [Variant(n, lambda: mlp(depth), mlp_batch, m) for n, m in (("bare", "bare"), ("gt", "default"))]
+        for v in vs:
+            v.run(3)
+            v.times.clear()
+        for _ in range(max(3, args.rounds // 2)):
+            for v in vs:
+                v.run(steps)
+        b, m = (statistics.median(v.times) for v in vs)
+        print(f"| {depth} | {b * 1e3:.1f} | {m * 1e3:.1f} | {m / b:.3f}x |")
+        for v in vs:
+            v.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""The recorder's figures against independent references, its cost rules and its hygiene."""
+from __future__ import annotations
+
+import gc
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradtrace as gt
+from gradtrace.monitor import NonFiniteError
+
+RTOL = 1e-6          # the chapter's per-parameter loop vs gradtrace (float32 norms)
+STAT_RTOL = 1e-4     # activation mean/std (float32 accumulations)
+
+
+def mlp(width=16, depth=3, act=nn.ReLU, seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(8, width), act()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), act()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+def train(model, opt, mon=None, steps=5, seed=1, batch=32):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(batch, 8, generator=g)
+        loss = model(x).pow(2).mean()
+        if mon is not None:
+            mon.record_loss(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def chapter_grad_stats(model):
+    """The chapter's own per-parameter loop, collecting instead of printing."""
+    out = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        out[name] = (param.grad.norm().item(), param.data.norm().item())
+    return out
+
+
+def one_step_reference(model, x):
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    return loss
+
+
+def test_param_figures_match_chapter_loop_and_clip_grad_norm():
+    model = mlp()
+    ref_model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+    with gt.watch(model, opt) as mon:
+        loss = model(x).pow(2).mean()
+        mon.record_loss(loss)
+        loss.backward()
+        opt.step()
+    ref_loss = one_step_reference(ref_model, x)
+    ref = chapter_grad_stats(ref_model)
+    grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
+    total = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm=float("inf"))
+    trace = mon.trace
+    for name, (gnorm, pnorm) in ref.items():
+        np.testing.assert_allclose(trace.series("grad_norm", name)[0], gnorm, rtol=RTOL)
+        np.testing.assert_allclose(trace.series("param_norm", name)[0], pnorm, rtol=RTOL)
+        np.testing.assert_allclose(trace.series("grad_maxabs", name)[0], grads[name].abs().max().item(), rtol=RTOL)
+        assert trace.series("grad_nonfinite", name)[0] == 0
+    np.testing.assert_allclose(trace.series("total_grad_norm")[0], total.item(), rtol=RTOL)
+    np.testing.assert_allclose(trace.series("loss")[0], ref_loss.item(), rtol=RTOL)
+
+
+def test_update_ratio_is_the_real_step():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with gt.watch(model, opt, activations_every=1) as mon:
+        train(model, opt, mon, steps=1)
+    for n, p in model.named_parameters():
+        expect = (p.detach() - before[n]).norm().item() / before[n].norm().item()
+        np.testing.assert_allclose(mon.trace.series("update_ratio", n)[0], expect, rtol=1e-5)
+
+
+def test_output_gradient_norms_match_plain_autograd():
+    model = mlp(act=nn.Tanh)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(5))
+    # reference: retain the gradient of every module output
+    outs = {}
+    def keep(name):
+        def hook(module, inputs, output):
+            output.retain_grad()
+            outs[name] = output
+        return hook
+    hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    model(x).pow(2).mean().backward()
+    for h in hooks:
+        h.remove()
+    ref = {n: o.grad.norm().item() for n, o in outs.items()}
+    model.zero_grad()
+    with gt.watch(model, None, activations_every=1) as mon:
+        model(x).pow(2).mean().backward()
+        mon.step()
+    for n, v in ref.items():
+        np.testing.assert_allclose(mon.trace.series("outgrad_norm", n)[0], v, rtol=1e-5)
+
+
+def test_activation_statistics_match_torch():
+    model = mlp(act=nn.ReLU)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.detach().clone()))
+             for n, m in model.named_modules() if n]
+    model(x)
+    for h in hooks:
+        h.remove()
+    with gt.watch(model, None, activations_every=1) as mon:
+        model(x).sum().backward()
+        mon.step()
+    t = mon.trace
+    for n, o in outs.items():
+        np.testing.assert_allclose(t.series("out_mean", n)[0], o.mean().item(), rtol=STAT_RTOL, atol=1e-6)
+        np.testing.assert_allclose(t.series("out_std", n)[0], o.std(unbiased=False).item(), rtol=STAT_RTOL)
+        np.testing.assert_allclose(t.series("out_maxabs", n)[0], o.abs().max().item(), rtol=RTOL)
+    relu = "1"
+    np.testing.assert_allclose(t.series("zero_frac", relu)[0], (outs[relu] == 0).float().mean().item(), rtol=RTOL)
+    dead = int((outs[relu].amax(0) <= 0).sum())
+    assert t.series("dead_units", relu)[0] == dead
+    mask = t.series("active_mask", relu)[0]
+    np.testing.assert_array_equal(mask, (outs[relu].amax(0) > 0).numpy())
+
+
+def test_dead_units_named_and_saturation_measured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 6), nn.Sigmoid(), nn.Linear(6, 1))
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0          # units 0..3 can never fire
+        model[2].weight.mul_(50.0)          # drive the sigmoid into its flat ends
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    with gt.watch(model, None, activations_every=1) as mon:
+        model(x).sum().backward()
+        mon.step()
+    t = mon.trace
+    mask = t.series("active_mask", "1")[0]
+    assert not mask[:4].any()
+    assert t.series("dead_units", "1")[0] >= 4
+    s = torch.sigmoid(model[2](model[1](model[0](x)))).detach()
+    lo, hi = gt.monitor.SATURATION_BOUNDS["sigmoid"]
+    expect = ((s < lo) | (s > hi)).float().mean().item()
+    np.testing.assert_allclose(t.series("saturated_frac", "3")[0], expect, rtol=RTOL)
+    assert expect > 0.3
+
+
+class _CountingSyncs:
+    """Counts host conversions of tensors (the ways Python code forces a device sync)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        self.where: list[str] = []
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapper(t, *a, _orig=orig, _name=name, **k):
+                self.count += 1
+                self.where.append(_name)
+                return _orig(t, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+
+def test_no_host_sync_on_non_recording_steps(monkeypatch):
+    model = mlp(act=nn.Tanh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with gt.watch(model, opt, every=2, activations_every=4) as mon:
+        for step in range(6):
+            counter = _CountingSyncs(monkeypatch) if step in (1, 3, 5) else None
+            loss = model(x).pow(2).mean()
+            mon.record_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if counter is not None:
+                assert counter.count == 0, f"host syncs on non-recording step {step}: {counter.where}"
+                monkeypatch.undo()
+    # and a recording step does exactly one bulk copy (numpy() of the flat buffer)
+    assert len(mon.trace) == 3
+
+
+def test_bitwise_identical_training_with_and_without_monitor():
+    def run(preset):
+        model = mlp(act=nn.GELU, seed=4)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        if preset is None:
+            train(model, opt, steps=20, seed=9)
+        else:
+            with gt.watch(model, opt, preset=preset) as mon:
+                train(model, opt, mon, steps=20, seed=9)
+        return [p.detach().clone() for p in model.parameters()]
+
+    bare = run(None)
+    for preset in ("default", "full"):
+        for a, b in zip(bare, run(preset)):
+            assert torch.equal(a, b), preset
+
+
+def _hook_count(model, opt):
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        n += len(getattr(m, "_backward_pre_hooks", {}))
+    for p in model.parameters():
+        n += len(getattr(p, "_post_accumulate_grad_hooks", None) or {})
+    if opt is not None:
+        n += len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+    return n
+
+
+def test_close_removes_every_hook_and_is_idempotent():
+    model = nn.LSTM(4, 8)
+    seq = nn.Sequential(mlp(), nn.Tanh())
+    opt = torch.optim.SGD(seq.parameters(), lr=0.1)
+    mon = gt.watch(seq, opt, preset="full")
+    assert _hook_count(seq, opt) > 0
+    mon.close()
+    mon.close()
+    assert _hook_count(seq, opt) == 0
+    mon2 = gt.watch(model, None, time_gradients=True)
+    mon2.close()
+    assert _hook_count(model, None) == 0
+
+
+def test_exception_inside_with_closes_and_is_recorded(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ZeroDivisionError):
+        with gt.watch(model, opt, out=tmp_path / "run") as mon:
+            train(model, opt, mon, steps=2)
+            1 / 0
+    assert _hook_count(model, opt) == 0
+    trace = gt.load(tmp_path / "run")
+    assert len(trace) == 2
+    (exc,) = trace.events("exception")
+    assert exc["type"] == "ZeroDivisionError" and "1 / 0" in exc["traceback"]
+
+
+def test_attaching_twice_is_an_error():
+    model = mlp()
+    with gt.watch(model):
+        with pytest.raises(RuntimeError, match="already watched"):
+            gt.watch(model)
+    gt.watch(model).close()  # fine again after close
+
+
+def test_bad_arguments_name_the_argument():
+    model = mlp()
+    with pytest.raises(ValueError, match="preset="):
+        gt.watch(model, preset="turbo")
+    with pytest.raises(ValueError, match="every"):
+        gt.watch(model, every=0)
+    with pytest.raises(TypeError, match="activations_every"):
+        gt.watch(model, activations_every=2.5)
+    with pytest.raises(TypeError, match="model"):
+        gt.watch("not a model")
+    with pytest.raises(ValueError, match="matched no module"):
+        gt.watch(model, layers="encoder.*")
+    with pytest.raises(TypeError, match="layers="):
+        gt.watch(model, layers=3)
+
+
+def test_layer_selection_forms():
+    model = mlp(depth=2)
+    cases = {
+        "glob": ("[02]", ["0", "2"]),
+        "type": (nn.ReLU, ["1", "3"]),
+        "regex": (re.compile(r"^4$"), ["4"]),
+        "predicate": (lambda name, m: isinstance(m, nn.Linear) and name != "4", ["0", "2"]),
+    }
+    for label, (spec, expect) in cases.items():
+        with gt.watch(model, layers=spec) as mon:
+            assert mon.trace.modules == expect, label
+    with gt.watch(model, layers=nn.Linear) as mon:
+        assert mon.trace.params == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+
+
+class SharedBlock(nn.Module):
+    """One block applied three times, returning a tuple with an integer tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(6, 6)
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.act(self.block(x))
+        return x, torch.arange(3)
+
+
+def test_multi_call_modules_aggregate_over_calls():
+    torch.manual_seed(0)
+    model = SharedBlock()
+    x = torch.randn(10, 6)
+    outs = []
+    h = model.block.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
+    model(x)
+    h.remove()
+    allout = torch.cat([o.reshape(-1) for o in outs])
+    with gt.watch(model, None, activations_every=1) as mon:
+        model(x)[0].sum().backward()
+        mon.step()
+    t = mon.trace
+    np.testing.assert_allclose(t.series("out_mean", "block")[0], allout.mean().item(), rtol=STAT_RTOL, atol=1e-6)
+    np.testing.assert_allclose(t.series("out_std", "block")[0], allout.std(unbiased=False).item(), rtol=STAT_RTOL)
+
+
+def test_tuple_dict_outputs_walked_and_integers_skipped():
+    class Multi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return {"a": y, "idx": torch.arange(4), "pair": (y * 2, torch.ones(2, dtype=torch.bool))}
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = Multi()
+
+        def forward(self, x):
+            return self.m(x)["a"].sum()
+
+    model = Wrap()
+    with gt.watch(model, None, layers="m", activations_every=1) as mon:
+        model(torch.randn(3, 4)).backward()
+        mon.step()
+    y = model.m.lin(torch.randn(1, 4))  # noqa: F841 (only that it ran)
+    assert mon.trace.series("out_flag_nonfinite", "m")[0] == 0
+    assert math.isfinite(mon.trace.series("out_std", "m")[0])
+
+
+def test_tied_parameters_counted_once_and_frozen_ones_null():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight            # tied
+    frozen = nn.Linear(4, 4)
+    frozen.requires_grad_(False)
+    model = nn.Sequential(emb, frozen, head)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with gt.watch(model, opt) as mon:
+        model(torch.tensor([[1, 2, 3]])).sum().backward()
+        opt.step()
+    t = mon.trace
+    assert t.params == ["0.weight", "1.weight", "1.bias"]
+    assert np.isfinite(t.series("grad_norm", "0.weight")).all()
+    assert len(t.series("grad_norm", "1.weight")) == 0     # no gradient: not recorded
+
+
+def test_gradient_accumulation_records_accumulated_gradient():
+    model, ref = mlp(seed=3), mlp(seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 8, generator=g) for _ in range(3)]
+    with gt.watch(model, opt) as mon:
+        for x in xs:
+            model(x).pow(2).mean().backward()
+        opt.step()
+    for x in xs:
+        ref(x).pow(2).mean().backward()
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf"))
+    np.testing.assert_allclose(mon.trace.series("total_grad_norm")[0], total.item(), rtol=RTOL)
+
+
+def test_sparse_and_low_precision_parameters():
+    emb = nn.Embedding(50, 8, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    idx = torch.tensor([1, 2, 2, 7])
+    with gt.watch(emb, opt) as mon:
+        emb(idx).sum().backward()
+        ref = emb.weight.grad.to_dense().norm().item()
+        opt.step()
+    np.testing.assert_allclose(mon.trace.series("grad_norm", "weight")[0], ref, rtol=RTOL)
+
+    model = mlp().to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt) as mon:
+        model(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+        ref = model[0].weight.grad.float().norm().item()
+        opt.step()
+    np.testing.assert_allclose(mon.trace.series("grad_norm", "0.weight")[0], ref, rtol=1e-5)
+
+
+def test_memory_stays_flat_over_200_steps():
+    model = mlp(width=32, depth=4)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def live_tensors():
+        gc.collect()
+        with warnings.catch_warnings():   # isinstance() pokes deprecated lazy attributes
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    with gt.watch(model, opt, activations_every=1) as mon:
+        train(model, opt, mon, steps=20)
+        early = live_tensors()
+        train(model, opt, mon, steps=180)
+        late = live_tensors()
+    assert late <= early, (early, late)
+
+
+def test_nonfinite_forward_localised_on_the_step_it_happened():
+    class Inject(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fire = False
+
+        def forward(self, x):
+            return x * float("inf") if self.fire else x
+
+    torch.manual_seed(0)
+    inject = Inject()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), inject, nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gt.watch(model, opt) as mon:          # defaults: activation statistics every 10th step
+        for step in range(6):
+            inject.fire = step == 3
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            mon.record_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    events = mon.trace.events("nonfinite")
+    assert events[0]["step"] == 3
+    assert events[0]["forward"] == "3"
+    assert events[0]["loss_nonfinite"]
+    assert "0.weight" in events[0]["params"]
+    assert mon.trace.series("grad_nonfinite", "6.weight")[3] > 0
+
+
+def test_raise_on_nonfinite_writes_then_raises(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteError, match="first forward module 0"):
+        with gt.watch(model, opt, out=tmp_path / "r", raise_on_nonfinite=True):
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+    assert gt.load(tmp_path / "r").events("nonfinite")[0]["forward"] == "0"
+
+
+def test_backward_only_nonfinite_found_by_backward_flags():
+    class BadGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    class Mid(nn.Module):
+        def forward(self, x):
+            return BadGrad.apply(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Mid(), nn.Linear(4, 4), nn.Linear(4, 1))
+    with gt.watch(model, None, backward_flags=True, activations_every=0) as mon:
+        model(torch.randn(3, 4)).sum().backward()
+        mon.step()
+    ev = mon.trace.events("nonfinite")[0]
+    assert ev["forward"] is None and ev["backward"] == "0"   # backward order: 3, 2, 1, 0
+    assert ev["params"] == ["0.weight", "0.bias"]
+
+
+def test_rnn_time_gradients_per_step():
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 5, batch_first=True)
+    x = torch.randn(2, 7, 3)
+    with gt.watch(rnn, None, time_gradients=True, activations_every=1) as mon:
+        out, _ = rnn(x)
+        out[:, -1].sum().backward()
+        mon.step()
+    xr = x.clone().requires_grad_(True)
+    out, _ = rnn(xr)
+    out[:, -1].sum().backward()
+    ref = xr.grad.norm(dim=(0, 2))
+    got = mon.trace.series("time_grad_norm", "")[0]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5)
+    assert got[0] < got[-1]
+
+
+def test_manual_step_without_optimizer_and_every():
+    model = mlp()
+    with gt.watch(model, every=3) as mon:
+        for _ in range(7):
+            model(torch.randn(4, 8)).sum().backward()
+            mon.step()
+            model.zero_grad()
+    assert list(mon.trace.steps_recorded) == [0, 3, 6]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt) as mon:
+        with pytest.raises(RuntimeError, match="optimizer.step"):
+            mon.step()

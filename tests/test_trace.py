@@ -1,0 +1,134 @@
+"""The trace directory: readable while written, after SIGKILL, and loud about foreign data."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import gradtrace as gt
+from gradtrace.trace import TraceWarning
+
+
+def _write_run(path, steps=4):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt, out=path) as mon:
+        for _ in range(steps):
+            loss = model(torch.randn(5, 3)).pow(2).mean()
+            mon.record_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return mon
+
+
+def test_round_trip_and_stats(tmp_path):
+    mon = _write_run(tmp_path / "run")
+    t = gt.load(tmp_path / "run")
+    assert len(t) == 4 and t.meta["format"] == "gradtrace-trace"
+    assert {"grad_norm", "total_grad_norm", "loss", "param_norm", "out_flag_nonfinite"} <= set(t.stats())
+    assert t.meta["torch_version"] == torch.__version__
+    assert [m["activation"] for m in t.meta["modules"]] == [None, "relu", None]
+    steps, loss = t.series("loss", with_steps=True)
+    assert list(steps) == [0, 1, 2, 3] and loss.dtype == np.float64
+    s, names, g = t.matrix("grad_norm")
+    assert g.shape == (4, 4) and names == t.params
+    assert mon.trace.series("loss").tolist() == loss.tolist()
+
+
+def test_unknown_names_raise_keyerror_with_close_matches(tmp_path):
+    _write_run(tmp_path / "run")
+    t = gt.load(tmp_path / "run")
+    with pytest.raises(KeyError, match="grad_norm"):
+        t.series("grad_nrom", "0.weight")
+    with pytest.raises(KeyError, match="0.weight"):
+        t.series("grad_norm", "0.weigth")
+    with pytest.raises(KeyError, match="takes no name"):
+        t.series("loss", "0.weight")
+
+
+def test_torn_last_line_is_a_warning(tmp_path):
+    _write_run(tmp_path / "run")
+    with open(tmp_path / "run" / "records.jsonl", "a") as f:
+        f.write('{"step": 4, "scalars": {"lo')
+    with pytest.warns(TraceWarning, match="torn"):
+        t = gt.load(tmp_path / "run")
+    assert len(t) == 4 and t.warnings
+
+
+def test_corrupt_or_foreign_directories_are_valueerrors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        gt.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a gradtrace trace"):
+        gt.load(tmp_path / "empty")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "meta.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="not a gradtrace trace"):
+        gt.load(tmp_path / "foreign")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        gt.load(tmp_path / "bad")
+    _write_run(tmp_path / "mid")
+    lines = (tmp_path / "mid" / "records.jsonl").read_text().splitlines()
+    lines[1] = "garbage"
+    (tmp_path / "mid" / "records.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="line 2 is corrupt"):
+        gt.load(tmp_path / "mid")
+
+
+WRITER = textwrap.dedent("""
+    import sys, time, torch, gradtrace as gt
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = gt.watch(model, opt, out=sys.argv[1])
+    step = 0
+    while True:
+        loss = model(torch.randn(5, 3)).pow(2).mean()
+        mon.record_loss(loss); loss.backward(); opt.step(); opt.zero_grad()
+        step += 1
+        if step == 5:
+            print("ready", flush=True)
+        time.sleep(0.002)
+""")
+
+
+def test_readable_while_written_and_after_sigkill(tmp_path):
+    run = tmp_path / "live"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        live = gt.load(run)                 # the writer is still going
+        assert len(live) >= 5
+        time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    after = gt.load(run)                    # a torn last line would only warn
+    assert len(after) >= len(live)
+    assert np.isfinite(after.series("total_grad_norm")).all()
+    assert list(after.steps_recorded) == list(range(len(after)))
+
+
+def test_events_are_kept_apart_from_steps(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt, out=tmp_path / "r") as mon:
+        model(torch.ones(1, 2)).sum().backward()
+        mon.log_event("guard_skip", reason="nonfinite_grad", value=float("nan"))
+        opt.step()
+    t = gt.load(tmp_path / "r")
+    (ev,) = t.events("guard_skip")
+    assert ev["step"] == 0 and ev["reason"] == "nonfinite_grad" and ev["value"] == "nan"
+    assert len(t) == 1
