@@ -512,3 +512,32 @@ def test_manual_step_without_optimizer_and_every():
     with gt.watch(model, opt) as mon:
         with pytest.raises(RuntimeError, match="optimizer.step"):
             mon.step()
+
+
+@pytest.mark.parametrize("how", ["user_call", "watch_arg"])
+def test_fused_clipping_records_pre_and_post_clip(how):
+    model, ref = mlp(seed=6), mlp(seed=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 10
+    max_norm = 0.05
+    kwargs = {"clip": max_norm} if how == "watch_arg" else {}
+    with gt.watch(model, opt, **kwargs) as mon:
+        model(x).pow(2).mean().backward()
+        pre = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+        pre_max = {n: p.grad.abs().max().item() for n, p in model.named_parameters()}
+        if how == "user_call":
+            gt.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+    ref(x).pow(2).mean().backward()
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    ref_opt.step()
+    t = mon.trace
+    np.testing.assert_allclose(t.series("total_grad_norm")[0], total.item(), rtol=RTOL)
+    np.testing.assert_allclose(t.series("total_grad_norm_post_clip")[0], max_norm, rtol=1e-4)
+    assert t.series("clip_coef")[0] < 1
+    for n, v in pre.items():
+        np.testing.assert_allclose(t.series("grad_norm", n)[0], v, rtol=RTOL)
+        np.testing.assert_allclose(t.series("grad_maxabs", n)[0], pre_max[n], rtol=1e-5)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

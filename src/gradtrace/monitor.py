@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import stats
+from . import distributed, stats
 from .probe import SATURATION_BOUNDS, activation_kind, floating_tensors, select, unit_view
 from .trace import MemoryWriter, Trace, TraceWriter, load, pack_mask
 
@@ -44,6 +44,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Models currently watched; a WeakSet keeps no model alive and puts nothing on it.
 _WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class _ObserverHandle:
+    """Makes a norm-observer registration removable like a hook handle."""
+
+    def __init__(self, remove_fn, fn):
+        self._remove_fn, self._fn = remove_fn, fn
+
+    def remove(self) -> None:
+        self._remove_fn(self._fn)
+
+
+def _make_clipper(clip: Any):
+    if clip is None or callable(clip):
+        return clip
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
+        from .remedies.clip import clip_grad_norm_
+
+        return lambda params: clip_grad_norm_(params, max_norm=float(clip))
+    raise TypeError(f"clip={clip!r}: pass a max norm (float > 0), a clipper such as gt.ZClip(), "
+                    "or a callable taking the list of parameters")
 
 
 class NonFiniteError(RuntimeError):
@@ -73,7 +94,8 @@ class Monitor:
                  out: str | None = None, every: int = 1, activations_every: int = 10,
                  layers: Any = None, preset: str | None = None, backward_flags: bool = False,
                  time_gradients: bool = False, raise_on_nonfinite: bool = False,
-                 sinks: Iterable[Any] = (), fsync: bool = False):
+                 clip: Any = None, sinks: Iterable[Any] = (), fsync: bool = False,
+                 scaler: Any = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -93,8 +115,11 @@ class Monitor:
         self.optimizer = optimizer
         self.backward_flags = bool(backward_flags)
         self.raise_on_nonfinite = raise_on_nonfinite
+        self._clipper = _make_clipper(clip)
+        if self._clipper is not None and optimizer is None:
+            raise ValueError("clip= needs the optimizer (clipping runs just before optimizer.step())")
         self.compiled = hasattr(model, "_orig_mod")
-        root = model._orig_mod if self.compiled else model
+        root = distributed.unwrap(model._orig_mod if self.compiled else model)  # DDP: user's names
 
         sel = select(root, layers)
         mods = dict(root.named_modules())
@@ -108,11 +133,16 @@ class Monitor:
 
         self._handles: list[Any] = []
         self._closed = False
-        self._dist = None  # set by gradtrace.distributed when a process group is active
+        # Cross-rank reductions when a process group is active (DDP, FSDP2); else None.
+        self._dist = distributed.attach(model, self._params)
         self.step_count = 0           # optimizer steps closed so far (index of the current step)
         self._last_order: list[int] | None = None
         self._clip_info: dict | None = None
         meta = self._meta(root, layers, out, time_gradients, preset)
+        if self._dist is not None:
+            meta["distributed"] = self._dist.meta()
+            if not self._dist.is_writer:          # one trace, written by rank 0
+                out, sinks = None, ()
         self._writer = TraceWriter(out, meta, fsync=fsync) if out is not None else MemoryWriter(meta)
         self._sinks = list(sinks)
         for s in self._sinks:
@@ -121,8 +151,11 @@ class Monitor:
         self.out = out
 
         _WATCHED.add(model)
+        self._scaler, self._scaler_update, self._stepped = None, None, False
         try:
             self._attach(time_gradients)
+            if scaler is not None:
+                self._watch_scaler(scaler)
         except Exception:
             self.close()
             raise
@@ -165,9 +198,33 @@ class Monitor:
                 self._handles.append(m.register_forward_hook(partial(self._on_forward, i)))
                 if time_gradients and self._kinds[i] == "recurrent":
                     self._handles.append(m.register_forward_pre_hook(partial(self._on_rnn_input, i)))
+        from .remedies import clip as _clip
+
+        _clip.add_norm_observer(self._on_clip)
+        self._handles.append(_ObserverHandle(_clip.remove_norm_observer, self._on_clip))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
+
+    def _watch_scaler(self, scaler: Any) -> None:
+        # GradScaler.step() skips optimizer.step() after an overflow, so our step hooks
+        # never fire; its update() then runs with no step taken. We wrap update() on this
+        # one instance (restored by close()) to record such a step as "amp_skip".
+        if self.optimizer is None or not callable(getattr(scaler, "update", None)):
+            raise ValueError("scaler= needs an optimizer and a torch.amp.GradScaler")
+        self._scaler, self._scaler_update = scaler, scaler.update
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            skipped = not self._stepped and scaler.is_enabled()
+            old = scaler.get_scale() if skipped else None     # host read only on a skip
+            result = self._scaler_update(*args, **kwargs)
+            self._stepped = False
+            if skipped and not self._closed:
+                self.log_event("amp_skip", scale=old, new_scale=scaler.get_scale())
+                self.step_count += 1
+                self._begin_step()
+            return result
+        scaler.update = update
 
     # ---- step lifecycle ----------------------------------------------------------------
     def _begin_step(self) -> None:
@@ -184,6 +241,7 @@ class Monitor:
         self._time: dict[int, list[torch.Tensor]] = {}
         self._losses: list[Any] = []
         self._pending: dict[str, Any] | None = None
+        self._clip_info = None
 
     def _on_forward(self, idx: int, module: nn.Module, inputs: Any, output: Any) -> None:
         if not self._rec or self._closed:
@@ -254,7 +312,14 @@ class Monitor:
         x.register_hook(per_step)
         return (x,) + tuple(args[1:])
 
+    def _on_clip(self, grads, norms, total, coef, norm_type) -> None:
+        """Norm observer: a gradtrace clipper just computed every gradient norm."""
+        if self._rec and not self._closed and norm_type == 2.0 and coef is not None:
+            self._clip_info = {"grads": list(grads), "norms": list(norms), "total": total, "coef": coef}
+
     def _on_pre_step(self, optimizer, args, kwargs) -> None:
+        if self._clipper is not None and not self._closed:
+            self._clipper([p for p in self._params if p.grad is not None])
         if self._rec and not self._closed:
             try:
                 self._collect_params(with_snapshot=self._act)
@@ -264,6 +329,7 @@ class Monitor:
     def _on_post_step(self, optimizer, args, kwargs) -> None:
         if self._closed:
             return
+        self._stepped = True
         try:
             if self._rec:
                 self._finish_step()
@@ -317,21 +383,25 @@ class Monitor:
         for i, p in enumerate(self._params):
             if p.grad is not None:
                 idx.append(i)
-                grads.append(p.grad.detach())
+                grads.append(distributed.local(p.grad.detach()))  # FSDP2: this rank's shard
         return idx, grads
 
     def _collect_params(self, with_snapshot: bool) -> None:
         dev = self._device
         idx, grads = self._grads()
-        params = [self._params[i].detach() for i in idx]
+        params = [distributed.local(self._params[i].detach()) for i in idx]
         pending: dict[str, Any] = {"idx": idx}
         if grads:
-            if self._clip_info is not None and self._clip_info["grads"] == len(grads):
-                gsq = self._clip_info["sq"]          # norms already computed by the clipper
-            else:
-                gsq = stats.squared_norms(grads, dev)
-            pending["gsq"] = gsq
+            clip = self._clip_info
             pending["gmax"] = stats.max_abs(grads, dev)
+            if clip is not None and len(clip["grads"]) == len(grads) and all(
+                    a is b for a, b in zip(clip["grads"], grads)):
+                # The clipper already took every per-tensor norm: reuse them (pre-clip),
+                # and undo the clip coefficient on max|g| so all figures are pre-clip.
+                pending["gsq"] = torch.stack([n.to(dev, F32) for n in clip["norms"]]).square()
+                pending["gmax"] = pending["gmax"] / clip["coef"].to(dev, F32)
+            else:
+                pending["gsq"] = stats.squared_norms(grads, dev)
             pending["psq"] = stats.squared_norms(params, dev)
             if with_snapshot:
                 pending["old"] = [p.clone() for p in params]
@@ -346,7 +416,7 @@ class Monitor:
         if "gsq" in pending:
             parts += [("gsq", pending["gsq"]), ("gmax", pending["gmax"]), ("psq", pending["psq"])]
             if "old" in pending and self.optimizer is not None:
-                new = [self._params[i].detach() for i in idx]
+                new = [distributed.local(self._params[i].detach()) for i in idx]
                 delta = torch._foreach_sub(new, pending["old"])
                 parts.append(("dsq", stats.squared_norms(delta, dev)))
         if self._clip_info is not None:
@@ -374,7 +444,7 @@ class Monitor:
         if self._dist is not None:
             # Sum squares / counts and max the max-abs across ranks and shards, in as few
             # collectives as the backend allows (see distributed.py).
-            parts = self._dist.reduce(parts)
+            parts = self._dist.reduce(parts, idx)
         host: dict[str, np.ndarray] = {}
         if parts:
             flat = torch.cat([t.reshape(-1).to(F32) for _, t in parts])
@@ -412,7 +482,10 @@ class Monitor:
             nonfinite = [0] * len(idx)
             broken = [k for k, v in enumerate(gnorm) if not math.isfinite(v)]
             if broken:  # count entries only where a norm proved something non-finite (rare)
-                counts = stats.nonfinite_counts([self._params[idx[k]].grad for k in broken])
+                counts = stats.nonfinite_counts([distributed.local(self._params[idx[k]].grad)
+                                                 for k in broken])
+                if self._dist is not None:  # add the shards' counts (every rank gets here)
+                    counts = self._dist.nonfinite_counts(counts, [idx[k] for k in broken])
                 for k, c in zip(broken, counts):
                     nonfinite[k] = c
                 bad_params = [self._param_names[idx[k]] for k in broken if nonfinite[k] > 0]
@@ -468,9 +541,11 @@ class Monitor:
         if vectors:
             rec["vectors"] = vectors
         loss_bad = "loss" in scalars and not math.isfinite(scalars["loss"])
-        if first_fwd or first_bwd or bad_params or loss_bad:
+        # Distributed: which ranks saw it; the same on every rank, so all raise together.
+        dist_info = self._dist.nonfinite_info(host) if self._dist is not None else {}
+        if first_fwd or first_bwd or bad_params or loss_bad or dist_info:
             info = {"forward": first_fwd, "backward": first_bwd, "params": bad_params,
-                    "loss_nonfinite": loss_bad}
+                    "loss_nonfinite": loss_bad, **dist_info}
             self._write({"event": "nonfinite", "step": self.step_count, **info})
             rec["_nonfinite"] = (f"non-finite values at step {self.step_count}: first forward module "
                                  f"{first_fwd}, first backward module {first_bwd}, parameters "
@@ -554,6 +629,9 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._scaler is not None:
+            del self._scaler.update                       # restore the scaler's own method
+            self._scaler = None
         if exc is not None:
             self._writer.write({"event": "exception", "step": self.step_count,
                                 "type": type(exc).__name__, "message": str(exc)[:2000],
@@ -595,7 +673,14 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kw
         time_gradients: for RNN/LSTM/GRU, record the gradient reaching each time step.
         raise_on_nonfinite: raise :class:`NonFiniteError` after a step with nan/inf
             (the trace is written first). Default: record and carry on.
+        clip: clip before every optimizer step, sharing the norms with the monitor:
+            a max norm (``1.0``), a stateful clipper (``gt.ZClip()``, ``gt.AutoClip()``)
+            or any callable taking the list of parameters. Clipping yourself with
+            ``gt.clip_grad_norm_`` inside the ``with`` block is fused the same way.
         sinks: extra writers (TensorBoard, W&B, CSV) receiving every record.
+        scaler: a ``torch.amp.GradScaler``; steps it skips after an overflow are written
+            as ``amp_skip`` events (not recorded as explosions). Figures are always of
+            unscaled gradients (``scaler.step`` unscales before ``optimizer.step``).
 
     Example:
         >>> with gt.watch(model, optimizer, out="runs/exp1") as mon:   # doctest: +SKIP
