@@ -1,0 +1,163 @@
+"""Two-process (gloo, CPU) worker for tests/test_distributed.py and bench/scale.py.
+
+Run: ``python tests/dist_worker.py OUTDIR [--mode all|fail] [--port N]``. It spawns two
+ranks that train the same tiny model under DDP and under FSDP2 and write traces (rank
+0) and per-rank summaries (``rank{r}.json``) into OUTDIR. The reference (one process,
+the global batch) is computed by the test itself from :func:`make_model`/:func:`batch`.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+from torch import nn
+
+WORLD = 2
+GLOBAL_BATCH = 8
+STEPS = 4
+SEED = 1234
+LR = 0.05
+TIMEOUT_S = 30          # collectives and rendezvous give up after this (a dead peer never hangs us)
+
+
+def make_model() -> nn.Module:
+    """Odd sizes on purpose: uneven FSDP2 shards, and a 1-element bias (an empty shard)."""
+    torch.manual_seed(SEED)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 13), nn.LayerNorm(13),
+                         nn.ReLU(), nn.Linear(13, 1))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(SEED + step)
+    x = torch.randn(GLOBAL_BATCH, 6, generator=g) * 3
+    y = torch.randn(GLOBAL_BATCH, 1, generator=g)
+    return x, y
+
+
+def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    n = t.shape[0] // WORLD
+    return t[rank * n:(rank + 1) * n]
+
+
+def train(model, opt, mon, rank: int, steps: int = STEPS, nan_at: tuple[int, int] | None = None,
+          clip: float | None = None, guard=None) -> list:
+    """The same loop for every setting. ``nan_at=(step, rank)`` poisons that rank's input."""
+    import gradtrace as gt
+    clip_totals = []
+    for s in range(steps):
+        x, y = batch(s)
+        if rank >= 0:
+            x, y = shard(x, rank), shard(y, rank)
+        if nan_at is not None and nan_at == (s, rank):
+            x = x.clone()
+            x[0, 0] = float("nan")
+        loss = nn.functional.mse_loss(model(x), y)
+        mon.record_loss(loss)
+        loss.backward()
+        if clip is not None:
+            total = gt.clip_grad_norm_(list(model.parameters()), clip)
+            clip_totals.append(float(total.full_tensor() if hasattr(total, "full_tensor") else total))
+        if guard is not None:
+            guard.step(loss)
+        else:
+            opt.step()
+        opt.zero_grad()
+    return clip_totals
+
+
+def _summary(mon) -> dict:
+    tr = mon.trace
+    return {"total": tr.series("total_grad_norm").tolist(),
+            "events": tr.events(), "collectives": mon._dist.collectives if mon._dist else 0}
+
+
+def worker(rank: int, out: str, mode: str, port: int) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    torch.set_num_threads(1)
+    import gradtrace as gt
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if mode == "fail":
+        if rank == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+        t = torch.ones(1)
+        dist.all_reduce(t)          # rank 0 waits for a peer that is gone: must not hang
+        return
+
+    def fsdp(m):
+        for layer in m:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer)
+        return fully_shard(m)
+
+    res: dict = {}
+    for name, wrap in (("ddp", DDP), ("fsdp2", fsdp)):
+        model = wrap(make_model())
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        with gt.watch(model, opt, out=os.path.join(out, name), activations_every=2) as mon:
+            train(model, opt, mon, rank)
+        res[name] = _summary(mon)
+
+        # every other step: collectives only on recorded steps
+        model = wrap(make_model())
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        with gt.watch(model, opt, out=None, every=2, activations_every=0) as mon:
+            train(model, opt, mon, rank)
+        res[name + "_every2"] = _summary(mon)
+
+        # a NaN in rank 1's input at step 2
+        model = wrap(make_model())
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        with gt.watch(model, opt, out=os.path.join(out, name + "_nan"), activations_every=0) as mon:
+            train(model, opt, mon, rank, steps=3, nan_at=(2, 1))
+        res[name + "_nan"] = _summary(mon)
+
+        # gradtrace's clipping, then the guard, on the sharded / replicated gradients
+        for what in ("clip", "guard"):
+            try:
+                model = wrap(make_model())
+                opt = torch.optim.SGD(model.parameters(), lr=LR)
+                guard = gt.Guard(opt) if what == "guard" else None
+                with gt.watch(model, opt, out=None, activations_every=0) as mon:
+                    totals = train(model, opt, mon, rank, steps=3, nan_at=(1, 1), clip=0.5,
+                                   guard=guard)
+                res[f"{name}_{what}"] = {
+                    **_summary(mon), "clip_totals": totals,
+                    "post": mon.trace.series("total_grad_norm_post_clip").tolist(),
+                    "skips": getattr(guard, "skips", None),
+                    "params": [float(p.detach().full_tensor().norm()) if hasattr(p, "full_tensor")
+                               else float(p.detach().norm()) for p in model.parameters()]}
+            except Exception as e:  # remedies belong to someone else: report, don't stop the rest
+                import traceback
+                res[f"{name}_{what}"] = {"error": f"{type(e).__name__}: {e}",
+                                         "where": traceback.format_exc()[-1500:]}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+    import torch.multiprocessing as mp
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--mode", default="all", choices=["all", "fail"])
+    ap.add_argument("--port", type=int, default=29611)
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    # join() raises as soon as a rank dies and terminates the others: no hang on failure.
+    mp.spawn(worker, args=(a.out, a.mode, a.port), nprocs=WORLD, join=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

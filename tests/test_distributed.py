@@ -1,0 +1,152 @@
+"""DDP and FSDP2 (2 processes, gloo, CPU) against a single-process run on the global batch.
+
+One spawned job (tests/dist_worker.py) runs every distributed setting; the tests read
+what it wrote. Every subprocess has a timeout and is killed with its process group,
+so a failing rank can never hang the suite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gradtrace as gt
+from gradtrace import distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker as W  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+REL_TOL = 1e-5          # the issue's bar: distributed figures equal single-process ones
+JOB_TIMEOUT_S = 120     # the whole two-process job; a hang fails the test instead
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_worker(out: Path, mode: str = "all") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(Path(__file__).parent / "dist_worker.py"), str(out),
+           "--mode", mode, "--port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env, start_new_session=True)
+    try:
+        stdout, _ = p.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)       # the spawner and both ranks
+        stdout, _ = p.communicate()
+        pytest.fail(f"distributed job hung past {JOB_TIMEOUT_S}s:\n{stdout[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, "")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    res = _run_worker(out)
+    assert res.returncode == 0, res.stdout[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(W.WORLD)]
+    return out, ranks
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = W.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=W.LR, momentum=0.9)
+    with gt.watch(model, opt, out=None, activations_every=2) as mon:
+        W.train(model, opt, mon, rank=-1)
+    return mon.trace
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))          # equal infs (0-norm params), both NaN
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.where(same, 0.0, np.abs(a - b) / np.maximum(np.abs(b), 1e-12))
+    return float(np.max(err, initial=0.0))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_figures_equal_single_process(job, reference, mode):
+    out, ranks = job
+    tr = gt.load(out / mode)
+    assert tr.params == reference.params                       # DDP's "module." prefix is gone
+    assert tr.meta["distributed"]["mode"] == mode and tr.meta["distributed"]["world_size"] == 2
+    assert list(tr.steps_recorded) == list(reference.steps_recorded)
+    for stat in ("grad_norm", "grad_maxabs", "param_norm", "update_ratio"):
+        _, names, got = tr.matrix(stat)
+        _, _, want = reference.matrix(stat)
+        assert got.shape == want.shape, stat
+        assert _rel(got, want) < REL_TOL, (stat, got, want)
+    for stat in ("total_grad_norm", "loss"):
+        assert _rel(tr.series(stat), reference.series(stat)) < REL_TOL, stat
+    # every rank computed the same reduced figures
+    assert _rel(ranks[1][mode]["total"], ranks[0][mode]["total"]) < 1e-7
+    # activation figures are rank 0's own micro-batch: present, finite
+    assert np.isfinite(tr.matrix("out_std")[2][:, 0]).all()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_one_trace_by_rank0_and_collectives_only_on_recorded_steps(job, mode):
+    out, ranks = job
+    assert (out / mode / "records.jsonl").exists()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
+        ["ddp", "fsdp2", "ddp_nan", "fsdp2_nan"])         # nothing else written anywhere
+    recorded = (W.STEPS + 1) // 2                           # every=2 -> steps 0 and 2
+    for r in ranks:
+        assert len(r[mode + "_every2"]["total"]) == recorded
+        assert r[mode + "_every2"]["collectives"] == 2 * recorded
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_nonfinite_event_names_first_rank(job, mode):
+    out, _ = job
+    ev = gt.load(out / (mode + "_nan")).events("nonfinite")
+    assert ev and ev[0]["step"] == 2
+    assert ev[0]["first_rank"] == 1 and ev[0]["ranks"] == [1]
+    assert "forward" in ev[0]["by_rank"]["1"]
+    assert ev[0]["params"]                                  # the reduced gradient is NaN too
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("what", ["clip", "guard"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_clip_and_guard_agree_across_ranks(job, mode, what):
+    _, ranks = job
+    res = [r[f"{mode}_{what}"] for r in ranks]
+    for r in res:
+        if "error" in r and mode == "fsdp2":
+            pytest.xfail(f"remedies under FSDP2 (reported): {r['error']}")
+        assert "error" not in r, r.get("where")
+    assert res[0]["skips"] == res[1]["skips"]               # the same skip decision everywhere
+    assert _rel(res[0]["clip_totals"], res[1]["clip_totals"]) < 1e-7
+    assert _rel(res[0]["params"], res[1]["params"]) < 1e-7
+    assert _rel(res[0]["total"], res[1]["total"]) < 1e-7
+
+
+@pytest.mark.timeout(90)
+def test_a_failing_rank_does_not_hang(tmp_path):
+    res = _run_worker(tmp_path, mode="fail")
+    assert res.returncode != 0
+    assert "rank 1 fails on purpose" in res.stdout
+
+
+def test_single_process_has_no_reducer():
+    assert distributed.attach(torch.nn.Linear(2, 2), []) is None
+    assert distributed.local(torch.ones(2)).shape == (2,)
+    info = distributed.DistReducer.nonfinite_info({"dist_ranks": [8.0, 9.0]})
+    assert info["first_rank"] == 1 and info["ranks"] == [1]   # rank 1's forward, not just grads
