@@ -69,10 +69,16 @@ def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not tensors:
         return torch.empty(0, dtype=F32, device=device)
     lo, hi = [], []
+    uniform = True
     for t in tensors:
-        mn, mx = _dense(t).aminmax() if _dense(t).numel() else (t.new_zeros(()), t.new_zeros(()))
-        lo.append(mn.to(device=device, dtype=F32, non_blocking=True))
-        hi.append(mx.to(device=device, dtype=F32, non_blocking=True))
+        d = _dense(t)
+        mn, mx = d.aminmax() if d.numel() else (d.new_zeros(()), d.new_zeros(()))
+        uniform = uniform and mn.dtype == F32 and mn.device == device
+        lo.append(mn)
+        hi.append(mx)
+    if not uniform:  # mixed dtypes/devices: bring every scalar to float32 on `device`
+        lo = [v.to(device=device, dtype=F32, non_blocking=True) for v in lo]
+        hi = [v.to(device=device, dtype=F32, non_blocking=True) for v in hi]
     # maximum() propagates NaN, so a NaN anywhere in a tensor shows in its max |x|.
     return torch.maximum(torch.stack(hi), -torch.stack(lo))
 

@@ -297,7 +297,11 @@ class TraceWriter:
     def write(self, record: dict[str, Any]) -> None:
         if self._file.closed:
             return
-        self._file.write(json.dumps(_encode(record), separators=(",", ":")) + "\n")
+        try:  # fast path: almost every record is all finite numbers
+            line = json.dumps(record, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            line = json.dumps(_encode(record), separators=(",", ":"))
+        self._file.write(line + "\n")
         self._file.flush()
         if self._fsync:
             os.fsync(self._file.fileno())
