@@ -189,6 +189,9 @@ class DistReducer:
         """
         dist = _dist()
         dev, n, w = self.device, self.n, self.world_size
+        # A DTensor part (e.g. a clipper's total norm over FSDP2 shards) becomes the full
+        # value; every rank holds the same parts, so every rank joins this collective.
+        parts = [(k, t.full_tensor() if is_dtensor(t) else t) for k, t in parts]
         got = dict(parts)
         out_dev = next((t.device for _, t in parts), dev)
         where = torch.tensor(idx if idx is not None else [], dtype=torch.long, device=dev)
