@@ -1,0 +1,16 @@
+"""Optional bridges to other tools. Each module imports its extra only when imported.
+
+* :mod:`gradtrace.integrations.lightning` -- ``GradTraceCallback`` for Lightning (``pip install gradtrace[lightning]``)
+* :mod:`gradtrace.integrations.hf` -- ``GradTraceCallback`` for the Transformers ``Trainer`` (``pip install gradtrace[hf]``)
+* :mod:`gradtrace.integrations.tensorboard` -- ``TensorBoardSink`` (``pip install gradtrace[tensorboard]``)
+* :mod:`gradtrace.integrations.wandb` -- ``WandbSink`` (``pip install gradtrace[wandb]``)
+* :mod:`gradtrace.integrations.csv` -- ``CSVSink``, long format (no extra needed)
+
+A sink is any object with ``start(meta)``, ``write(record)`` and ``close()``; pass it as
+``gt.watch(model, opt, sinks=[...])``. Only rank 0 feeds sinks in a distributed run.
+
+Example:
+    >>> from gradtrace.integrations.csv import CSVSink             # doctest: +SKIP
+    >>> with gt.watch(model, opt, sinks=[CSVSink("stats.csv")]):    # doctest: +SKIP
+    ...     ...
+"""

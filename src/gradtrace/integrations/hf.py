@@ -1,0 +1,128 @@
+"""Hugging Face Transformers: a ``TrainerCallback`` that records gradtrace statistics.
+
+The ``Trainer`` clips gradients *before* any optimizer callback runs, so this callback
+takes the gradient figures at the end of each backward pass (a callback queued on the
+autograd engine from a gradient hook), which makes ``total_grad_norm`` the pre-clip norm
+-- the same number the Trainer logs as ``grad_norm``. In ``on_pre_optimizer_step`` (after
+clipping) it measures the post-clip norm (``total_grad_norm_post_clip``, ``clip_coef``),
+and the step closes in ``on_optimizer_step``. The loss is read from the model output's
+``loss`` (rank 0 writes the trace under DDP).
+
+Example:
+    >>> from gradtrace.integrations.hf import GradTraceCallback
+    >>> trainer = Trainer(model, args, train_dataset=ds,
+    ...                   callbacks=[GradTraceCallback(out="runs/hf")])   # doctest: +SKIP
+    >>> trainer.train(); gt.load("runs/hf")                              # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._extras import require
+
+_tf = require("transformers", "hf")
+
+
+class GradTraceCallback(_tf.TrainerCallback):
+    """Record gradtrace statistics during ``Trainer.train()``.
+
+    Args:
+        out: trace directory (``None``: in memory, ``callback.trace``).
+        **watch_kwargs: anything :func:`gradtrace.watch` takes (``every``,
+            ``activations_every``, ``layers``, ``preset``, ``sinks``...).
+
+    With gradient accumulation the figures are those of the accumulated gradient of
+    the last micro-batch's backward (the one the optimizer uses).
+
+    Example:
+        >>> cb = GradTraceCallback(out="runs/hf", activations_every=10)     # doctest: +SKIP
+        >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()   # doctest: +SKIP
+    """
+
+    def __init__(self, out: str | None = None, **watch_kwargs: Any):
+        if "optimizer" in watch_kwargs:
+            raise TypeError("GradTraceCallback watches the Trainer's optimizer; do not pass optimizer=")
+        self.out = out
+        self.watch_kwargs = watch_kwargs
+        self.monitor: Any = None
+        self._handles: list[Any] = []
+        self._queued = False
+        self._collected = False
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from ..monitor import Monitor
+        if self.monitor is not None or model is None:
+            return
+        # No optimizer hooks: the Trainer clips between backward and step, and the
+        # figures must be pre-clip. The optimizer is set afterwards for lr and update ratios.
+        self.monitor = Monitor(model, None, out=self.out, **self.watch_kwargs)
+        self.monitor.optimizer = optimizer
+        params = [p for p in self.monitor._params if p.requires_grad]
+        if not params:
+            raise RuntimeError("GradTraceCallback: the model has no trainable parameters")
+        # One gradient hook is enough: from it, queue work for the end of the backward pass.
+        self._handles.append(params[0].register_post_accumulate_grad_hook(self._during_backward))
+        self._handles.append(model.register_forward_hook(self._on_output))
+
+    def _on_output(self, module, inputs, output) -> None:
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, dict):
+            loss = output.get("loss")
+        if isinstance(loss, torch.Tensor) and module.training and self.monitor is not None:
+            self.monitor.record_loss(loss)
+
+    def _during_backward(self, param) -> None:
+        if not self._queued and self.monitor is not None and self.monitor._rec:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
+        self._queued = False
+        mon = self.monitor
+        if mon is not None and not mon._closed:
+            mon._on_pre_step(mon.optimizer, (), {})   # pre-clip; the last micro-batch wins
+            self._collected = True
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        mon = self.monitor
+        pending = (mon._pending or {}) if mon is not None else {}
+        if args.max_grad_norm and args.max_grad_norm > 0 and "gsq" in pending and mon._clip_info is None:
+            try:
+                from .. import stats
+                from ..distributed import local
+                grads = [local(mon._params[i].grad.detach()) for i in pending["idx"]
+                         if mon._params[i].grad is not None]
+                pre = pending["gsq"].sum().sqrt()
+                post = stats.squared_norms(grads, mon._device).sum().sqrt() if grads else pre
+                mon._clip_info = {"grads": [], "norms": [], "total": pre, "coef": post / pre}
+            except Exception as e:
+                mon._internal_error(e)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        mon = self.monitor
+        if mon is None:
+            return
+        if not self._collected and mon._rec:
+            mon._on_pre_step(mon.optimizer, (), {})   # no backward seen (unusual): take them now
+        self._collected = False
+        mon._on_post_step(mon.optimizer, (), {})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks and close the trace (also done at the end of training)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.monitor is not None:
+            self.monitor.close()
+
+    @property
+    def trace(self):
+        """The trace recorded so far."""
+        if self.monitor is None:
+            raise RuntimeError("nothing recorded yet: GradTraceCallback starts with trainer.train()")
+        return self.monitor.trace
