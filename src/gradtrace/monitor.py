@@ -46,6 +46,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 _WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack 0-d tensors into one float32 vector on ``device`` (converting only if needed)."""
+    if all(v.dtype == F32 and v.device == device for v in values):
+        return torch.stack(values)
+    return torch.stack([v.to(device=device, dtype=F32, non_blocking=True) for v in values])
+
+
 class _ObserverHandle:
     """Makes a norm-observer registration removable like a hook handle."""
 
@@ -231,7 +238,13 @@ class Monitor:
         s = self.step_count
         self._act = self.activations_every > 0 and s % self.activations_every == 0
         self._rec = s % self.every == 0 or self._act
-        self._calls: list[tuple] = []          # (module idx, flag tensor, act tuple | None)
+        # One entry per module call: the module index (host) and its output sum (device).
+        self._call_idx: list[int] = []
+        self._flags: list[torch.Tensor] = []
+        # Activation-step figures, one entry per call, kept as columns so that the step
+        # end stacks a handful of lists instead of one small tensor per call.
+        self._acts: list[tuple[int, int, int]] = []   # (call position, module idx, entries)
+        self._cols: tuple[list, ...] = ([], [], [], [], [])  # min, max, norm, non-finite, extra
         self._bwd: list[tuple] = []            # (module idx, grad sq-norm tensor)
         self._order: list[int] = []            # first-call order of modules this step
         self._seen: set[int] = set()
@@ -247,7 +260,10 @@ class Monitor:
         if not self._rec or self._closed:
             return
         try:
-            tensors = floating_tensors(output)
+            if isinstance(output, torch.Tensor):   # the common case, without the walk
+                tensors = [output] if output.is_floating_point() and output.numel() else []
+            else:
+                tensors = floating_tensors(output)
             if not tensors:
                 return
             if idx not in self._seen:
@@ -255,22 +271,23 @@ class Monitor:
                 self._order.append(idx)
             for t in tensors:
                 td = t.detach()
+                if self._act:
+                    self._activation_stats(idx, td)
+                self._call_idx.append(idx)
                 # A sum is finite iff every entry is (NaN/inf propagate): one cheap kernel.
-                flag = td.sum(dtype=F32)
-                act = self._activation_stats(idx, td) if self._act else None
-                self._calls.append((idx, flag, act))
+                # On activation steps it doubles as the first moment.
+                self._flags.append(td.sum(dtype=F32))
                 if t.requires_grad and (self._act or self.backward_flags):
                     t.register_hook(partial(self._on_out_grad, idx))
         except Exception as e:  # a monitoring bug must never stop the user's training
             self._internal_error(e)
 
-    def _activation_stats(self, idx: int, td: torch.Tensor) -> tuple:
+    def _activation_stats(self, idx: int, td: torch.Tensor) -> None:
         kind = self._kinds[idx]
         mn, mx = td.aminmax()
-        sq = torch.linalg.vector_norm(td, dtype=F32)
+        norm = torch.linalg.vector_norm(td, dtype=F32)
         # x - x is 0 for finite x and NaN for NaN/inf: a count without isfinite's slow path.
         bad = torch.count_nonzero(td - td)
-        extra = None
         if kind == "relu":
             extra = torch.count_nonzero(td)                    # active entries
             active = unit_view(td).amax(0) > 0                 # units that fired at least once
@@ -278,8 +295,12 @@ class Monitor:
             self._masks[idx] = active if prev is None or prev.shape != active.shape else prev | active
         elif kind in SATURATION_BOUNDS:
             lo, hi = SATURATION_BOUNDS[kind]
-            extra = ((td < lo) | (td > hi)).sum()
-        return (td.numel(), mn, mx, sq, bad, extra)
+            extra = torch.count_nonzero((td < lo) | (td > hi))
+        else:
+            extra = bad  # placeholder of the right dtype and device; ignored for this kind
+        self._acts.append((len(self._flags), idx, td.numel()))
+        for col, v in zip(self._cols, (mn, mx, norm, bad, extra)):
+            col.append(v)
 
     def _on_out_grad(self, idx: int, grad: torch.Tensor) -> None:
         if self._closed or not self._rec:
@@ -383,7 +404,7 @@ class Monitor:
         for i, p in enumerate(self._params):
             if p.grad is not None:
                 idx.append(i)
-                grads.append(distributed.local(p.grad.detach()))  # FSDP2: this rank's shard
+                grads.append(distributed.local(p.grad))  # FSDP2: this rank's shard
         return idx, grads
 
     def _collect_params(self, with_snapshot: bool) -> None:
@@ -424,18 +445,13 @@ class Monitor:
         losses = [l for l in self._losses if isinstance(l, torch.Tensor)]
         if losses:
             parts.append(("loss", torch.stack([l.float().reshape(()).to(dev) for l in losses])))
-        calls = self._calls
-        if calls:
-            parts.append(("flag", torch.stack([c[1].to(dev) for c in calls])))
-            acts = [c for c in calls if c[2] is not None]
-            if acts:
-                cols = []
-                for _, _, (n, mn, mx, sq, bad, extra) in acts:
-                    e = extra if extra is not None else mn.new_zeros(())
-                    cols.append(torch.stack([mn.float(), mx.float(), sq.float(), bad.float(), e.float()]).to(dev))
-                parts.append(("act", torch.stack(cols).reshape(-1)))
+        if self._flags:
+            parts.append(("flag", _stack(self._flags, dev)))
+            for name, col in zip(("a_min", "a_max", "a_norm", "a_bad", "a_extra"), self._cols):
+                if col:
+                    parts.append((name, _stack(col, dev)))
         if self._bwd:
-            parts.append(("bwd", torch.stack([b[1].to(dev) for b in self._bwd])))
+            parts.append(("bwd", _stack([b[1] for b in self._bwd], dev)))
         for i, m in self._masks.items():
             parts.append((f"mask{i}", m.to(dev, F32)))
         for i, seqs in self._time.items():
@@ -453,13 +469,13 @@ class Monitor:
             for name, t in parts:
                 host[name] = values[off: off + t.numel()]
                 off += t.numel()
-        record = self._build_record(host, idx, calls, pending)
+        record = self._build_record(host, idx, pending)
         self._clip_info = None
         self._write(record)
         if self.raise_on_nonfinite and record.get("_nonfinite"):
             raise NonFiniteError(record["_nonfinite"])
 
-    def _build_record(self, host: dict, idx: list[int], calls: list, pending: dict) -> dict:
+    def _build_record(self, host: dict, idx: list[int], pending: dict) -> dict:
         n_p, n_m = len(self._params), len(self._modules)
         rec: dict[str, Any] = {"step": self.step_count, "time": time.time()}
         scalars: dict[str, Any] = {}
@@ -511,18 +527,16 @@ class Monitor:
                 scalars["lr"] = float(lr)
 
         first_fwd = None
-        if calls:
+        if self._flags:
             flags = host["flag"]
             nonfinite_mod = np.zeros(n_m, dtype=bool)
-            for (i, _, _), f in zip(calls, flags):
-                if not math.isfinite(f):
-                    nonfinite_mod[i] = True
+            nonfinite_mod[[i for i, f in zip(self._call_idx, flags) if not math.isfinite(f)]] = True
             module["out_flag_nonfinite"] = [1.0 if nonfinite_mod[i] else 0.0 if i in self._seen else None
                                             for i in range(n_m)]
             first_fwd = next((self._mod_names[i] for i in self._order if nonfinite_mod[i]), None)
             self._host_masks = {i: host[f"mask{i}"] > 0.5 for i in self._masks}
-            if "act" in host:
-                self._aggregate_activations(host["act"].reshape(-1, 5), calls, flags, module, vectors)
+            if self._acts:
+                self._aggregate_activations(host, flags, module, vectors)
         first_bwd = None
         if self._bwd:
             sq = np.zeros(n_m)
@@ -552,18 +566,16 @@ class Monitor:
                                  f"with non-finite gradients {bad_params[:5]}")
         return rec
 
-    def _aggregate_activations(self, act: np.ndarray, calls: list, flags: np.ndarray,
-                               module: dict, vectors: dict) -> None:
+    def _aggregate_activations(self, host: dict, flags: np.ndarray, module: dict, vectors: dict) -> None:
         """Combine per-call figures into per-module ones (a module may run many times)."""
         n_m = len(self._modules)
         acc: dict[int, list[float]] = {}
-        rows = iter(act)
-        for (i, _, a), total in zip(calls, flags):
-            if a is None:
-                continue
-            mn, mx, norm, bad, extra = (float(v) for v in next(rows))
+        rows = zip(*(host[k] for k in ("a_min", "a_max", "a_norm", "a_bad", "a_extra")))
+        for (pos, i, n), row in zip(self._acts, rows):
+            mn, mx, norm, bad, extra = (float(v) for v in row)
+            total = flags[pos]
             s = acc.setdefault(i, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-            s[0] += a[0]                       # entries
+            s[0] += n                          # entries
             s[1] += float(total)               # sum of x (the flag kernel is the sum)
             s[2] += norm * norm                # sum of x^2
             s[3] += bad                        # non-finite entries
