@@ -116,7 +116,7 @@ def test_gain_matches_mean_field_chi1(sigma_w2):
             lin.bias.normal_(0, math.sqrt(sigma_b2), generator=gen)
         layers.append(nn.Sequential(lin, nn.Tanh()))
     net = nn.Sequential(*layers)
-    spec = gt.spectrum(net, torch.randn(4, width, generator=gen), n_samples=4, end_to_end=False)
+    spec = gt.spectrum(net, torch.randn(2, width, generator=gen), n_samples=2, end_to_end=False)
     assert len(spec.blocks) == depth
     measured = float(np.mean([spec.gain(b) for b in spec.blocks[skip:]]))
     chi1 = _gauss_hermite_chi1(sigma_w2, sigma_b2)
