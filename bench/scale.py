@@ -1,0 +1,142 @@
+"""How the cost of recording grows with the number of parameter tensors and the world size.
+
+Prints two tables (CPU, one thread per process):
+
+1. parameter tensors: a deep narrow MLP (2 tensors per layer); the step time without
+   and with ``gt.watch`` (parameter figures every step, activations off), measured
+   interleaved -- plain step, watched step, plain step, ... -- so drift hits both alike.
+2. world size 1 -> 2 (gloo, DDP): the same comparison inside each setting, plus the
+   time of the cross-rank reduction itself (two all-reduces per recorded step).
+
+Run: ``python bench/scale.py [--quick]``. Not a test: numbers depend on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import gradtrace as gt
+
+SEED = 0
+WIDTH = 32
+BATCH = 64
+
+
+def mlp(layers: int) -> nn.Module:
+    torch.manual_seed(SEED)
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+    return nn.Sequential(*mods)
+
+
+def _interleaved(model_plain, model_watched, opt_p, opt_w, x, reps: int, warm: int = 5):
+    """Median seconds per step of each loop, alternating the two every step."""
+    def step(model, opt):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_p, t_w = [], []
+    for i in range(warm + reps):
+        for model, opt, acc in ((model_plain, opt_p, t_p), (model_watched, opt_w, t_w)):
+            t0 = time.perf_counter()
+            step(model, opt)
+            if i >= warm:
+                acc.append(time.perf_counter() - t0)
+    return statistics.median(t_p), statistics.median(t_w)
+
+
+def by_tensors(sizes: list[int], reps: int) -> list[tuple]:
+    rows = []
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(SEED))
+    for layers in sizes:
+        a, b = mlp(layers), mlp(layers)
+        oa = torch.optim.SGD(a.parameters(), lr=1e-3)
+        ob = torch.optim.SGD(b.parameters(), lr=1e-3)
+        with gt.watch(b, ob, out=None, activations_every=0):
+            tp, tw = _interleaved(a, b, oa, ob, x, reps)
+        rows.append((2 * layers, tp * 1e3, tw * 1e3, (tw - tp) * 1e3, (tw - tp) / (2 * layers) * 1e6))
+    return rows
+
+
+def _worker(rank: int, world: int, port: int, layers: int, reps: int, q) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    x = torch.randn(BATCH // world, WIDTH, generator=torch.Generator().manual_seed(SEED + rank))
+    a, b = DDP(mlp(layers)), DDP(mlp(layers))
+    oa = torch.optim.SGD(a.parameters(), lr=1e-3)
+    ob = torch.optim.SGD(b.parameters(), lr=1e-3)
+    with gt.watch(b, ob, out=None, activations_every=0) as mon:
+        tp, tw = _interleaved(a, b, oa, ob, x, reps)
+        # the reduction alone, on this step's parts
+        red = mon._dist
+        n = len(mon._params)
+        parts = [("gsq", torch.rand(n)), ("gmax", torch.rand(n)), ("psq", torch.rand(n))]
+        idx = list(range(n))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            red.reduce(parts, idx)
+            ts.append(time.perf_counter() - t0)
+    if rank == 0:
+        q.put((tp, tw, statistics.median(ts)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def by_world(layers: int, reps: int) -> list[tuple]:
+    import torch.multiprocessing as mp
+    rows = []
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(SEED))
+    a, b = mlp(layers), mlp(layers)
+    oa, ob = torch.optim.SGD(a.parameters(), lr=1e-3), torch.optim.SGD(b.parameters(), lr=1e-3)
+    with gt.watch(b, ob, out=None, activations_every=0):
+        tp, tw = _interleaved(a, b, oa, ob, x, reps)
+    rows.append((1, tp * 1e3, tw * 1e3, (tw - tp) * 1e3, 0.0))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(2, port, layers, reps, q), nprocs=2, join=True,
+                       start_method="spawn")
+    tp, tw, tr = q.get(timeout=60)
+    rows.append((2, tp * 1e3, tw * 1e3, (tw - tp) * 1e3, tr * 1e3))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    reps = 15 if a.quick else 40
+    sizes = [4, 16, 64] if a.quick else [4, 16, 64, 256]
+    print(f"# recording cost vs parameter tensors (MLP width {WIDTH}, batch {BATCH}, "
+          f"median of {reps} interleaved steps, 1 thread)")
+    print(f"{'tensors':>8} {'plain ms':>9} {'watched ms':>11} {'extra ms':>9} {'us/tensor':>10}")
+    for n, tp, tw, d, per in by_tensors(sizes, reps):
+        print(f"{n:>8} {tp:>9.3f} {tw:>11.3f} {d:>9.3f} {per:>10.2f}")
+    layers = 16
+    print(f"\n# world size (gloo, DDP, {2 * layers} tensors, global batch {BATCH})")
+    print(f"{'world':>6} {'plain ms':>9} {'watched ms':>11} {'extra ms':>9} {'reduce ms':>10}")
+    for w, tp, tw, d, r in by_world(layers, reps):
+        print(f"{w:>6} {tp:>9.3f} {tw:>11.3f} {d:>9.3f} {r:>10.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
