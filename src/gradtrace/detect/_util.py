@@ -1,0 +1,174 @@
+"""Small numeric and naming helpers shared by the detectors (pure functions)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..trace import Trace
+
+#: Scale turning a median absolute deviation into a standard deviation for normal data.
+MAD_TO_SD = 1.4826
+#: Smallest robust spread used in a z-score, relative to the baseline scale; keeps a
+#: perfectly flat baseline from turning any wobble into an infinite z.
+MIN_REL_SPREAD = 1e-3
+
+
+def has_stat(trace: Trace, stat: str) -> bool:
+    """True if ``stat`` was recorded anywhere in ``trace``."""
+    try:
+        trace.kind_of(stat)
+        return True
+    except KeyError:
+        return False
+
+
+def module_matrix(trace: Trace, stat: str):
+    """``(steps, names, values)`` of a per-module statistic, or ``None`` if absent."""
+    if not has_stat(trace, stat):
+        return None
+    steps, names, values = trace.matrix(stat)
+    if values.size == 0:
+        return None
+    return steps, names, values
+
+
+def exec_order(trace: Trace) -> list[str]:
+    """Module names in forward (first-call) order: the last ``exec_order`` recorded,
+    then any watched module never seen running, in ``named_modules()`` order."""
+    order: list[str] = []
+    for r in trace.records:
+        if "exec_order" in r:
+            order = list(r["exec_order"])
+    seen = set(order)
+    return order + [m for m in trace.modules if m not in seen]
+
+
+def exec_order_at(trace: Trace, step: int) -> list[str]:
+    """The execution order known at ``step`` (the last one written at or before it)."""
+    order: list[str] = []
+    for r in trace.records:
+        if r["step"] > step:
+            break
+        if "exec_order" in r:
+            order = list(r["exec_order"])
+    if not order:
+        return exec_order(trace)
+    seen = set(order)
+    return order + [m for m in trace.modules if m not in seen]
+
+
+def weight_modules(trace: Trace) -> set[str]:
+    """Modules that own parameters (the "layers" of a depth profile)."""
+    return {m["name"] for m in trace.meta.get("modules", []) if m.get("params")}
+
+
+def param_owner(trace: Trace) -> dict[str, str]:
+    """Parameter name -> owning module name."""
+    return {p["name"]: p.get("module") or p["name"].rpartition(".")[0]
+            for p in trace.meta.get("params", [])}
+
+
+def activation_of(trace: Trace, module: str) -> str | None:
+    for m in trace.meta.get("modules", []):
+        if m["name"] == module:
+            return m.get("activation")
+    return None
+
+
+def robust_z(x: float, baseline: np.ndarray) -> tuple[float, float]:
+    """Robust z-score of ``x`` against ``baseline`` and the baseline median.
+
+    Example:
+        >>> round(robust_z(10.0, np.array([1.0, 1.1, 0.9, 1.0, 1.05]))[0])
+        176
+    """
+    med = float(np.median(baseline))
+    mad = float(np.median(np.abs(baseline - med)))
+    spread = max(MAD_TO_SD * mad, MIN_REL_SPREAD * max(abs(med), 1e-12))
+    return (x - med) / spread, med
+
+
+def trailing_spikes(values: np.ndarray, *, warmup: int, window: int, min_baseline: int,
+                    z_limit: float) -> list[tuple[int, float, float]]:
+    """Indices whose value is ``z_limit`` robust z-scores above the preceding window.
+
+    Non-finite values never enter a baseline and are never reported.
+    Returns ``(index, z, baseline median)`` triples.
+    """
+    out = []
+    finite = np.isfinite(values)
+    for i in range(max(warmup, 1), len(values)):
+        if not finite[i]:
+            continue
+        lo = max(0, i - window)
+        base = values[lo:i][finite[lo:i]]
+        if base.size < min_baseline:
+            continue
+        z, med = robust_z(float(values[i]), base)
+        if z > z_limit:
+            out.append((i, z, med))
+    return out
+
+
+def fit_gain(logs: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of ``logs`` against depth, and the median step.
+
+    Both are per-layer log factors (log of the ratio layer k+1 / layer k).
+    """
+    n = logs.size
+    x = np.arange(n, dtype=np.float64)
+    slope = float(np.polyfit(x, logs, 1)[0]) if n >= 2 else 0.0
+    med = float(np.median(np.diff(logs))) if n >= 2 else 0.0
+    return slope, med
+
+
+def sci(x: float, digits: int = 2) -> str:
+    """Compact number for evidence strings: ``0.52``, ``2e-06``, ``3.1e+04``."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    if not math.isfinite(x):
+        return str(x)
+    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
+        return f"{x:.{max(digits - 1, 0)}e}"
+    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{digits + 1}g}"
+
+
+def join_names(names: list[str], limit: int = 6) -> str:
+    """``a, b, c`` (and ``... and N more``)."""
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f" and {len(names) - limit} more"
+    return shown
+
+
+def finite_float(x: Any) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+def first_nonfinite_step(trace: Trace) -> int | None:
+    """The step of the first ``nonfinite`` event (or non-finite loss), else ``None``.
+
+    Statistics recorded from then on describe nan-filled weights, not the model: the
+    unit and activation detectors only look before it.
+    """
+    steps = [int(e["step"]) for e in trace.events("nonfinite")]
+    if has_stat(trace, "loss"):
+        s, loss = trace.series("loss", with_steps=True)
+        bad = s[~np.isfinite(loss)]
+        if bad.size:
+            steps.append(int(bad[0]))
+    return min(steps) if steps else None
+
+
+def before_nonfinite(steps: np.ndarray, trace: Trace) -> np.ndarray:
+    """Boolean mask of ``steps`` strictly before the first non-finite step."""
+    cut = first_nonfinite_step(trace)
+    if cut is None:
+        return np.ones(len(steps), dtype=bool)
+    return np.asarray(steps) < cut

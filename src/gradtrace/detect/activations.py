@@ -1,0 +1,99 @@
+"""Activation scale (``out_std``) shrinking or growing across depth."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..findings import Finding
+from ..trace import Trace
+from . import _util as U
+from .gradients import depth_profile
+from .thresholds import Thresholds
+
+
+def _segment(row: np.ndarray, shrink: bool, th: Thresholds) -> tuple[bool, int, float, float]:
+    """Judge one step's log-profile: from the first layer to the deepest trough (or
+    peak), fit the per-layer gain. Returns (qualifies, end index, gain, total ratio)."""
+    end = int(np.argmin(row) if shrink else np.argmax(row))
+    if end + 1 < th.depth_min_layers:
+        return False, end, 1.0, 1.0
+    gain = math.exp(U.fit_gain(row[: end + 1])[0])
+    total = math.exp(row[end] - row[0])
+    if shrink:
+        ok = gain < th.act_shrink_gain and total < th.act_shrink_total
+    else:
+        ok = gain > th.act_grow_gain and total > th.act_grow_total
+    return ok, end, gain, total
+
+
+def detect(trace: Trace, th: Thresholds) -> list[Finding]:
+    """``shrinking_activations`` / ``growing_activations``.
+
+    Per activation step, ``log(out_std)`` of the weight-bearing layers (normalisation
+    layers excluded: they reset the scale by construction) in execution order is taken
+    from the first layer down to its deepest trough (shrinking) or highest peak
+    (growing) - training can let biases take over the deepest layers, so the collapse
+    need not run to the output. Over that stretch, of at least ``th.depth_min_layers``
+    layers, the least-squares slope gives the forward gain per layer. Shrinking: gain
+    below ``th.act_shrink_gain`` and trough/first scale below ``th.act_shrink_total``;
+    growing mirrors it with ``act_grow_*``; on at least ``th.persist_frac`` of the steps
+    before any nan. Layers: most affected (the trough or peak) first, then the ones
+    before it, deepest first.
+
+    Example:
+        >>> detect(trace, Thresholds())              # doctest: +SKIP
+    """
+    prof = depth_profile(trace, "out_std", th, exclude_kinds=("norm",))
+    if prof is None:
+        return []
+    steps, layers, logs = prof
+    keep = U.before_nonfinite(steps, trace)
+    steps, logs = steps[keep], logs[keep]
+    if steps.size == 0:
+        return []
+    out = []
+    for kind in ("shrinking_activations", "growing_activations"):
+        shrink = kind == "shrinking_activations"
+        judged = [_segment(row, shrink, th) for row in logs]
+        hit = np.array([j[0] for j in judged])
+        if hit.mean() < th.persist_frac:
+            continue
+        hits = [j for j in judged if j[0]]
+        end = int(np.median([j[1] for j in hits]))
+        gain = float(np.median([j[2] for j in hits]))
+        total = float(np.median([j[3] for j in hits]))
+        med_log = np.median(logs[hit], axis=0)
+        rel = med_log - med_log[0]
+        limit = math.log(th.act_shrink_total if shrink else th.act_grow_total) / 2
+        affected = [layers[i] for i in range(end, 0, -1) if (rel[i] < limit if shrink else rel[i] > limit)]
+        affected = affected or [layers[end]]
+        evidence = {
+            "per_layer_gain": gain,
+            "layers_in_profile": end + 1,
+            "ratio_to_first_layer": total,
+            "out_std_median": {layers[i]: float(np.exp(med_log[i])) for i in range(len(layers))},
+            "steps_flagged": int(hit.sum()),
+            "steps_examined": int(hit.size),
+            "summary": (f"each layer multiplies the activation scale by about {U.sci(gain)}; from "
+                        f"{layers[0]} to {layers[end]} the output std goes from "
+                        f"{U.sci(float(np.exp(med_log[0])))} to {U.sci(float(np.exp(med_log[end])))} "
+                        f"(x{U.sci(total)})"),
+        }
+        if shrink:
+            expl = ("Each layer hands the next a signal smaller than the one it received, so by "
+                    f"{layers[end]} the activations are {U.sci(total)} times the size of the first "
+                    "layer's. The forward signal carries what the loss depends on, and the same small "
+                    "Jacobians that shrink it on the way forward shrink the gradient on the way back. "
+                    "Weights initialised at too small a scale for the activation (Xavier under ReLU, "
+                    "tiny weights under tanh) are the usual cause.")
+        else:
+            expl = ("Each layer hands the next a larger signal than it received, so by "
+                    f"{layers[end]} the activations are {U.sci(total)} times the size of the first "
+                    "layer's. Large activations push saturating units into their flat range, inflate "
+                    "the logits and, through the same large Jacobians, the gradients; in low precision "
+                    "they overflow. Initialisation at too large a scale, or a learning rate that let "
+                    "the weights grow, are the usual causes.")
+        out.append(Finding(kind, "warning", affected, int(steps[hit][0]), int(steps[hit][-1]),
+                           evidence, expl, []))
+    return out

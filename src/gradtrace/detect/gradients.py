@@ -1,0 +1,234 @@
+"""Vanishing and exploding gradients: across depth (the output-gradient profile) and
+over the steps (gradient norms far above their own robust baseline)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+from ..findings import Finding
+from ..trace import Trace
+from . import _util as U
+from .thresholds import Thresholds
+
+
+def depth_profile(trace: Trace, stat: str, th: Thresholds, exclude_kinds: tuple = ()):
+    """Per-step log-profile of a per-module ``stat`` over the weight-bearing layers in
+    execution order: ``(steps, layers, logs)`` with ``logs`` shaped (steps, layers), or
+    ``None`` when fewer than ``th.depth_min_layers`` layers have data.
+
+    Rows with any non-finite value are dropped (those steps belong to ``nonfinite``).
+    Zeros are floored at ``th.floor``.
+    """
+    got = U.module_matrix(trace, stat)
+    if got is None:
+        return None
+    steps, names, values = got
+    weights = U.weight_modules(trace)
+    col = {n: i for i, n in enumerate(names)}
+    seen_any = ~np.all(np.isnan(values), axis=0)
+    layers = [n for n in U.exec_order(trace) if n in weights and n in col and seen_any[col[n]]
+              and U.activation_of(trace, n) not in exclude_kinds]
+    if len(layers) < th.depth_min_layers:
+        return None
+    sub = values[:, [col[n] for n in layers]]
+    keep = np.all(np.isfinite(sub), axis=1)
+    if not keep.any():
+        return None
+    logs = np.log(np.maximum(sub[keep], th.floor))
+    return steps[keep], layers, logs
+
+
+def _activation_words(trace: Trace) -> str:
+    kinds = Counter(m.get("activation") for m in trace.meta.get("modules", []))
+    parts = []
+    if kinds.get("sigmoid"):
+        parts.append("Sigmoid's derivative is at most 0.25, so every sigmoid layer cuts the "
+                     "gradient by a factor of four or more, and by far more where it saturates.")
+    if kinds.get("tanh"):
+        parts.append("Tanh passes gradients at full strength only near zero; with weights that "
+                     "are too small each layer's Jacobian has singular values well below one, and "
+                     "where tanh saturates its derivative is close to zero.")
+    if kinds.get("relu"):
+        parts.append("ReLU passes half the units on average, so an initialisation that does not "
+                     "compensate with a gain of sqrt(2) (Kaiming) loses about 1/sqrt(2) per layer.")
+    return " ".join(parts)
+
+
+def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
+    """``vanishing_gradients`` / ``exploding_gradients`` from the output-gradient profile.
+
+    For every activation step the log of ``outgrad_norm`` over the weight-bearing layers
+    (execution order) is fitted against depth by least squares; ``exp(-slope)`` is the
+    gain the backward pass applies per layer. A step qualifies as vanishing when that gain
+    is below ``th.vanish_gain`` and the first layer's output gradient is below
+    ``th.vanish_total`` times the last layer's (``explode_*`` mirror this); a finding needs
+    ``th.persist_frac`` of the steps to qualify. Layers are listed earliest first (under a
+    steady per-layer gain the earliest is the most affected), those at least
+    ``sqrt(vanish_total)`` (or ``sqrt(explode_total)``) away from the last layer.
+
+    Example:
+        >>> detect_depth(trace, Thresholds())          # doctest: +SKIP
+        [Finding(kind='vanishing_gradients', ...)]
+    """
+    prof = depth_profile(trace, "outgrad_norm", th)
+    if prof is None:
+        return []
+    steps, layers, logs = prof
+    n = len(layers)
+    slopes = np.array([U.fit_gain(row)[0] for row in logs])       # d log / d depth
+    gains = np.exp(-slopes)                                         # backward gain per layer
+    totals = np.exp(logs[:, 0] - logs[:, -1])                       # first / last
+    out: list[Finding] = []
+    gn = _grad_norm_ends(trace, layers)
+    for kind, hit in (("vanishing_gradients", (gains < th.vanish_gain) & (totals < th.vanish_total)),
+                      ("exploding_gradients", (gains > th.explode_gain) & (totals > th.explode_total))):
+        if hit.mean() < th.persist_frac:
+            continue
+        med_log = np.median(logs[hit], axis=0)
+        gain = float(np.median(gains[hit]))
+        total = float(np.median(totals[hit]))
+        limit = math.log(th.vanish_total if kind == "vanishing_gradients" else th.explode_total) / 2
+        rel = med_log - med_log[-1]
+        if kind == "vanishing_gradients":
+            affected = [layers[i] for i in range(n - 1) if rel[i] < limit]
+        else:
+            affected = [layers[i] for i in range(n - 1) if rel[i] > limit]
+        affected = affected or [layers[0]]
+        evidence = {
+            "per_layer_gain": gain,
+            "layers_in_profile": n,
+            "first_to_last_outgrad_ratio": total,
+            "summary": (f"going backward each layer multiplies the gradient by about {U.sci(gain)}; "
+                        f"across {n} layers that is {U.sci(gain ** (n - 1))} (observed first/last "
+                        f"output-gradient ratio {U.sci(total)})"),
+            "outgrad_norm_median": {layers[i]: float(np.exp(med_log[i])) for i in range(n)},
+            "steps_flagged": int(hit.sum()),
+            "steps_examined": int(hit.size),
+        }
+        evidence.update(gn)
+        if kind == "vanishing_gradients":
+            expl = ("The backward pass multiplies the gradient by one layer Jacobian after another. "
+                    f"Here that product shrinks by about {U.sci(gain)} per layer, so by the time the "
+                    f"signal reaches {affected[0]} it is {U.sci(total)} of what the last layer sees: "
+                    "early layers get updates too small to learn from while the late layers train. "
+                    + _activation_words(trace))
+            sev = "warning"
+        else:
+            expl = ("The backward pass multiplies the gradient by one layer Jacobian after another; "
+                    f"here each layer amplifies it by about {U.sci(gain)}, so {affected[0]} receives "
+                    f"{U.sci(total)} times the gradient of the last layer. Updates that size overshoot, "
+                    "the loss jumps and the numbers can overflow to inf/nan. Weights initialised "
+                    "with too large a scale (Jacobian singular values above one) are the usual cause.")
+            sev = "error"
+        out.append(Finding(kind, sev, affected, int(steps[hit][0]), int(steps[hit][-1]),
+                           evidence, expl, []))
+    return out
+
+
+def _grad_norm_ends(trace: Trace, layers: list[str]) -> dict:
+    """Median ``grad_norm`` of the first and last layer's weights (corroborating evidence)."""
+    if not U.has_stat(trace, "grad_norm"):
+        return {}
+    steps, names, g = trace.matrix("grad_norm")
+    owner = U.param_owner(trace)
+    res = {}
+    for label, layer in (("first", layers[0]), ("last", layers[-1])):
+        cols = [i for i, p in enumerate(names) if owner.get(p) == layer]
+        if not cols:
+            continue
+        # Prefer the weight (first parameter) of the layer.
+        vals = g[:, cols[0]]
+        vals = vals[np.isfinite(vals)]
+        if vals.size:
+            res[f"{label}_layer_grad_norm"] = {names[cols[0]]: float(np.median(vals))}
+    return res
+
+
+def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
+    """``exploding_gradients`` over time: ``total_grad_norm`` far above its own baseline.
+
+    Two baselines, both robust (median and MAD of ``log(norm)``): the trailing
+    ``th.baseline_window`` records (a sudden spike) and the first window after
+    ``th.warmup_steps`` (a steady climb, which a trailing window would follow). A record
+    is flagged when its z-score exceeds ``th.explode_z`` and it is at least
+    ``th.explode_fold`` times the baseline median. Layers are the modules whose parameter
+    gradients grew the most at the first flagged step, largest growth first.
+
+    Example:
+        >>> detect_over_steps(trace, Thresholds())      # doctest: +SKIP
+        []
+    """
+    if not U.has_stat(trace, "total_grad_norm"):
+        return []
+    steps, total = trace.series("total_grad_norm", with_steps=True)
+    if total.size <= th.warmup_steps + th.min_baseline:
+        return []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(np.maximum(total, th.floor))
+    logs[~np.isfinite(total)] = np.nan
+    logfold = math.log(th.explode_fold)
+    flagged: dict[int, tuple[float, float]] = {}
+    for i, z, med in U.trailing_spikes(logs, warmup=th.warmup_steps, window=th.baseline_window,
+                                       min_baseline=th.min_baseline, z_limit=th.explode_z):
+        if logs[i] - med >= logfold:
+            flagged[i] = (z, med)
+    early = logs[th.warmup_steps: th.warmup_steps + th.baseline_window]
+    early = early[np.isfinite(early)]
+    if early.size >= th.min_baseline:
+        for i in range(th.warmup_steps + early.size, logs.size):
+            if not np.isfinite(logs[i]) or i in flagged:
+                continue
+            z, med = U.robust_z(float(logs[i]), early)
+            if z > th.explode_z and logs[i] - med >= logfold:
+                flagged[i] = (z, med)
+    if not flagged:
+        return []
+    idx = sorted(flagged)
+    i0 = idx[0]
+    z0, med0 = flagged[i0]
+    layers, growth = _growing_layers(trace, int(steps[i0]), th)
+    evidence = {
+        "first_flagged_step": int(steps[i0]),
+        "total_grad_norm": float(total[i0]),
+        "baseline_median": float(math.exp(med0)),
+        "fold_over_baseline": float(math.exp(logs[i0] - med0)),
+        "robust_z_log_norm": float(z0),
+        "steps_flagged": [int(steps[i]) for i in idx[:20]],
+        "max_total_grad_norm": float(np.nanmax(np.where(np.isfinite(total), total, np.nan))),
+        "layer_growth": growth,
+        "summary": (f"total gradient norm {U.sci(float(total[i0]))} at step {int(steps[i0])} is "
+                    f"{U.sci(math.exp(logs[i0] - med0))}x its robust baseline "
+                    f"{U.sci(math.exp(med0))} (z = {z0:.1f} on log scale)"),
+    }
+    expl = ("The gradient norm jumped far above its own recent level. A step taken with a gradient "
+            "that large moves the weights much further than the steps before it, which usually shows "
+            "up as a loss spike and, if it repeats or compounds, as inf/nan. Typical causes are a "
+            "learning rate at the edge of stability, an unusual batch, or layers whose weights "
+            "have grown so the backward pass amplifies.")
+    return [Finding("exploding_gradients", "error", layers, int(steps[i0]), int(steps[idx[-1]]),
+                    evidence, expl, [])]
+
+
+def _growing_layers(trace: Trace, step: int, th: Thresholds) -> tuple[list[str], dict]:
+    if not U.has_stat(trace, "grad_norm"):
+        return [], {}
+    steps, names, g = trace.matrix("grad_norm")
+    rows = np.nonzero(steps == step)[0]
+    if rows.size == 0:
+        return [], {}
+    r = int(rows[0])
+    base = g[max(0, r - th.baseline_window): r]
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(np.where(np.isfinite(base), base, np.nan), axis=0) if base.size else np.full(g.shape[1], np.nan)
+        ratio = g[r] / np.maximum(med, th.floor)
+    owner = U.param_owner(trace)
+    best: dict[str, float] = {}
+    for p, v in zip(names, ratio):
+        if np.isfinite(v):
+            m = owner.get(p, p)
+            best[m] = max(best.get(m, 0.0), float(v))
+    ranked = sorted(best, key=lambda m: -best[m])
+    big = [m for m in ranked if best[m] >= th.explode_fold] or ranked[:3]
+    return big, {m: best[m] for m in ranked[:10]}

@@ -1,0 +1,215 @@
+"""Where a ``nan``/``inf`` first appeared, and why (divergence, overflow, invalid op)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+from ..findings import Finding
+from ..trace import Trace
+from . import _util as U
+from .thresholds import Thresholds
+
+CAUSES = ("overflow", "divergence", "invalid_operation")
+
+
+def _first_event(trace: Trace) -> dict | None:
+    """The earliest ``nonfinite`` event; rebuilt from the records when a trace has none."""
+    events = sorted(trace.events("nonfinite"), key=lambda e: e["step"])
+    if events:
+        return events[0]
+    names_p, names_m = trace.params, trace.modules
+    order = U.exec_order(trace)
+    for r in trace.records:
+        bad_p = []
+        for stat in ("grad_nonfinite", "grad_norm"):
+            col = r.get("param", {}).get(stat)
+            if col is None:
+                continue
+            for name, v in zip(names_p, col):
+                if v is None:
+                    continue
+                x = U.finite_float(v)
+                if (stat == "grad_nonfinite" and x > 0) or (stat == "grad_norm" and not math.isfinite(x)):
+                    if name not in bad_p:
+                        bad_p.append(name)
+        flags = r.get("module", {}).get("out_flag_nonfinite") or []
+        bad_m = {n for n, v in zip(names_m, flags) if v is not None and U.finite_float(v) > 0}
+        loss = r.get("scalars", {}).get("loss")
+        loss_bad = loss is not None and not math.isfinite(U.finite_float(loss))
+        if bad_p or bad_m or loss_bad:
+            fwd = next((m for m in order if m in bad_m), None)
+            return {"event": "nonfinite", "step": r["step"], "forward": fwd, "backward": None,
+                    "params": bad_p, "loss_nonfinite": loss_bad, "_rebuilt": True}
+    return None
+
+
+def _forward_param_order(trace: Trace, step: int) -> list[str]:
+    """Parameters in forward order: by their owner's execution position, then meta order."""
+    pos = {m: i for i, m in enumerate(U.exec_order_at(trace, step))}
+    owner = U.param_owner(trace)
+    names = trace.params
+    big = len(pos) + 1
+    return sorted(names, key=lambda p: (pos.get(owner.get(p, ""), big), names.index(p)))
+
+
+def _dtype_max(trace: Trace) -> tuple[str, float]:
+    dtypes = Counter(p.get("dtype", "float32") for p in trace.meta.get("params", []))
+    name = dtypes.most_common(1)[0][0] if dtypes else "float32"
+    try:
+        import torch
+
+        return name, float(torch.finfo(getattr(torch, name)).max)
+    except (AttributeError, TypeError):
+        return name, float(np.finfo(np.float32).max)
+
+
+def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
+    """Tell apart ``overflow``, ``divergence`` and ``invalid_operation`` for a first
+    non-finite value at ``step`` (see :class:`Thresholds` ``overflow_frac``,
+    ``divergence_fold``, ``divergence_window``).
+
+    Example:
+        >>> classify_cause(trace, 17, Thresholds())[0]       # doctest: +SKIP
+        'divergence'
+    """
+    prior = [r for r in trace.records if r["step"] < step]
+    recent = prior[-th.divergence_window:]
+    dtype, fmax = _dtype_max(trace)
+    ev: dict = {"dtype": dtype, "dtype_max": fmax}
+    # Largest finite magnitude seen just before (and at) the step.
+    big = 0.0
+    where = None
+    for r in recent:  # at the step itself a diverging run is huge too: only look before
+        for section, stat in (("module", "out_maxabs"), ("param", "grad_maxabs")):
+            col = r.get(section, {}).get(stat) or []
+            names = trace.modules if section == "module" else trace.params
+            for n, v in zip(names, col):
+                x = U.finite_float(v)
+                if math.isfinite(x) and abs(x) > big:
+                    big, where = abs(x), (n, stat, r["step"])
+    ev["largest_finite_value"] = big
+    if where:
+        ev["largest_value_at"] = {"name": where[0], "stat": where[1], "step": where[2]}
+    ev["fraction_of_dtype_max"] = big / fmax
+
+    # Growth of gradient / parameter norms over the steps before.
+    def growth(values: list[float]) -> float:
+        vals = np.array(values, dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        if vals.size < 3:
+            return 1.0
+        cut = max(1, vals.size - th.divergence_window)
+        base = float(np.median(vals[:cut])) if vals.size > th.divergence_window else float(vals[0])
+        return float(np.max(vals[-th.divergence_window:]) / max(base, th.floor))
+
+    gtot = [U.finite_float(r.get("scalars", {}).get("total_grad_norm")) for r in prior]
+    ptot = []
+    for r in prior:
+        col = r.get("param", {}).get("param_norm")
+        if col:
+            xs = np.array([U.finite_float(v) for v in col if v is not None])
+            ptot.append(float(np.sqrt(np.sum(xs ** 2))) if xs.size else math.nan)
+    losses = [U.finite_float(r.get("scalars", {}).get("loss")) for r in prior if "loss" in r.get("scalars", {})]
+    ev["grad_norm_growth"] = growth(gtot)
+    ev["param_norm_growth"] = growth(ptot)
+    ev["loss_growth"] = growth(losses) if losses else 1.0
+    if big >= th.overflow_frac * fmax:
+        return "overflow", ev
+    if max(ev["grad_norm_growth"], ev["param_norm_growth"]) >= th.divergence_fold:
+        return "divergence", ev
+    return "invalid_operation", ev
+
+
+_EXPLAIN = {
+    "overflow": ("Just before it, values reached {frac} of the largest finite {dtype} number "
+                 "({fmax}): the next multiplication or sum overflowed to inf, and inf - inf or "
+                 "0 * inf then turned into nan. In float16 this happens near 65504, so activations "
+                 "or gradients of a few thousand are already dangerous."),
+    "divergence": ("Gradient or parameter norms had been climbing over the preceding steps (growth "
+                   "x{growth}): the optimisation diverged, each oversized step making the next "
+                   "gradient larger until the numbers left the representable range. This is the "
+                   "signature of a learning rate too high for this model, or of exploding gradients "
+                   "that nothing clipped."),
+    "invalid_operation": ("There was no growth before it and no value near the dtype's limit: "
+                          "{origin} turned finite inputs into nan/inf in one go. That points to an "
+                          "invalid operation (log or sqrt of zero or a negative number, division by "
+                          "zero, inf - inf, a custom op) rather than to gradient scale."),
+}
+
+
+def detect(trace: Trace, th: Thresholds) -> list[Finding]:
+    """``nonfinite``: the step, the phase and the module where nan/inf first appeared.
+
+    Uses the first ``nonfinite`` event only, so a layer that merely inherited the value,
+    or every weight after the optimizer spread it, is never named. With a forward origin
+    that module is named; else the first module in backward order whose output gradient
+    was non-finite; else (output-gradient flags off on that step) the module owning the
+    *last* parameter in forward order whose gradient is non-finite, i.e. the one nearest
+    to where the backward pass broke.
+
+    Example:
+        >>> detect(trace, Thresholds())[0].layers[0]     # doctest: +SKIP
+        'net.5'
+    """
+    ev = _first_event(trace)
+    if ev is None:
+        return []
+    step = int(ev["step"])
+    params = list(ev.get("params") or [])
+    owner = U.param_owner(trace)
+    evidence: dict = {"step": step, "forward": ev.get("forward"), "backward": ev.get("backward"),
+                      "nonfinite_params": params[:20], "n_nonfinite_params": len(params),
+                      "loss_nonfinite": bool(ev.get("loss_nonfinite"))}
+    fwd_order = _forward_param_order(trace, step)
+    bad_sorted = [p for p in fwd_order if p in set(params)]
+    if ev.get("forward"):
+        origin, phase = ev["forward"], "forward"
+        evidence["localised_by"] = ("first module in execution order whose output held nan/inf "
+                                    f"at step {step}")
+    elif ev.get("backward"):
+        origin, phase = ev["backward"], "backward"
+        order = U.exec_order_at(trace, step)
+        nxt = order[order.index(origin) + 1] if origin in order and order.index(origin) + 1 < len(order) else None
+        evidence["localised_by"] = ("first module in backward order whose output gradient held "
+                                    f"nan/inf at step {step}" +
+                                    (f"; the backward of the module run after it ({nxt}) produced it"
+                                     if nxt else ""))
+        if nxt:
+            evidence["suspect_backward_of"] = nxt
+    elif bad_sorted:
+        last = bad_sorted[-1]
+        origin, phase = owner.get(last, last), "backward"
+        evidence["localised_by"] = (
+            f"output-gradient flags were not recorded at step {step}; {last} is the last parameter "
+            "in forward order whose gradient is non-finite, so the backward pass broke between "
+            f"{origin} and the layers after it (their gradients stayed finite)")
+    elif ev.get("loss_nonfinite"):
+        origin, phase = None, "loss"
+        evidence["localised_by"] = "every module output was finite; the loss computation itself produced nan/inf"
+    else:
+        return []
+    evidence["phase"] = phase
+    cause, cev = classify_cause(trace, step, th)
+    evidence["cause"] = cause
+    evidence["cause_evidence"] = cev
+    layers: list[str] = [origin] if origin else []
+    for p in reversed(bad_sorted):
+        m = owner.get(p, p)
+        if m not in layers:
+            layers.append(m)
+    where = {"forward": f"in the forward pass, first in the output of {origin}",
+             "backward": f"in the backward pass, nearest to {origin}",
+             "loss": "in the loss, with every module output finite"}[phase]
+    evidence["summary"] = f"first non-finite value at step {step}, {where}; likely cause: {cause.replace('_', ' ')}"
+    expl = (f"The first nan/inf appeared at step {step} {where}. Once a nan exists it spreads: every "
+            "later layer inherits it, and the optimizer step writes it into every weight, so only "
+            "this first occurrence points at the origin. " +
+            _EXPLAIN[cause].format(frac=U.sci(cev["fraction_of_dtype_max"]), dtype=cev["dtype"],
+                                   fmax=U.sci(cev["dtype_max"]),
+                                   growth=U.sci(max(cev["grad_norm_growth"], cev["param_norm_growth"])),
+                                   origin=origin or "the loss"))
+    steps_bad = [int(e["step"]) for e in trace.events("nonfinite")] or [step]
+    evidence["steps_with_nonfinite"] = len(steps_bad)
+    return [Finding("nonfinite", "error", layers, step, max(steps_bad), evidence, expl, [])]

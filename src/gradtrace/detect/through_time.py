@@ -1,0 +1,90 @@
+"""Gradients vanishing or exploding through time in RNN/LSTM/GRU layers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..findings import Finding
+from ..trace import Trace, _decode_vector
+from . import _util as U
+from .thresholds import Thresholds
+
+
+def _time_profiles(trace: Trace) -> dict[str, list[tuple[int, np.ndarray]]]:
+    out: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for r in trace.records:
+        for name, vec in r.get("vectors", {}).get("time_grad_norm", {}).items():
+            out.setdefault(name, []).append((r["step"], _decode_vector(vec)))
+    return out
+
+
+def detect(trace: Trace, th: Thresholds) -> list[Finding]:
+    """``vanishing_through_time`` / ``exploding_through_time`` from ``time_grad_norm``
+    (the gradient reaching each input time step of a recurrent layer; record it with
+    ``gt.watch(..., time_gradients=True)``).
+
+    Per step the ratio earliest / latest time-step gradient is taken; its median over
+    the steps is compared with ``th.time_vanish_ratio`` and ``th.time_explode_ratio``.
+    The per-step gain is that ratio to the power ``1 / (T - 1)``. Only meaningful when
+    the loss depends on the sequence mainly through its end (a per-step loss adds a
+    local gradient at every time step and flattens the profile).
+
+    Example:
+        >>> detect(trace, Thresholds())[0].kind          # doctest: +SKIP
+        'vanishing_through_time'
+    """
+    out = []
+    per_kind: dict[str, list[tuple[str, dict, int, int]]] = {}
+    for name, lst in _time_profiles(trace).items():
+        logr, steps = [], []
+        T = 0
+        for step, v in lst:
+            if v.size < 2 or not np.all(np.isfinite(v)):
+                continue
+            T = v.size
+            v = np.maximum(v, th.floor)
+            logr.append(math.log(v[0] / v[-1]))
+            steps.append(step)
+        if not logr:
+            continue
+        arr = np.array(logr)
+        med = float(np.median(arr))
+        ratio = math.exp(med)
+        gain = math.exp(med / (T - 1))
+        for kind, hit in (("vanishing_through_time", arr < math.log(th.time_vanish_ratio)),
+                          ("exploding_through_time", arr > math.log(th.time_explode_ratio))):
+            if kind == "vanishing_through_time" and not ratio < th.time_vanish_ratio:
+                continue
+            if kind == "exploding_through_time" and not ratio > th.time_explode_ratio:
+                continue
+            hs = [s for s, h in zip(steps, hit) if h] or steps
+            ev = {"ratio": ratio, "per_step_gain": gain, "time_steps": T,
+                  "summary": (f"{name}: the gradient reaching time step 0 is {U.sci(ratio)} of the one "
+                              f"reaching step {T - 1}; each step back multiplies it by about {U.sci(gain)}")}
+            per_kind.setdefault(kind, []).append((name, ev, hs[0], hs[-1]))
+    for kind, items in per_kind.items():
+        items.sort(key=lambda it: it[1]["ratio"] if kind.startswith("vanishing") else -it[1]["ratio"])
+        layers = [it[0] for it in items]
+        ev0 = items[0][1]
+        evidence = {"per_layer": {it[0]: {k: v for k, v in it[1].items() if k != "summary"} for it in items},
+                    "ratio_earliest_to_latest": ev0["ratio"], "per_step_gain": ev0["per_step_gain"],
+                    "time_steps": ev0["time_steps"], "summary": "; ".join(it[1]["summary"] for it in items)}
+        T = ev0["time_steps"]
+        if kind == "vanishing_through_time":
+            expl = ("An RNN applies the same transition at every time step, so a sequence of "
+                    f"{T} steps is a {T}-layer network with shared weights. The gradient reaching "
+                    f"early inputs is a product of {T - 1} step Jacobians, each shrinking it by "
+                    f"about {U.sci(ev0['per_step_gain'])} here, so the model cannot learn "
+                    "dependencies that span many steps.")
+            sev = "warning"
+        else:
+            expl = ("An RNN applies the same transition at every time step, so a sequence of "
+                    f"{T} steps is a {T}-layer network with shared weights. When the recurrent "
+                    "Jacobian amplifies, the gradient reaching early inputs grows by about "
+                    f"{U.sci(ev0['per_step_gain'])} per step back, {U.sci(ev0['ratio'])} in all: "
+                    "updates become huge and training unstable.")
+            sev = "error"
+        out.append(Finding(kind, sev, layers, min(it[2] for it in items), max(it[3] for it in items),
+                           evidence, expl, []))
+    return out
