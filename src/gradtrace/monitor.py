@@ -140,6 +140,8 @@ class Monitor:
 
         self._handles: list[Any] = []
         self._closed = False
+        self._snap: list[torch.Tensor] = []
+        self._snap_key: tuple | None = None
         # Cross-rank reductions when a process group is active (DDP, FSDP2); else None.
         self._dist = distributed.attach(model, self._params)
         self.step_count = 0           # optimizer steps closed so far (index of the current step)
@@ -286,8 +288,7 @@ class Monitor:
         kind = self._kinds[idx]
         mn, mx = td.aminmax()
         norm = torch.linalg.vector_norm(td, dtype=F32)
-        # x - x is 0 for finite x and NaN for NaN/inf: a count without isfinite's slow path.
-        bad = torch.count_nonzero(td - td)
+        bad = torch.count_nonzero(td * 0)   # inf*0 and nan*0 are nan, finite*0 is 0
         if kind == "relu":
             extra = torch.count_nonzero(td)                    # active entries
             active = unit_view(td).amax(0) > 0                 # units that fired at least once
@@ -425,8 +426,22 @@ class Monitor:
                 pending["gsq"] = stats.squared_norms(grads, dev)
             pending["psq"] = stats.squared_norms(params, dev)
             if with_snapshot:
-                pending["old"] = [p.clone() for p in params]
+                pending["old"] = self._snapshot(idx, params)
         self._pending = pending
+
+    def _snapshot(self, idx: list[int], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy the parameters before the optimizer step, into buffers reused across steps.
+
+        Reusing the buffers (one copy of the watched parameters, held while the monitor is
+        open and activation statistics are on) avoids allocating and faulting in fresh
+        memory on every activation step.
+        """
+        key = tuple(idx)
+        if self._snap_key != key:
+            self._snap = [torch.empty_like(p) for p in params]
+            self._snap_key = key
+        torch._foreach_copy_(self._snap, params)
+        return self._snap
 
     def _finish_step(self) -> None:
         pending = self._pending or {"idx": []}
@@ -438,7 +453,8 @@ class Monitor:
             parts += [("gsq", pending["gsq"]), ("gmax", pending["gmax"]), ("psq", pending["psq"])]
             if "old" in pending and self.optimizer is not None:
                 new = [distributed.local(self._params[i].detach()) for i in idx]
-                delta = torch._foreach_sub(new, pending["old"])
+                delta = pending["old"]
+                torch._foreach_sub_(delta, new)          # old - new, in the snapshot buffer
                 parts.append(("dsq", stats.squared_norms(delta, dev)))
         if self._clip_info is not None:
             parts.append(("clip", torch.stack([self._clip_info["total"].float(), self._clip_info["coef"].float()]).to(dev)))
@@ -649,6 +665,7 @@ class Monitor:
                                 "type": type(exc).__name__, "message": str(exc)[:2000],
                                 "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]})
         self._writer.close()
+        self._snap, self._snap_key = [], None
         for s in self._sinks:
             if hasattr(s, "close"):
                 s.close()
