@@ -34,7 +34,7 @@ no sinks. The trace's ``nonfinite`` events carry ``ranks`` and ``first_rank``.
 Example:
     >>> # torchrun --nproc_per_node=2 train.py
     >>> dist.init_process_group("gloo")                         # doctest: +SKIP
-    >>> model = DistributedDataParallel(net)                    # or fully_shard(net)
+    >>> model = DistributedDataParallel(net)   # or fully_shard  # doctest: +SKIP
     >>> with gt.watch(model, opt, out="runs/ddp") as mon:       # doctest: +SKIP
     ...     ...   # figures equal a single-process run on the global batch
 """

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 from types import ModuleType
 from typing import Any, Iterator
 
@@ -40,7 +39,12 @@ def _num(v: Any) -> float | None:
 
 
 def names_of(meta: dict, section: str) -> list[str]:
-    """Parameter (``"param"``) or module (``"module"``) names, in trace order."""
+    """Parameter (``"param"``) or module (``"module"``) names, in trace order.
+
+    Example:
+        >>> names_of({"params": [{"name": "fc.weight"}]}, "param")
+        ['fc.weight']
+    """
     key = "params" if section == "param" else "modules"
     return [d["name"] for d in meta.get(key, [])]
 
@@ -71,6 +75,3 @@ def flatten(record: dict, meta: dict, stats: tuple[str, ...] | None = None
                 if x is not None:
                     yield stat, name, x
 
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
