@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -64,7 +65,7 @@ class Variant:
         self.x, self.y = batch
         self.mon = None
         if mode in ("default", "full", "gtclip"):
-            self.mon = gt.watch(self.model, self.opt, out=None,
+            self.mon = gt.watch(self.model, self.opt, out=tempfile.mkdtemp(prefix="gt-bench-"),
                                 **({"preset": "full"} if mode == "full" else {}))
         self.times: list[float] = []
 

@@ -109,7 +109,11 @@ def test_readable_while_written_and_after_sigkill(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 30    # the writer thread lags the loop by a few ms
         live = gt.load(run)                 # the writer is still going
+        while len(live) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            live = gt.load(run)
         assert len(live) >= 5
         time.sleep(0.1)
     finally:
