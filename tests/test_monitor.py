@@ -541,3 +541,15 @@ def test_fused_clipping_records_pre_and_post_clip(how):
         np.testing.assert_allclose(t.series("grad_maxabs", n)[0], pre_max[n], rtol=1e-5)
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_evaluation_forward_passes_do_not_count():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with gt.watch(model, opt, activations_every=1) as mon:
+        with torch.no_grad():
+            model(x * 1000)                 # validation batch: must not show up
+        model(x).pow(2).mean().backward()
+        opt.step()
+    assert mon.trace.series("out_maxabs", "0")[0] < 100

@@ -259,7 +259,9 @@ class Monitor:
         self._clip_info = None
 
     def _on_forward(self, idx: int, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not self._rec or self._closed:
+        # Forward passes without autograd (evaluation inside a training step) are not
+        # part of the step being trained, so they are left out of its statistics.
+        if not self._rec or self._closed or not torch.is_grad_enabled():
             return
         try:
             if isinstance(output, torch.Tensor):   # the common case, without the walk
@@ -500,6 +502,8 @@ class Monitor:
         vectors: dict[str, dict] = {}
 
         def scatter(values, n, where) -> list:
+            if len(where) == n:  # every parameter had a gradient: one C-level conversion
+                return np.asarray(values, dtype=np.float64).tolist()
             col: list = [None] * n
             for j, v in zip(where, values):
                 col[j] = float(v)
