@@ -30,9 +30,14 @@ import torch
 from torch import nn
 
 from .findings import Finding, Fix, _jsonable
-from .spectrum import Spectrum, _as_args, _Capture, _first_tensor, default_blocks, spectrum
+from .spectrum import (Spectrum, _as_args, _Capture, _first_tensor, _make_module_callable,
+                       _select_blocks, spectrum)
 
 __all__ = ["preflight", "PreflightResult", "PreflightThresholds", "mean_field", "cli_main"]
+
+#: Widest block whose full spectrum preflight computes; wider blocks use the matrix-free
+#: Lanczos top-k/bottom-k and a Hutchinson gain (see bench/spectrum.py for the crossover).
+PREFLIGHT_FULL_MAX = 256
 
 
 @dataclass
@@ -188,9 +193,10 @@ def _mean_field_profile(layers: list[tuple[nn.Linear, str]], q_in: float) -> lis
     rows = []
     m2 = q_in  # mean square of the block input
     for lin, act in layers:
-        w = lin.weight.detach().double()
-        sw2 = float(w.pow(2).mean()) * lin.in_features
-        sb2 = float(lin.bias.detach().double().pow(2).mean()) if lin.bias is not None else 0.0
+        w = lin.weight.detach()
+        sw2 = float(torch.linalg.vector_norm(w, dtype=torch.float64) ** 2) / w.numel() * lin.in_features
+        sb2 = (float(torch.linalg.vector_norm(lin.bias.detach(), dtype=torch.float64) ** 2) / lin.bias.numel()
+               if lin.bias is not None else 0.0)
         q = sw2 * m2 + sb2
         phi2, dphi2 = _moments_q(act, q)
         rows.append({"sigma_w2": sw2, "sigma_b2": sb2, "q": q, "chi1": sw2 * dphi2,
@@ -203,7 +209,7 @@ def _mean_field_profile(layers: list[tuple[nn.Linear, str]], q_in: float) -> lis
 
 
 def _rms(t: torch.Tensor) -> float:
-    return float(t.detach().double().pow(2).mean().sqrt())
+    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) / math.sqrt(max(t.numel(), 1))
 
 
 def _signal_pass(model: nn.Module, args: tuple, groups: list[list[str]], loss_fn, seed: int):
@@ -255,7 +261,7 @@ def _signal_pass(model: nn.Module, args: tuple, groups: list[list[str]], loss_fn
                    _rms(_first_tensor(cap.outputs[k]))) for k in keys}
         gnorm: dict[tuple[str, str], float] = {}
         for (k, kind), g in zip(kinds, grads):
-            gnorm[(k, kind)] = float(g.detach().double().norm()) if g is not None else 0.0
+            gnorm[(k, kind)] = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64)) if g is not None else 0.0
         finite = bool(torch.isfinite(y.detach()).all())
         return keys, fwd, gnorm, rnn_inputs, finite
     finally:
@@ -514,7 +520,8 @@ def preflight(model: nn.Module, example_input: Any, loss_fn: Callable[[Any], tor
         n_samples: examples used for the Jacobian spectra.
         compute_spectrum: measure the per-block Jacobian spectra (slower).
         seed: seeds the cotangent, dropout and probes (global RNG state restored).
-        **spectrum_kwargs: passed on to :func:`gradtrace.spectrum` (``k``, ``method``…).
+        **spectrum_kwargs: passed on to :func:`gradtrace.spectrum` (``k``, ``method``,
+            ``full_max``, which defaults to ``PREFLIGHT_FULL_MAX`` here).
 
     Example:
         >>> import gradtrace as gt
@@ -531,8 +538,6 @@ def preflight(model: nn.Module, example_input: Any, loss_fn: Callable[[Any], tor
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(output) -> scalar tensor")
     args = _as_args(example_input)
-    from .spectrum import _select_blocks
-
     groups = _select_blocks(model, blocks)
     grads_before = [p.grad for p in model.parameters()]
     keys, fwd, gnorm, rnn_inputs, finite = _signal_pass(model, args, groups, loss_fn, seed)
@@ -577,6 +582,7 @@ def preflight(model: nn.Module, example_input: Any, loss_fn: Callable[[Any], tor
                                  **mean_field(act, sw2, sb2)}
     spec = None
     if compute_spectrum:
+        spectrum_kwargs.setdefault("full_max", PREFLIGHT_FULL_MAX)
         spec = spectrum(model, args, blocks=blocks, n_samples=n_samples, seed=seed, **spectrum_kwargs)
         for r in rows:
             if r["block"] in spec.blocks:
@@ -730,3 +736,6 @@ def cli_main(args: Any) -> int:
                 for line in fx.code.splitlines():
                     print(f"      {line}")
     return 3 if result else 0
+
+
+_make_module_callable(__name__, preflight)
