@@ -180,7 +180,9 @@ def _assign_lines(names: list[str], expr: str) -> str:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.3g}"
+    """Short number that still reads as a float in code: ``0.05``, ``1.0``, ``3e-05``."""
+    out = f"{x:.3g}"
+    return out if any(c in out for c in ".en") else out + ".0"
 
 
 def _lr_fix(row: ChecklistRow, ctx: _Context, why: str) -> Fix:
@@ -200,9 +202,9 @@ def _clip_fix(row: ChecklistRow, evidence: dict) -> Fix:
     if isinstance(base, (int, float)) and math.isfinite(base) and base > 0:
         max_norm = float(f"{2 * base:.1g}")
         note = f" (about twice the norm's usual {_fmt(base)} in this run)"
-    return Fix(row.problem, f"Clip the total gradient norm before optimizer.step() at max_norm={max_norm:g}"
+    return Fix(row.problem, f"Clip the total gradient norm before optimizer.step() at max_norm={_fmt(max_norm)}"
                f"{note}; gt.AutoClip or gt.ZClip pick the limit from the run's own norm history instead",
-               f"gt.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})")
+               f"gt.clip_grad_norm_(model.parameters(), max_norm={_fmt(max_norm)})")
 
 
 def _init_fix(row: ChecklistRow, ctx: _Context, layers: list[str], switch_to: str | None = None) -> Fix:
@@ -283,9 +285,10 @@ def _render(key: str, kind: str, ctx: _Context, layers: list[str], evidence: dic
             fixes.append(guard)
     elif key == "relu_die":
         dead = [l for l in layers if ctx.kind(l) == "relu"] or layers
-        fixes.append(Fix(row.problem, f"Replace {_names(dead)} with nn.LeakyReLU(0.01) (a small slope for "
-                         "negative inputs keeps a gradient flowing so units can recover) or nn.GELU()",
-                         _assign_lines(dead, "nn.LeakyReLU(0.01)")))
+        fixes.append(Fix(row.problem, f"Replace {_names(dead) or 'the ReLU layers'} with nn.LeakyReLU(0.01) "
+                         "(a small slope for negative inputs keeps a gradient flowing so units can recover) "
+                         "or nn.GELU()", _assign_lines(dead, "nn.LeakyReLU(0.01)") if dead
+                         else "nn.LeakyReLU(0.01)  # in place of each nn.ReLU()"))
         fixes.append(_lr_fix(row, ctx, "so one large update cannot push units below zero for good"))
         before = [w for w, k in ctx.following_activation().items() if k == "relu"]
         feeding = [w for w in ctx.weight_layers() if any(

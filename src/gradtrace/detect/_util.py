@@ -82,7 +82,7 @@ def robust_z(x: float, baseline: np.ndarray) -> tuple[float, float]:
 
     Example:
         >>> round(robust_z(10.0, np.array([1.0, 1.1, 0.9, 1.0, 1.05]))[0])
-        176
+        121
     """
     med = float(np.median(baseline))
     mad = float(np.median(np.abs(baseline - med)))

@@ -20,6 +20,11 @@ def depth_profile(trace: Trace, stat: str, th: Thresholds, exclude_kinds: tuple 
 
     Rows with any non-finite value are dropped (those steps belong to ``nonfinite``).
     Zeros are floored at ``th.floor``.
+
+    Example:
+        >>> steps, layers, logs = depth_profile(trace, "outgrad_norm", Thresholds())  # doctest: +SKIP
+        >>> logs.shape == (len(steps), len(layers))                                     # doctest: +SKIP
+        True
     """
     got = U.module_matrix(trace, stat)
     if got is None:
@@ -151,9 +156,11 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
 
     Two baselines, both robust (median and MAD of ``log(norm)``): the trailing
     ``th.baseline_window`` records (a sudden spike) and the first window after
-    ``th.warmup_steps`` (a steady climb, which a trailing window would follow). A record
-    is flagged when its z-score exceeds ``th.explode_z`` and it is at least
-    ``th.explode_fold`` times the baseline median. Layers are the modules whose parameter
+    ``th.warmup_steps`` (a steady climb, which a trailing window would follow). A spike
+    is a record whose z-score against the trailing window exceeds ``th.explode_z`` and
+    which is at least ``th.explode_fold`` times that window's median; a climb is a run
+    whose latest quarter sits ``th.explode_fold`` times above its first quarter after
+    warm-up, with a positive trend. Layers are the modules whose parameter
     gradients grew the most at the first flagged step, largest growth first.
 
     Example:
@@ -174,15 +181,25 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
                                        min_baseline=th.min_baseline, z_limit=th.explode_z):
         if logs[i] - med >= logfold:
             flagged[i] = (z, med)
-    early = logs[th.warmup_steps: th.warmup_steps + th.baseline_window]
-    early = early[np.isfinite(early)]
-    if early.size >= th.min_baseline:
-        for i in range(th.warmup_steps + early.size, logs.size):
-            if not np.isfinite(logs[i]) or i in flagged:
-                continue
-            z, med = U.robust_z(float(logs[i]), early)
-            if z > th.explode_z and logs[i] - med >= logfold:
-                flagged[i] = (z, med)
+    # A steady climb: a trailing window follows it, so compare the latest stretch of
+    # records with the first stretch after warm-up (each a quarter of the run, between
+    # min_baseline and baseline_window records).
+    fin = np.nonzero(np.isfinite(logs))[0]
+    fin = fin[fin >= th.warmup_steps]
+    w = max(th.min_baseline, min(th.baseline_window, fin.size // 4))
+    climb = None
+    if fin.size >= 2 * w:
+        early, late = logs[fin[:w]], logs[fin[-w:]]
+        med_e = float(np.median(early))
+        if float(np.median(late)) - med_e >= logfold and U.fit_gain(logs[fin])[0] > 0:
+            over = [i for i in fin[w:] if logs[i] - med_e >= logfold]
+            if over:
+                climb = {"early_median": math.exp(med_e), "late_median": math.exp(float(np.median(late))),
+                         "growth": math.exp(float(np.median(late)) - med_e)}
+                for i in over:
+                    if i not in flagged:
+                        z, _ = U.robust_z(float(logs[i]), early)
+                        flagged[i] = (z, med_e)
     if not flagged:
         return []
     idx = sorted(flagged)
@@ -198,11 +215,12 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
         "steps_flagged": [int(steps[i]) for i in idx[:20]],
         "max_total_grad_norm": float(np.nanmax(np.where(np.isfinite(total), total, np.nan))),
         "layer_growth": growth,
+        "steady_climb": climb,
         "summary": (f"total gradient norm {U.sci(float(total[i0]))} at step {int(steps[i0])} is "
                     f"{U.sci(math.exp(logs[i0] - med0))}x its robust baseline "
                     f"{U.sci(math.exp(med0))} (z = {z0:.1f} on log scale)"),
     }
-    expl = ("The gradient norm jumped far above its own recent level. A step taken with a gradient "
+    expl = ("The gradient norm rose far above its own earlier level. A step taken with a gradient "
             "that large moves the weights much further than the steps before it, which usually shows "
             "up as a loss spike and, if it repeats or compounds, as inf/nan. Typical causes are a "
             "learning rate at the edge of stability, an unusual batch, or layers whose weights "

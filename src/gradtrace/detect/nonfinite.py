@@ -38,7 +38,7 @@ def _first_event(trace: Trace) -> dict | None:
         bad_m = {n for n, v in zip(names_m, flags) if v is not None and U.finite_float(v) > 0}
         loss = r.get("scalars", {}).get("loss")
         loss_bad = loss is not None and not math.isfinite(U.finite_float(loss))
-        if bad_p or bad_m or loss_bad:
+        if bad_p or bad_m:  # a bad loss alone is loss_nonfinite's; the recorder's event says more
             fwd = next((m for m in order if m in bad_m), None)
             return {"event": "nonfinite", "step": r["step"], "forward": fwd, "backward": None,
                     "params": bad_p, "loss_nonfinite": loss_bad, "_rebuilt": True}

@@ -123,7 +123,7 @@ class Thresholds:
             >>> Thresholds().replace(dead_frac=0.5).dead_frac
             0.5
         """
-        check_names(overrides)
+        _check_names(overrides)
         return dataclasses.replace(self, **overrides)
 
     @classmethod
@@ -144,7 +144,7 @@ class Thresholds:
                         f"got {type(value).__name__}")
 
 
-def check_names(overrides: dict[str, Any]) -> None:
+def _check_names(overrides: dict[str, Any]) -> None:
     import difflib
 
     known = [f.name for f in fields(Thresholds)]

@@ -24,9 +24,10 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
     (the gradient reaching each input time step of a recurrent layer; record it with
     ``gt.watch(..., time_gradients=True)``).
 
-    Per step the ratio earliest / latest time-step gradient is taken; its median over
-    the steps is compared with ``th.time_vanish_ratio`` and ``th.time_explode_ratio``.
-    The per-step gain is that ratio to the power ``1 / (T - 1)``. Only meaningful when
+    Per step the ratio earliest / latest time-step gradient is compared with
+    ``th.time_vanish_ratio`` and ``th.time_explode_ratio``; a finding needs
+    ``th.persist_frac`` of the steps. The evidence ratio is the median over the flagged
+    steps, and the per-step gain is that ratio to the power ``1 / (T - 1)``. Only meaningful when
     the loss depends on the sequence mainly through its end (a per-step loss adds a
     local gradient at every time step and flattens the profile).
 
@@ -49,17 +50,16 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
         if not logr:
             continue
         arr = np.array(logr)
-        med = float(np.median(arr))
-        ratio = math.exp(med)
-        gain = math.exp(med / (T - 1))
         for kind, hit in (("vanishing_through_time", arr < math.log(th.time_vanish_ratio)),
                           ("exploding_through_time", arr > math.log(th.time_explode_ratio))):
-            if kind == "vanishing_through_time" and not ratio < th.time_vanish_ratio:
+            if hit.mean() < th.persist_frac:
                 continue
-            if kind == "exploding_through_time" and not ratio > th.time_explode_ratio:
-                continue
-            hs = [s for s, h in zip(steps, hit) if h] or steps
+            med = float(np.median(arr[hit]))
+            ratio = math.exp(med)
+            gain = math.exp(med / (T - 1))
+            hs = [s for s, h in zip(steps, hit) if h]
             ev = {"ratio": ratio, "per_step_gain": gain, "time_steps": T,
+                  "steps_flagged": int(hit.sum()), "steps_examined": int(hit.size),
                   "summary": (f"{name}: the gradient reaching time step 0 is {U.sci(ratio)} of the one "
                               f"reaching step {T - 1}; each step back multiplies it by about {U.sci(gain)}")}
             per_kind.setdefault(kind, []).append((name, ev, hs[0], hs[-1]))

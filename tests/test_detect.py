@@ -1,0 +1,434 @@
+"""Tests of gradtrace.diagnose: each detector on hand-built traces, thresholds, speed,
+and the labelled scenario suite (the fast ones always; the rest are marked slow)."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import gradtrace as gt
+from gradtrace.detect import DETECTORS, Thresholds, diagnose
+from gradtrace.findings import KINDS, Finding
+from gradtrace.trace import Trace, pack_mask
+
+#: A hand-built trace's recorded values are exact; estimates agree with them this closely.
+REL_TOL = 1e-6
+#: diagnose() on a 200-step, 50-layer trace must stay well under a second.
+SPEED_LIMIT_S = 1.0
+
+
+# ---- building traces by hand --------------------------------------------------------------
+def mlp_meta(depth: int, act: str | None = "relu", act_type: str = "ReLU") -> dict:
+    """Meta of Sequential(Linear, act, Linear, act, ..., Linear): names "0", "1", ..."""
+    modules, params = [], []
+    for i in range(depth):
+        lin = str(2 * i)
+        modules.append({"name": lin, "type": "Linear", "activation": None,
+                        "params": [f"{lin}.weight", f"{lin}.bias"]})
+        params += [{"name": f"{lin}.weight", "shape": [8, 8], "dtype": "float32", "module": lin},
+                   {"name": f"{lin}.bias", "shape": [8], "dtype": "float32", "module": lin}]
+        if i < depth - 1 and act is not None:
+            modules.append({"name": str(2 * i + 1), "type": act_type, "activation": act, "params": []})
+    return {"format": "gradtrace-trace", "format_version": 1, "modules": modules, "params": params,
+            "saturation_bounds": {"sigmoid": [0.015, 0.985], "tanh": [-0.97, 0.97]}}
+
+
+def rec(meta: dict, step: int, *, loss: float | None = 1.0, grad: float | list = 0.1,
+        module: dict | None = None, vectors: dict | None = None, total: float | None = None,
+        lr: float = 0.1, exec_order: bool = False, **param_stats) -> dict:
+    n_p = len(meta["params"])
+    g = grad if isinstance(grad, list) else [grad] * n_p
+    r = {"step": step, "scalars": {"lr": lr}, "param": {"grad_norm": g, "grad_maxabs": [abs(x) for x in g],
+                                                        "param_norm": [1.0] * n_p,
+                                                        "grad_nonfinite": [0] * n_p}, "module": module or {}}
+    r["param"].update(param_stats)
+    if loss is not None:
+        r["scalars"]["loss"] = loss
+    r["scalars"]["total_grad_norm"] = total if total is not None else float(np.sqrt(np.sum(np.square(g))))
+    if vectors:
+        r["vectors"] = vectors
+    if exec_order:
+        r["exec_order"] = [m["name"] for m in meta["modules"]]
+    return r
+
+
+def module_col(meta: dict, values: dict) -> list:
+    return [values.get(m["name"]) for m in meta["modules"]]
+
+
+def kinds(findings) -> list[str]:
+    return [f.kind for f in findings]
+
+
+def noisy(n: int, center: float, rel: float, seed: int) -> np.ndarray:
+    return center * (1 + rel * np.random.default_rng(seed).standard_normal(n))
+
+
+def profile_trace(depth: int, gain: float, steps: int = 10, stat: str = "outgrad_norm",
+                  act: str | None = "relu") -> Trace:
+    """outgrad_norm (or out_std) falling/growing by ``gain`` per weight layer."""
+    meta = mlp_meta(depth, act)
+    rng = np.random.default_rng(0)
+    records = []
+    for s in range(steps):
+        vals = {}
+        for i in range(depth):
+            k = (depth - 1 - i) if stat == "outgrad_norm" else i
+            vals[str(2 * i)] = float(gain ** k * np.exp(0.05 * rng.standard_normal()))
+        records.append(rec(meta, s, module={stat: module_col(meta, vals)}, exec_order=(s == 0)))
+    return Trace(meta, records)
+
+
+# ---- depth profiles ------------------------------------------------------------------------
+def test_vanishing_gradients_gain_and_first_layer():
+    f = diagnose(profile_trace(20, 0.52))
+    v = [x for x in f if x.kind == "vanishing_gradients"]
+    assert len(v) == 1
+    assert v[0].layers[0] == "0"
+    assert abs(v[0].evidence["per_layer_gain"] - 0.52) < 0.02
+    assert "0.52" in v[0].evidence["summary"] and "20 layers" in v[0].evidence["summary"]
+    assert v[0].severity == "warning" and v[0].fixes
+
+
+def test_exploding_gradients_across_depth():
+    f = diagnose(profile_trace(10, 2.0))
+    e = [x for x in f if x.kind == "exploding_gradients"]
+    assert e and e[0].layers[0] == "0" and e[0].severity == "error"
+    assert abs(e[0].evidence["per_layer_gain"] - 2.0) < 0.1
+
+
+def test_flat_profile_is_silent():
+    assert diagnose(profile_trace(20, 1.0)) == []
+
+
+def test_short_profile_not_fitted():
+    # Fewer weight layers than depth_min_layers: nothing is claimed.
+    assert diagnose(profile_trace(3, 0.01)) == []
+
+
+def test_shrinking_and_growing_activations():
+    s = diagnose(profile_trace(12, 0.5, stat="out_std"))
+    assert kinds(s) == ["shrinking_activations"]
+    assert s[0].layers[0] == "22"          # the deepest (smallest) is the most affected
+    g = diagnose(profile_trace(12, 2.0, stat="out_std"))
+    assert kinds(g) == ["growing_activations"]
+    assert g[0].layers[0] == "22"
+
+
+def test_depth_threshold_override():
+    tr = profile_trace(20, 0.75)
+    assert "vanishing_gradients" in kinds(diagnose(tr))
+    assert "vanishing_gradients" not in kinds(diagnose(tr, {"vanish_gain": 0.7}))
+
+
+# ---- over the steps ---------------------------------------------------------------------------
+def test_exploding_gradients_spike_over_steps():
+    meta = mlp_meta(3)
+    norms = noisy(40, 1.0, 0.1, 1)
+    norms[30] = 500.0
+    tr = Trace(meta, [rec(meta, s, grad=float(n), loss=float(1 + 0.01 * (s % 3))) for s, n in enumerate(norms)])
+    f = [x for x in diagnose(tr) if x.kind == "exploding_gradients"]
+    assert f and f[0].first_step == 30
+    assert f[0].evidence["fold_over_baseline"] > 100
+
+
+def test_exploding_gradients_steady_climb():
+    meta = mlp_meta(3)
+    norms = 1.0 * 1.3 ** np.arange(40) * (1 + 0.05 * np.random.default_rng(2).standard_normal(40))
+    tr = Trace(meta, [rec(meta, s, grad=float(n)) for s, n in enumerate(norms)])
+    f = [x for x in diagnose(tr) if x.kind == "exploding_gradients"]
+    assert f, "a steady exponential climb must be caught against the early baseline"
+
+
+def test_loss_spike_and_override():
+    meta = mlp_meta(3)
+    loss = noisy(40, 2.0, 0.02, 3)
+    loss[25] = 9.0
+    tr = Trace(meta, [rec(meta, s, loss=float(l)) for s, l in enumerate(loss)])
+    f = [x for x in diagnose(tr) if x.kind == "loss_spike"]
+    assert f and f[0].first_step == 25 and f[0].severity == "warning"
+    assert f[0].evidence["robust_z"] > 8
+    assert "loss_spike" not in kinds(diagnose(tr, Thresholds(spike_z=1e6)))
+    assert "loss_spike" not in kinds(diagnose(tr, {"spike_min_fold": 10.0}))
+
+
+def test_loss_nonfinite():
+    meta = mlp_meta(3)
+    tr = Trace(meta, [rec(meta, s, loss=(1.0 if s < 7 else "nan")) for s in range(10)])
+    f = [x for x in diagnose(tr) if x.kind == "loss_nonfinite"]
+    assert f and f[0].first_step == 7 and f[0].severity == "error"
+    assert f[0].evidence["lr"] == 0.1
+
+
+# ---- non-finite localisation -------------------------------------------------------------
+def nan_trace(events: list[dict], steps: int = 10, grads=None, param_order=None, **kw) -> Trace:
+    meta = mlp_meta(4)
+    if param_order is not None:   # meta order need not be forward order
+        meta["params"] = [meta["params"][i] for i in param_order]
+    records = []
+    for s in range(steps):
+        g = grads(s) if grads else 0.1
+        records.append(rec(meta, s, grad=g, exec_order=(s == 0), **kw))
+    return Trace(meta, records + events)
+
+
+def test_nonfinite_names_forward_origin_not_later_layer_nor_next_step():
+    names = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias", "6.weight", "6.bias"]
+    events = [
+        {"event": "nonfinite", "step": 5, "forward": "2", "backward": "6", "params": names[:4],
+         "loss_nonfinite": True},
+        # step+1: the optimizer has spread nan into every weight; the first layer is now first.
+        {"event": "nonfinite", "step": 6, "forward": "0", "backward": "6", "params": names,
+         "loss_nonfinite": True},
+    ]
+    f = [x for x in diagnose(nan_trace(events)) if x.kind == "nonfinite"]
+    assert len(f) == 1
+    assert f[0].first_step == 5
+    assert f[0].layers[0] == "2"
+    assert f[0].evidence["phase"] == "forward"
+    assert f[0].evidence["cause"] == "invalid_operation"
+    assert f[0].severity == "error"
+
+
+def test_nonfinite_backward_localised_from_last_param_in_forward_order():
+    # Output-gradient flags off (backward None): the last parameter in forward order
+    # with a non-finite gradient is 2.bias, owned by module "2". Meta lists params in
+    # a scrambled order to make sure forward order (exec_order) is what counts.
+    events = [{"event": "nonfinite", "step": 4, "forward": None, "backward": None,
+               "params": ["2.weight", "0.bias", "0.weight", "2.bias"], "loss_nonfinite": False}]
+    tr = nan_trace(events, param_order=[6, 7, 2, 3, 0, 1, 4, 5])
+    f = [x for x in diagnose(tr) if x.kind == "nonfinite"][0]
+    assert f.layers[0] == "2"
+    assert f.first_step == 4
+    assert "last parameter in forward order" in f.evidence["localised_by"]
+
+
+def test_nonfinite_backward_event_names_module():
+    events = [{"event": "nonfinite", "step": 3, "forward": None, "backward": "4",
+               "params": ["0.weight", "2.weight", "4.weight"], "loss_nonfinite": False}]
+    f = [x for x in diagnose(nan_trace(events)) if x.kind == "nonfinite"][0]
+    assert f.layers[0] == "4" and f.evidence["phase"] == "backward"
+    assert f.evidence["suspect_backward_of"] == "5"
+
+
+def test_nonfinite_without_events_rebuilt_from_records():
+    meta = mlp_meta(3)
+    recs = [rec(meta, s, grad=[0.1] * 6) for s in range(5)]
+    recs.append(rec(meta, 5, grad=[float("nan"), float("nan"), float("nan"), float("nan"), 0.1, 0.1],
+                    exec_order=True))
+    f = [x for x in diagnose(Trace(meta, recs)) if x.kind == "nonfinite"][0]
+    assert f.first_step == 5 and f.layers[0] == "2"
+
+
+def test_nonfinite_cause_divergence():
+    events = [{"event": "nonfinite", "step": 15, "forward": "0", "backward": None, "params": [],
+               "loss_nonfinite": True}]
+    tr = nan_trace(events, steps=15, grads=lambda s: float(0.1 * 3.0 ** s))
+    f = [x for x in diagnose(tr) if x.kind == "nonfinite"][0]
+    assert f.evidence["cause"] == "divergence"
+    assert "learning rate" in f.explanation
+
+
+def test_nonfinite_cause_overflow():
+    meta = mlp_meta(4)
+    big = float(torch.finfo(torch.float32).max) * 0.5
+    recs = [rec(meta, s, exec_order=(s == 0),
+                module={"out_maxabs": module_col(meta, {"4": big if s == 8 else 1.0})}) for s in range(10)]
+    events = [{"event": "nonfinite", "step": 9, "forward": "4", "backward": None, "params": [],
+               "loss_nonfinite": True}]
+    f = [x for x in diagnose(Trace(meta, recs + events)) if x.kind == "nonfinite"][0]
+    assert f.evidence["cause"] == "overflow"
+    assert f.evidence["cause_evidence"]["fraction_of_dtype_max"] == pytest.approx(0.5, rel=REL_TOL)
+
+
+# ---- units -----------------------------------------------------------------------------------
+def test_dead_units_counts_and_window():
+    meta = mlp_meta(4)
+    units = 40
+    recs = []
+    for s in range(10):
+        m1 = np.ones(units, bool)
+        m1[:30] = False                 # 30 of 40 units of "1" never fire
+        m3 = np.ones(units, bool)
+        m3[s % units] = False           # "3": a different unit silent each step: none dead
+        recs.append(rec(meta, s, vectors={"active_mask": {"1": pack_mask(m1), "3": pack_mask(m3)}},
+                        module={"dead_units": module_col(meta, {"1": 30.0, "3": 1.0}),
+                                "units": module_col(meta, {"1": 40.0, "3": 40.0})},
+                        exec_order=(s == 0)))
+    f = [x for x in diagnose(Trace(meta, recs)) if x.kind == "dead_units"]
+    assert len(f) == 1
+    assert f[0].layers == ["1"]
+    assert f[0].evidence["dead"] == {"1": 30} and f[0].evidence["units"] == {"1": 40}
+    assert "dead_units" not in kinds(diagnose(Trace(meta, recs), {"dead_frac": 0.9}))
+
+
+def test_dead_units_ignores_steps_after_nan():
+    meta = mlp_meta(3)
+    recs = []
+    for s in range(10):
+        m = np.ones(16, bool) if s < 6 else np.zeros(16, bool)   # nan outputs look "never active"
+        recs.append(rec(meta, s, vectors={"active_mask": {"1": pack_mask(m)}}))
+    events = [{"event": "nonfinite", "step": 6, "forward": "0", "backward": None, "params": [],
+               "loss_nonfinite": False}]
+    assert "dead_units" not in kinds(diagnose(Trace(meta, recs + events)))
+
+
+def test_saturated_units():
+    meta = mlp_meta(3, act="sigmoid", act_type="Sigmoid")
+    recs = [rec(meta, s, module={"saturated_frac": module_col(meta, {"1": 0.1, "3": 0.8})}) for s in range(8)]
+    f = [x for x in diagnose(Trace(meta, recs)) if x.kind == "saturated_units"]
+    assert f and f[0].layers == ["3"]
+    assert f[0].evidence["saturated_fraction"]["3"] == pytest.approx(0.8, rel=REL_TOL)
+
+
+# ---- through time ----------------------------------------------------------------------------
+def rnn_trace(gain: float, T: int = 100) -> Trace:
+    meta = {"format": "gradtrace-trace", "format_version": 1,
+            "modules": [{"name": "rnn", "type": "RNN", "activation": "recurrent",
+                         "params": ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]},
+                        {"name": "head", "type": "Linear", "activation": None, "params": ["head.weight"]}],
+            "params": [{"name": "rnn.weight_ih_l0", "shape": [16, 4], "dtype": "float32", "module": "rnn"},
+                       {"name": "rnn.weight_hh_l0", "shape": [16, 16], "dtype": "float32", "module": "rnn"},
+                       {"name": "head.weight", "shape": [2, 16], "dtype": "float32", "module": "head"}]}
+    prof = [gain ** (T - 1 - t) for t in range(T)]
+    recs = [rec(meta, s, vectors={"time_grad_norm": {"rnn": prof}}) for s in range(6)]
+    return Trace(meta, recs)
+
+
+def test_vanishing_and_exploding_through_time():
+    v = diagnose(rnn_trace(0.9))
+    assert kinds(v) == ["vanishing_through_time"] and v[0].layers == ["rnn"]
+    assert v[0].evidence["per_step_gain"] == pytest.approx(0.9, rel=1e-6)
+    e = diagnose(rnn_trace(1.1))
+    assert kinds(e) == ["exploding_through_time"] and e[0].severity == "error"
+    assert diagnose(rnn_trace(1.0)) == []
+    codes = " ".join(x.code for x in v[0].fixes)
+    assert "nn.LSTM(4, 16)" in codes and "detach" in codes
+
+
+# ---- API ---------------------------------------------------------------------------------------
+def test_thresholds_validation():
+    with pytest.raises(ValueError, match="spike_zz"):
+        Thresholds().replace(spike_zz=3)
+    with pytest.raises(ValueError, match="unknown threshold"):
+        diagnose(profile_trace(5, 1.0), {"no_such": 1})
+    with pytest.raises(TypeError, match="thresholds"):
+        diagnose(profile_trace(5, 1.0), 3)
+    with pytest.raises(ValueError, match="vanish_gain"):
+        Thresholds(vanish_gain=2.0)
+    with pytest.raises(ValueError, match="dead_frac"):
+        Thresholds(dead_frac=-1)
+    with pytest.raises(TypeError, match="dead_window"):
+        Thresholds(dead_window=2.5)
+    assert Thresholds.coerce({"spike_z": 5}).spike_z == 5
+    assert Thresholds.__doc__ and all(f"{name}:" in Thresholds.__doc__
+                                      for name in Thresholds.__dataclass_fields__)
+
+
+def test_diagnose_rejects_non_trace():
+    with pytest.raises(TypeError, match="trace"):
+        diagnose({"not": "a trace"})
+
+
+def test_empty_trace_is_silent():
+    assert diagnose(Trace(mlp_meta(3), [])) == []
+
+
+def test_sorted_errors_first_then_step():
+    meta = mlp_meta(4)
+    loss = list(noisy(30, 2.0, 0.02, 5))
+    loss[12] = 20.0
+    loss[25:] = ["nan"] * 5
+    recs = [rec(meta, s, loss=l if isinstance(l, str) else float(l), exec_order=(s == 0)) for s, l in enumerate(loss)]
+    events = [{"event": "nonfinite", "step": 25, "forward": None, "backward": None, "params": [],
+               "loss_nonfinite": True}]
+    f = diagnose(Trace(meta, recs + events))
+    sev = [x.severity for x in f]
+    assert sev == sorted(sev, key=lambda s: s != "error")
+    errs = [x.first_step for x in f if x.severity == "error"]
+    assert errs == sorted(errs)
+    assert "loss_spike" in kinds(f) and "loss_nonfinite" in kinds(f)
+    for x in f:
+        assert x.kind in KINDS and x.to_dict()["kind"] == x.kind
+
+
+def test_every_detector_pure_and_documented():
+    tr = profile_trace(10, 0.5)
+    before = repr(tr.records)
+    th = Thresholds()
+    for det in DETECTORS:
+        assert det.__doc__ and "Example" in det.__doc__
+        out = det(tr, th)
+        assert all(isinstance(x, Finding) for x in out)
+    assert repr(tr.records) == before
+
+
+def test_speed_200_steps_50_layers():
+    depth = 50
+    meta = mlp_meta(depth)
+    rng = np.random.default_rng(0)
+    n_m = len(meta["modules"])
+    recs = []
+    for s in range(200):
+        mod = {"outgrad_norm": list(rng.uniform(0.5, 1.5, n_m)), "out_std": list(rng.uniform(0.5, 1.5, n_m)),
+               "out_maxabs": list(rng.uniform(1, 3, n_m)), "out_flag_nonfinite": [0.0] * n_m}
+        masks = {m["name"]: pack_mask(rng.uniform(size=64) > 0.01) for m in meta["modules"] if m["activation"]}
+        recs.append(rec(meta, s, grad=list(rng.uniform(0.05, 0.15, 2 * depth)), module=mod,
+                        loss=float(2 + 0.1 * rng.standard_normal()), vectors={"active_mask": masks},
+                        exec_order=(s == 0)))
+    tr = Trace(meta, recs)
+    t0 = time.perf_counter()
+    out = diagnose(tr)
+    dt = time.perf_counter() - t0
+    assert dt < SPEED_LIMIT_S, f"diagnose took {dt:.2f}s"
+    assert out == []
+
+
+# ---- the labelled scenarios ---------------------------------------------------------------------
+from gradtrace.scenarios import SCENARIOS, evaluate  # noqa: E402
+
+_PARAMS = [pytest.param(n, marks=() if s.fast else pytest.mark.slow, id=n) for n, s in SCENARIOS.items()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny models: one thread is fastest, spinning workers only cost
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name", _PARAMS)
+def test_scenario(name):
+    sc = SCENARIOS[name]
+    findings = diagnose(sc.build())
+    out = evaluate(sc, findings)
+    assert not out.missed, f"{name}: missed {out.missed}; found {out.found}"
+    assert not out.wrong_layer, f"{name}: wrong first layer for {out.wrong_layer}: {out.found}"
+    assert not out.false_alarms, f"{name}: false alarms {out.false_alarms}"
+    if sc.healthy:
+        assert findings == []
+    if sc.cause:
+        assert out.cause_ok, f"{name}: cause {[f.evidence.get('cause') for f in findings]}"
+    for f in findings:
+        assert f.fixes and f.explanation and f.evidence.get("summary")
+
+
+def test_suite_covers_required_cases():
+    names = set(SCENARIOS)
+    assert len(names) >= 14
+    assert {"deep_sigmoid_mlp", "deep_tanh_small_init", "relu30_xavier", "relu30_kaiming",
+            "exploding_weights", "high_lr_nan", "dead_relu_bias", "inf_injection", "rnn_tanh_small",
+            "rnn_tanh_large", "lstm_memory", "residual_layernorm_mlp", "pre_ln_transformer",
+            "cnn_batchnorm"} <= names
+    covered = {k for s in SCENARIOS.values() for k in s.expected}
+    assert covered == set(KINDS), f"kinds no scenario expects: {set(KINDS) - covered}"
+
+
+def test_scenario_run_rejects_unknown():
+    from gradtrace.scenarios import run
+    with pytest.raises(ValueError, match="name="):
+        run("nope")
