@@ -1,0 +1,81 @@
+"""Benchmark: time per block of gt.spectrum, full spectrum vs matrix-free Lanczos, by width.
+
+Prints two tables (not a test):
+  1. seconds per block (Linear + tanh, a few examples) for each width and method, with
+     the Lanczos top singular value's relative error against the full spectrum;
+  2. gt.preflight on a 50-layer MLP of width 512, end to end.
+
+Run: python bench/spectrum.py [--widths 64,128,256,512,1024] [--examples 4] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from torch import nn
+
+import gradtrace as gt
+
+
+def block(width: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    lin = nn.Linear(width, width)
+    nn.init.normal_(lin.weight, 0, 1.5 / math.sqrt(width))
+    return nn.Sequential(lin, nn.Tanh())
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up (vmap / functorch caches)
+    best, out = math.inf, None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--widths", default="64,128,256,512,1024")
+    ap.add_argument("--examples", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--k", type=int, default=8)
+    a = ap.parse_args()
+    widths = [int(w) for w in a.widths.split(",")]
+    print(f"torch {torch.__version__}, threads used by gt.spectrum: 1, examples {a.examples}, "
+          f"Lanczos k={a.k} ({max(4 * a.k, 40)} steps), best of {a.repeats}")
+    print()
+    print(f"{'width':>6}  {'full s/block':>12}  {'lanczos s/block':>15}  {'full/lanczos':>12}  "
+          f"{'σ_max rel err':>13}  {'gain rel err':>12}")
+    for w in widths:
+        m = block(w)
+        x = torch.randn(a.examples, w, generator=torch.Generator().manual_seed(1))
+        tf, sf = timed(lambda: gt.spectrum(m, x, n_samples=a.examples, method="full",
+                                           end_to_end=False), a.repeats)
+        tl, sl = timed(lambda: gt.spectrum(m, x, n_samples=a.examples, method="lanczos", k=a.k,
+                                           end_to_end=False), a.repeats)
+        err = float((sl.singular_values("0")[:, 0] / sf.singular_values("0")[:, 0] - 1).__abs__().max())
+        gerr = abs(sl.gain("0") / sf.gain("0") - 1)
+        print(f"{w:>6}  {tf:>12.4f}  {tl:>15.4f}  {tf / tl:>12.2f}  {err:>13.2e}  {gerr:>12.2e}")
+    print()
+    print("preflight, 50-layer ReLU MLP (Kaiming), width 512, batch 64:")
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(50):
+        lin = nn.Linear(512, 512)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        layers += [lin, nn.ReLU()]
+    model = nn.Sequential(*layers)
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(2))
+    print(f"{'configuration':<40}  {'seconds':>8}")
+    for label, kw in (("signal pass only (no spectrum)", dict(compute_spectrum=False)),
+                      ("default (Lanczos above width 256)", {}),
+                      ("full spectra (full_max=512)", dict(full_max=512))):
+        t, _ = timed(lambda: gt.preflight(model, x, **kw), 1)
+        print(f"{label:<40}  {t:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
