@@ -24,7 +24,7 @@ class DemoConfig:
 
     Example:
         >>> QUICK.depth, FULL.depth
-        (16, 20)
+        (20, 20)
     """
 
     depth: int = 20            # hidden layers of the deep networks
@@ -40,10 +40,10 @@ class DemoConfig:
     seed: int = 0
 
 
-QUICK = DemoConfig(depth=16, width=48, mlp_steps=100, rnn_steps=100, relu_steps=120, activations_every=10)
-FULL = DemoConfig(mlp_steps=500, seq_len=100, rnn_steps=400, relu_steps=400, activations_every=5)
+QUICK = DemoConfig(mlp_steps=300, rnn_steps=300, relu_steps=300, activations_every=10)
+FULL = DemoConfig(mlp_steps=1000, seq_len=100, rnn_steps=800, relu_steps=1000, activations_every=10)
 #: A very small configuration for tests (seconds, not minutes).
-TINY = DemoConfig(depth=8, width=16, mlp_steps=16, seq_len=12, rnn_hidden=8, rnn_steps=16,
+TINY = DemoConfig(depth=8, width=16, mlp_steps=16, seq_len=50, rnn_hidden=32, rnn_steps=16,
                   relu_steps=16, relu_width=32, batch=32, activations_every=4)
 
 
@@ -216,13 +216,16 @@ def train_mlp(out: str, kind: str, cfg: DemoConfig, tick: Callable[[], None] = l
     return _train(model, opt, out, cfg.mlp_steps, batch, F.cross_entropy, cfg, tick)
 
 
-#: Recurrent variants: (cell, nonlinearity, recurrent radius or None for PyTorch's init, clip)
+#: Recurrent variants: (cell, nonlinearity, recurrent radius or None for PyTorch's init,
+#: clip max-norm or None, optimizer). The exploding pair uses plain SGD, whose step is
+#: proportional to the gradient (so an exploding gradient is an exploding step); the
+#: vanishing/gated group uses Adam, as one would to train gated cells in practice.
 RNN_VARIANTS = {
-    "rnn_exploding": ("rnn", "relu", 1.6, None),
-    "rnn_clipped": ("rnn", "relu", 1.6, 1.0),
-    "rnn_vanishing": ("rnn", "tanh", 0.5, None),
-    "lstm": ("lstm", "tanh", None, None),
-    "gru": ("gru", "tanh", None, None),
+    "rnn_exploding": ("rnn", "relu", 1.6, None, "sgd"),
+    "rnn_clipped": ("rnn", "relu", 1.6, 1.0, "sgd"),
+    "rnn_vanishing": ("rnn", "tanh", 0.5, None, "adam"),
+    "lstm": ("lstm", "tanh", None, None, "adam"),
+    "gru": ("gru", "tanh", None, None, "adam"),
 }
 
 
@@ -233,13 +236,16 @@ def train_rnn(out: str, variant: str, cfg: DemoConfig, tick: Callable[[], None] 
         >>> train_rnn("runs/rnn", "rnn_clipped", TINY)      # doctest: +SKIP
         'runs/rnn'
     """
-    cell, nonlin, radius, clip = RNN_VARIANTS[variant]
+    cell, nonlin, radius, clip, optim = RNN_VARIANTS[variant]
     torch.manual_seed(cfg.seed)
     x, y = sequence_data(cfg.batch * 4, cfg.seq_len, cfg.seed)
     model = SeqModel(cell, cfg.rnn_hidden, nonlin)
     if radius is not None:
         set_recurrent_radius(model.rnn, radius, cfg.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if optim == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
 
     def batch(step: int):
         i = (step % 4) * cfg.batch
@@ -248,12 +254,12 @@ def train_rnn(out: str, variant: str, cfg: DemoConfig, tick: Callable[[], None] 
     return _train(model, opt, out, cfg.rnn_steps, batch, F.mse_loss, cfg, tick, clip=clip, time_gradients=True)
 
 
-#: Dead-unit variants: (activation, learning rate)
+#: Dead-unit variants: (activation, learning rate of plain SGD)
 RELU_VARIANTS = {
-    "relu_high_lr": ("relu", 0.5),
-    "leaky_high_lr": ("leaky", 0.5),
-    "gelu_high_lr": ("gelu", 0.5),
-    "relu_low_lr": ("relu", 0.05),
+    "relu_high_lr": ("relu", 2.0),
+    "leaky_high_lr": ("leaky", 2.0),
+    "gelu_high_lr": ("gelu", 2.0),
+    "relu_low_lr": ("relu", 0.2),
 }
 
 
@@ -269,7 +275,7 @@ def train_relu(out: str, variant: str, cfg: DemoConfig, tick: Callable[[], None]
     d_in, classes = 16, 4
     x, y = classification_data(cfg.batch * 8, d_in, classes, cfg.seed + 1)
     model = relu_family_mlp(act, cfg.relu_width, d_in, classes)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
 
     def batch(step: int):
         i = (step % 8) * cfg.batch

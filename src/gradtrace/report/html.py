@@ -35,6 +35,7 @@ h3{font-size:15px;margin:14px 0 6px}
 .finding{background:#fff;border:1px solid #dde1e8;border-left:5px solid #d68910;border-radius:8px;padding:12px 16px;margin:10px 0}
 .finding.error{border-left-color:#c0392b}
 .finding h3{margin:0 0 4px}
+details summary{cursor:pointer;color:#2c5d8a;font-size:13px;margin-top:4px}
 .finding .meta{color:#5a6372;font-size:13px}
 .fix{margin:8px 0 0 0;padding:8px 10px;background:#f3f7fb;border-radius:6px}
 .fix .p{font-size:12px;color:#5a6372;text-transform:uppercase;letter-spacing:.03em}
@@ -108,8 +109,11 @@ def _steps_text(f: Any) -> str:
     return f"steps {f.first_step}–{f.last_step}"
 
 
-def render_findings(findings: Sequence[Any] | None) -> str:
+def render_findings(findings: Sequence[Any] | None, compact: bool = False) -> str:
     """HTML for a list of findings, each with its evidence and fixes (code in ``<code>``).
+
+    ``compact=True`` folds each finding's explanation, evidence and fixes into a
+    ``<details>`` element (closed until clicked; no script needed).
 
     Example:
         >>> from gradtrace.findings import Finding, Fix
@@ -130,6 +134,8 @@ def render_findings(findings: Sequence[Any] | None) -> str:
         out.append(f'<h3><span class="badge {_e(f.severity)}">{_e(f.severity)}</span> {_e(kind_title(f.kind))}</h3>')
         out.append(f'<div class="meta">{_e(_steps_text(f))}' + (f" · layers: <code>{_e(layers)}</code>" if layers else "")
                    + "</div>")
+        if compact:
+            out.append(f"<details><summary>why, evidence and {len(f.fixes)} fix{'es' if len(f.fixes) != 1 else ''}</summary>")
         if f.explanation:
             out.append(f"<p>{_e(f.explanation)}</p>")
         if f.evidence:
@@ -145,6 +151,8 @@ def render_findings(findings: Sequence[Any] | None) -> str:
             if d.get("code"):
                 out.append(f'<pre><code>{_e(d["code"])}</code></pre>')
             out.append("</div>")
+        if compact:
+            out.append("</details>")
         out.append("</div>")
     return "\n".join(out)
 
@@ -263,7 +271,10 @@ def _footer() -> str:
 
 # ---- comparison page (used by `gradtrace demo`) ----------------------------------------------
 def flow_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 640) -> str:
-    """Gradient-flow lines of several runs on one log chart, over relative depth (0 = input).
+    """Gradient-flow lines of several runs on one log chart, over relative depth.
+
+    Depth is the layer's position divided by the number of layers (0 = input side,
+    1 = output), so networks with different layer counts line up.
 
     Example:
         >>> flow_overlay_svg([("sigmoid", t1), ("relu", t2)], "Depth")    # doctest: +SKIP
@@ -274,9 +285,9 @@ def flow_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 6
         n = len(flow["layers"])
         if n == 0:
             continue
-        x = np.arange(n) + 1
-        series.append(plots.Series(label, x, flow["mean"]))
-    return plots.line_chart(series, title=title, xlabel="layer depth (1 = input side)",
+        x = np.arange(n) / max(n - 1, 1)
+        series.append(plots.Series(f"{label} ({n} layers)", x, flow["mean"]))
+    return plots.line_chart(series, title=title, xlabel="relative depth (0 = input layer, 1 = output layer)",
                             ylabel="mean gradient norm", logy=True, width=width)
 
 
@@ -377,7 +388,7 @@ def render_comparison(groups: Sequence[dict[str, Any]], *, title: str, intro: st
                 parts.append(f'<div class="small">{_e(r["note"])}{link}</div>')
             elif link:
                 parts.append(f'<div class="small">{link}</div>')
-            parts.append(render_findings(fs))
+            parts.append(render_findings(fs, compact=True))
             parts.append("</div>")
         parts.append("</div>")
     if footer_note:

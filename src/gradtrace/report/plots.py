@@ -320,9 +320,19 @@ def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str
         True
     """
     ml, mr, mt, mb = 72, 16, 34, 48
-    legend_rows = (len(series) + 2) // 3 if len(series) > 1 else 0
+    pw = width - ml - mr
+    # legend: items flow left to right and wrap (label width estimated from its length)
+    legend: list[tuple[float, int]] = []
+    lx, row = 0.0, 0
+    for s in series if len(series) > 1 else ():
+        w = 28 + 6.4 * min(len(s.label), 60) + 18
+        if lx > 0 and lx + w > pw:
+            lx, row = 0.0, row + 1
+        legend.append((lx, row))
+        lx += w
+    legend_rows = (legend[-1][1] + 1) if legend else 0
     mb += 8 + 18 * legend_rows
-    pw, ph = width - ml - mr, height - mt - mb
+    ph = height - mt - mb
     all_x = np.concatenate([np.asarray(s.x, dtype=np.float64) for s in series]) if series else np.zeros(0)
     all_y = np.concatenate([np.asarray(s.y, dtype=np.float64) for s in series]) if series else np.zeros(0)
     ax_y = _axis(all_y, logy)
@@ -406,15 +416,14 @@ def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str
                      f'×<title>{_esc(s.label)}: {fmt(ys[i])} at {fmt(xs[i])}</title></text>')
     if len(series) > 1:
         ly0 = mt + ph + 54
-        colw = pw / 3
         for k, s in enumerate(series):
             color = s.color or PALETTE[k % len(PALETTE)]
-            lx = ml + (k % 3) * colw
-            ly = ly0 + (k // 3) * 18
+            lx = ml + legend[k][0]
+            ly = ly0 + legend[k][1] * 18
             dash = ' stroke-dasharray="6 4"' if s.dash else ""
             o.append(f'<line x1="{lx:.1f}" x2="{lx + 22:.1f}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" '
                      f'stroke-width="3"{dash}/>')
-            lab = s.label if len(s.label) <= 34 else s.label[:33] + "…"
+            lab = s.label if len(s.label) <= 60 else s.label[:59] + "…"
             o.append(f'<text class="legend" x="{lx + 28:.1f}" y="{ly}" fill="#222">{_esc(lab)}</text>')
     o.append("</svg>")
     return "".join(o)
