@@ -59,7 +59,7 @@ def test_vanishing_sigmoid_names_layers_replacement_and_init():
     codes = "\n".join(f.code for f in fixes)
     assert "net.1, net.3, net.5" in text
     assert "model.net[1] = nn.GELU()" in codes
-    assert "`gt.init_for_activation(model)` would switch layers net.0, net.2, net.4" in text
+    assert "`gt.init_for_activation(model)` would switch layers `net.0, net.2, net.4, net.6`" in text
     assert "Kaiming (ReLU)" in text
     assert "residual" in text and "LayerNorm" in text
 

@@ -204,6 +204,8 @@ def test_nonfinite_backward_localised_from_last_param_in_forward_order():
     assert f.layers[0] == "2"
     assert f.first_step == 4
     assert "last parameter in forward order" in f.evidence["localised_by"]
+    assert f.evidence["suspects"] == ["3", "4"]   # modules run after "2" up to the next weight layer
+    assert "`3, 4`" in f.fixes[0].action
 
 
 def test_nonfinite_backward_event_names_module():

@@ -168,7 +168,10 @@ class _Context:
 
 
 def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:8])
+    """```0, 2, 4``` (backticked, the first eight, then a count)."""
+    if not names:
+        return ""
+    shown = "`" + ", ".join(names[:8]) + "`"
     return shown + (f" (and {len(names) - 8} more)" if len(names) > 8 else "")
 
 
@@ -270,7 +273,10 @@ def _render(key: str, kind: str, ctx: _Context, layers: list[str], evidence: dic
                  "number overflow. Compute in float32 or bfloat16 (wider range than float16), and scale "
                  "the loss with a GradScaler under float16",
                  "with torch.autocast(device_type='cuda', dtype=torch.bfloat16): loss = loss_fn(model(x), y)")
-        inv = Fix(row.problem, "Look for an invalid operation" + (f" in {origin}" if origin else "") +
+        suspects = evidence.get("suspects") if isinstance(evidence, dict) else None
+        where = (f" in the backward of {_names(suspects)} (run right after `{origin}`)" if suspects
+                 else f" in `{origin}`" if origin else "")
+        inv = Fix(row.problem, "Look for an invalid operation" + where +
                   (f" at step {step}" if step is not None else "") +
                   ": log/sqrt of 0 or negatives, division by 0, inf - inf; add an eps or clamp, and rerun "
                   "that step under anomaly detection to get the exact op",
@@ -305,11 +311,11 @@ def _render(key: str, kind: str, ctx: _Context, layers: list[str], evidence: dic
             if info.get("type") == "RNN":
                 shape = next((p["shape"] for p in ctx.params if p["name"] == f"{r}.weight_ih_l0"), None)
                 args = f"{shape[1]}, {shape[0]}" if shape and len(shape) == 2 else "input_size, hidden_size"
-                fixes.append(Fix(row.problem, f"Use nn.LSTM or nn.GRU instead of the plain nn.RNN {r}: their "
+                fixes.append(Fix(row.problem, f"Use nn.LSTM or nn.GRU instead of the plain nn.RNN `{r}`: their "
                                  "gated, additive cell state lets gradients cross many steps",
                                  f"{module_ref(r)} = nn.LSTM({args})  # keep batch_first/num_layers as before"))
             else:
-                fixes.append(Fix(row.problem, f"{r} is already a gated {info.get('type', 'RNN')}; initialise its "
+                fixes.append(Fix(row.problem, f"`{r}` is already a gated {info.get('type', 'RNN')}; initialise its "
                                  "forget-gate bias to 1 or more so the cell keeps its memory longer",
                                  f"# LSTM gate order i, f, g, o: {module_ref(r)}.bias_hh_l0.data[H:2*H].fill_(1.0)"))
         fixes.append(_clip_fix(row, evidence))

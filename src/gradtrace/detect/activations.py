@@ -82,14 +82,14 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
         }
         if shrink:
             expl = ("Each layer hands the next a signal smaller than the one it received, so by "
-                    f"{layers[end]} the activations are {U.sci(total)} times the size of the first "
+                    f"`{layers[end]}` the activations are {U.sci(total)} times the size of the first "
                     "layer's. The forward signal carries what the loss depends on, and the same small "
                     "Jacobians that shrink it on the way forward shrink the gradient on the way back. "
                     "Weights initialised at too small a scale for the activation (Xavier under ReLU, "
                     "tiny weights under tanh) are the usual cause.")
         else:
             expl = ("Each layer hands the next a larger signal than it received, so by "
-                    f"{layers[end]} the activations are {U.sci(total)} times the size of the first "
+                    f"`{layers[end]}` the activations are {U.sci(total)} times the size of the first "
                     "layer's. Large activations push saturating units into their flat range, inflate "
                     "the logits and, through the same large Jacobians, the gradients; in low precision "
                     "they overflow. Initialisation at too large a scale, or a learning rate that let "

@@ -125,13 +125,13 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
         if kind == "vanishing_gradients":
             expl = ("The backward pass multiplies the gradient by one layer Jacobian after another. "
                     f"Here that product shrinks by about {U.sci(gain)} per layer, so by the time the "
-                    f"signal reaches {affected[0]} it is {U.sci(total)} of what the last layer sees: "
+                    f"signal reaches `{affected[0]}` it is {U.sci(total)} of what the last layer sees: "
                     "early layers get updates too small to learn from while the late layers train. "
                     + _activation_words(trace))
             sev = "warning"
         else:
             expl = ("The backward pass multiplies the gradient by one layer Jacobian after another; "
-                    f"here each layer amplifies it by about {U.sci(gain)}, so {affected[0]} receives "
+                    f"here each layer amplifies it by about {U.sci(gain)}, so `{affected[0]}` receives "
                     f"{U.sci(total)} times the gradient of the last layer. Updates that size overshoot, "
                     "the loss jumps and the numbers can overflow to inf/nan. Weights initialised "
                     "with too large a scale (Jacobian singular values above one) are the usual cause.")

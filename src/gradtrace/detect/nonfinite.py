@@ -178,6 +178,7 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
                                      if nxt else ""))
         if nxt:
             evidence["suspect_backward_of"] = nxt
+            evidence["suspects"] = [nxt]
     elif bad_sorted:
         last = bad_sorted[-1]
         origin, phase = owner.get(last, last), "backward"
@@ -185,6 +186,16 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
             f"output-gradient flags were not recorded at step {step}; {last} is the last parameter "
             "in forward order whose gradient is non-finite, so the backward pass broke between "
             f"{origin} and the layers after it (their gradients stayed finite)")
+        order = U.exec_order_at(trace, step)
+        weights = U.weight_modules(trace)
+        if origin in order:
+            suspects = []
+            for m in order[order.index(origin) + 1:]:
+                suspects.append(m)
+                if m in weights:
+                    break
+            if suspects:
+                evidence["suspects"] = suspects
     elif ev.get("loss_nonfinite"):
         origin, phase = None, "loss"
         evidence["localised_by"] = "every module output was finite; the loss computation itself produced nan/inf"
@@ -199,8 +210,8 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
         m = owner.get(p, p)
         if m not in layers:
             layers.append(m)
-    where = {"forward": f"in the forward pass, first in the output of {origin}",
-             "backward": f"in the backward pass, nearest to {origin}",
+    where = {"forward": f"in the forward pass, first in the output of `{origin}`",
+             "backward": f"in the backward pass, nearest to `{origin}`",
              "loss": "in the loss, with every module output finite"}[phase]
     evidence["summary"] = f"first non-finite value at step {step}, {where}; likely cause: {cause.replace('_', ' ')}"
     expl = (f"The first nan/inf appeared at step {step} {where}. Once a nan exists it spreads: every "
@@ -209,7 +220,9 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
             _EXPLAIN[cause].format(frac=U.sci(cev["fraction_of_dtype_max"]), dtype=cev["dtype"],
                                    fmax=U.sci(cev["dtype_max"]),
                                    growth=U.sci(max(cev["grad_norm_growth"], cev["param_norm_growth"])),
-                                   origin=origin or "the loss"))
+                                   origin=(f"`{origin}`" if phase == "forward" else
+                                           "the backward of the module run right after "
+                                           f"`{origin}`" if origin else "the loss")))
     steps_bad = [int(e["step"]) for e in trace.events("nonfinite")] or [step]
     evidence["steps_with_nonfinite"] = len(steps_bad)
     return [Finding("nonfinite", "error", layers, step, max(steps_bad), evidence, expl, [])]
