@@ -360,12 +360,17 @@ def _model_facts(model: nn.Module) -> dict[str, Any]:
 
 
 def _init_fix(facts: dict[str, Any]) -> Fix:
-    nl = "relu" if any(a in ("ReLU", "LeakyReLU", "GELU", "SiLU", "ELU") for a in facts["activations"]) else "tanh"
+    acts = facts["activations"]
+    if any(a in ("ReLU", "LeakyReLU", "GELU", "SiLU", "ELU") for a in acts):
+        init = 'torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")'
+    else:
+        gain = "tanh" if "Tanh" in acts else ("sigmoid" if "Sigmoid" in acts else "linear")
+        init = f'torch.nn.init.xavier_normal_(m.weight, gain=torch.nn.init.calculate_gain("{gain}"))'
     code = ("gt.init_for_activation(model)\n"
             "# or by hand:\n"
             "for m in model.modules():\n"
             "    if isinstance(m, torch.nn.Linear):\n"
-            f"        torch.nn.init.kaiming_normal_(m.weight, nonlinearity=\"{nl}\")\n"
+            f"        {init}\n"
             "        torch.nn.init.zeros_(m.bias)")
     return Fix("Initial weight scale does not preserve the signal",
                f"Initialise for the activation ({', '.join(facts['activations']) or 'linear'}): "
@@ -472,9 +477,20 @@ def _findings(summary: dict[str, Any], rec_rows: list[dict[str, Any]], th: Prefl
         explode = projected is not None and projected > th.time_exploding_ratio
         ev = {k: r[k] for k in ("sigma_max_whh", "gamma", "pascanu_bound", "jacobian_norm",
                                 "rate_per_step", "steps", "horizon")}
-        lstm_fix = Fix("RNN training unstable", "Use an LSTM or GRU instead of a plain RNN",
-                       f"model.{r['layer']} = torch.nn.LSTM(...same sizes...)" if r["layer"] else
-                       "torch.nn.LSTM(input_size, hidden_size, batch_first=True)")
+        target = f"model.{r['layer']}" if r["layer"] else "model"
+        if r["type"] == "LSTM":
+            lstm_fix = Fix("RNN training unstable", "Initialise the forget-gate bias to 1 so the "
+                           "cell state is kept by default",
+                           f"H = {target}.hidden_size\n"
+                           f"for name, b in {target}.named_parameters():\n"
+                           "    if name.startswith(\"bias_ih\"):\n"
+                           "        torch.nn.init.ones_(b.data[H:2 * H])  # gate order i, f, g, o")
+        elif r["type"] in ("GRU", "GRUCell", "LSTMCell"):
+            lstm_fix = Fix("RNN training unstable", "Clip gradients and keep the unroll short",
+                           "gt.clip_grad_norm_(model.parameters(), max_norm=1.0)")
+        else:
+            lstm_fix = Fix("RNN training unstable", "Use an LSTM or GRU instead of a plain RNN",
+                           f"{target} = torch.nn.LSTM(input_size, hidden_size, batch_first=True)")
         if vanish:
             why = (f"The largest singular value of the recurrent weights is {r['sigma_max_whh']:.3g}"
                    + (f" and |φ′| ≤ {gr:g}, so by Pascanu et al.'s bound each step shrinks the "
@@ -485,7 +501,7 @@ def _findings(summary: dict[str, Any], rec_rows: list[dict[str, Any]], th: Prefl
             out.append(Finding("vanishing_through_time", "warning", [r["layer"]], None, None, ev, why,
                                [lstm_fix, Fix("RNN training unstable", "Initialise the recurrent "
                                               "weights orthogonally (σ_max = 1)",
-                                              f"torch.nn.init.orthogonal_(model.{r['layer']}.weight_hh_l0)"),
+                                              f"torch.nn.init.orthogonal_({target}.weight_hh_l0)"),
                                 Fix("RNN training unstable", "Shorten the unroll length (truncated BPTT)", "")]))
         if explode:
             out.append(Finding("exploding_through_time", "error", [r["layer"]], None, None, ev,
