@@ -59,6 +59,12 @@ def summarize(trace, findings: Sequence[Any] | None = None) -> dict[str, Any]:
         v = v[np.isfinite(v)]
         return float(v[-1]) if v.size else None
 
+    def last_value(stat: str) -> float | None:
+        if stat not in stats:
+            return None
+        v = trace.series(stat)
+        return float(v[-1]) if v.size else None
+
     def biggest(stat: str) -> float | str | None:
         if stat not in stats:
             return None
@@ -83,7 +89,8 @@ def summarize(trace, findings: Sequence[Any] | None = None) -> dict[str, Any]:
         "model": trace.meta.get("model"),
         "optimizer": trace.meta.get("optimizer"),
         "first_loss": first_loss,
-        "final_loss": last_finite("loss"),
+        "final_loss": last_value("loss"),
+        "last_finite_loss": last_finite("loss"),
         "max_total_grad_norm": biggest("total_grad_norm"),
         "final_total_grad_norm": last_finite("total_grad_norm"),
         "nonfinite_events": len(trace.events("nonfinite")),

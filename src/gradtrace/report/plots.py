@@ -58,6 +58,34 @@ def layer_order(trace) -> list[str]:
     return owners
 
 
+def raw_matrix(trace, stat: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Like ``trace.matrix(stat)`` but keeps "not recorded" and "non-finite" apart.
+
+    Missing values are NaN; values recorded as nan/inf become ``+inf`` (drawn red), so
+    a layer whose gradient turned to nan is not mistaken for a layer with no data.
+
+    Example:
+        >>> steps, names, g = raw_matrix(trace, "grad_norm")     # doctest: +SKIP
+    """
+    section = trace.kind_of(stat)
+    names = trace.params if section == "param" else trace.modules
+    steps, rows = [], []
+    for r in trace.records:
+        col = r.get(section, {}).get(stat)
+        if col is None:
+            continue
+        row = np.full(len(names), np.nan)
+        for j, v in enumerate(col[: len(names)]):
+            if v is None:
+                continue
+            x = float(v)
+            row[j] = x if math.isfinite(x) else np.inf
+        steps.append(r["step"])
+        rows.append(row)
+    values = np.stack(rows) if rows else np.zeros((0, len(names)))
+    return np.asarray(steps, dtype=np.int64), names, values
+
+
 def layer_grad_norms(trace) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Gradient norm per layer (parameters of one module combined) at every recorded step.
 
@@ -71,7 +99,7 @@ def layer_grad_norms(trace) -> tuple[np.ndarray, list[str], np.ndarray]:
     layers = layer_order(trace)
     if "grad_norm" not in trace.stats():
         return np.zeros(0, dtype=np.int64), layers, np.zeros((0, len(layers)))
-    steps, names, g = trace.matrix("grad_norm")
+    steps, names, g = raw_matrix(trace, "grad_norm")
     owner = {p["name"]: (p.get("module") or p["name"].rpartition(".")[0]) for p in trace.meta.get("params", [])}
     out = np.full((len(steps), len(layers)), np.nan)
     col = {n: i for i, n in enumerate(layers)}
@@ -118,7 +146,7 @@ def module_rows(trace, stat: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """
     if stat not in trace.stats():
         return np.zeros(0, dtype=np.int64), [], np.zeros((0, 0))
-    steps, names, v = trace.matrix(stat)
+    steps, names, v = raw_matrix(trace, stat)
     keep = [j for j in range(len(names)) if np.any(~np.isnan(v[:, j]))]
     order = layer_exec_rank(trace)
     keep.sort(key=lambda j: order.get(names[j], len(order) + j))
@@ -146,7 +174,8 @@ def loss_spikes(steps: np.ndarray, loss: np.ndarray, window: int = 20, z: float 
     for k in range(len(loss)):
         v = loss[k]
         if not np.isfinite(v):
-            out.append(int(steps[k]))
+            if k == 0 or np.isfinite(loss[k - 1]):    # mark where a non-finite stretch starts
+                out.append(int(steps[k]))
             continue
         past = loss[max(0, k - window):k]
         past = past[np.isfinite(past)]
@@ -410,10 +439,20 @@ def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str
                     o.append(f'<circle cx="{X(xs[i]):.1f}" cy="{Y(ys[i]):.1f}" r="2.6" fill="{color}">'
                              f'<title>{_esc(s.label)}: {fmt(ys[i])}</title></circle>')
         bad = ~np.isfinite(ys) & np.isfinite(xs)
-        for i in np.nonzero(bad)[0][:50]:
-            x = X(xs[i])
-            o.append(f'<text x="{x:.1f}" y="{mt + 10}" text-anchor="middle" fill="#c00" font-weight="700">'
-                     f'×<title>{_esc(s.label)}: {fmt(ys[i])} at {fmt(xs[i])}</title></text>')
+        idx = np.nonzero(bad)[0]
+        if idx.size:
+            # one red band per stretch of non-finite values, labelled where it starts
+            starts = [i for i in idx if i == 0 or not bad[i - 1]]
+            for a in starts:
+                b = a
+                while b + 1 < len(xs) and bad[b + 1]:
+                    b += 1
+                x0, x1 = X(xs[a]), X(xs[b])
+                o.append(f'<rect x="{x0 - 2:.1f}" y="{mt}" width="{max(x1 - x0, 0) + 4:.1f}" height="{ph}" '
+                         f'fill="{color}" opacity="0.10"/>')
+                o.append(f'<text x="{x0:.1f}" y="{mt + 12}" fill="#c00" font-weight="700">× '
+                         f'<tspan font-weight="400">{_esc(fmt(ys[a]))} from {fmt(xs[a], 6)}</tspan>'
+                         f'<title>{_esc(s.label)}: {fmt(ys[a])} at steps {fmt(xs[a], 6)}–{fmt(xs[b], 6)}</title></text>')
     if len(series) > 1:
         ly0 = mt + ph + 54
         for k, s in enumerate(series):
@@ -531,6 +570,9 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], steps: Sequence[int],
             x = ml + (min(c, n_cols - 1) + 0.5) * cw
             o.append(f'<text x="{x:.1f}" y="{mt + ph + 14}" text-anchor="middle" fill="#444">{fmt(t, 5)}</text>')
     o.append(f'<text x="{ml + pw / 2:.1f}" y="{mt + ph + 32}" text-anchor="middle" fill="#222">step</text>')
+    if np.any(np.isinf(m)) or np.any(np.isnan(m)):
+        o.append(f'<text x="{ml + pw}" y="{mt + ph + 32}" text-anchor="end" fill="#666" font-size="10">'
+                 f'<tspan fill="#d62728">■</tspan> nan/inf   <tspan fill="#bbbbbb">■</tspan> not recorded</text>')
     # colour bar
     bx, bw = ml + pw + 14, 12
     nseg = 24

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .plots import fmt, layer_grad_norms
+from .plots import fmt, layer_grad_norms, raw_matrix
 
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -86,7 +86,7 @@ def layer_rows(trace) -> list[dict[str, Any]]:
     mats = {}
     for stat in ("out_std", "zero_frac", "saturated_frac", "dead_units", "units"):
         if stat in stats:
-            _, names, vals = trace.matrix(stat)
+            _, names, vals = raw_matrix(trace, stat)
             mats[stat] = {n: vals[:, j] for j, n in enumerate(names)}
 
     def last(v: np.ndarray) -> float | None:
@@ -103,8 +103,6 @@ def layer_rows(trace) -> list[dict[str, Any]]:
                                "activation": mi.get("activation")}
         col = g[:, j] if len(steps) else np.zeros(0)
         row["grad_norm"] = last(col) if col.size else None
-        if col.size and np.any(np.isinf(col)):
-            row["grad_norm"] = float("inf")
         row["grad_trend"] = sparkline(col, log=True)
         # the module whose outputs describe this layer: the next activation, else itself
         act_name = layer
@@ -177,7 +175,7 @@ def _cell(row: dict, key: str) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return fmt(v)
+        return "nan/inf" if math.isinf(v) else fmt(v)
     return str(v)
 
 
