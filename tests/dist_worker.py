@@ -44,8 +44,11 @@ def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def train(model, opt, mon, rank: int, steps: int = STEPS, nan_at: tuple[int, int] | None = None,
-          clip: float | None = None, guard=None) -> list:
-    """The same loop for every setting. ``nan_at=(step, rank)`` poisons that rank's input."""
+          clip: float | None = None, guard=None,
+          loss_add: tuple[int, int, float] | None = None) -> list:
+    """The same loop for every setting. ``nan_at=(step, rank)`` poisons that rank's input;
+    ``loss_add=(step, rank, c)`` adds the constant ``c`` (nan, a spike) to that rank's loss
+    only -- its gradients stay finite and unchanged. ``mon`` may be None."""
     import gradtrace as gt
     clip_totals = []
     for s in range(steps):
@@ -56,7 +59,10 @@ def train(model, opt, mon, rank: int, steps: int = STEPS, nan_at: tuple[int, int
             x = x.clone()
             x[0, 0] = float("nan")
         loss = nn.functional.mse_loss(model(x), y)
-        mon.record_loss(loss)
+        if loss_add is not None and loss_add[:2] == (s, rank):
+            loss = loss + torch.tensor(loss_add[2])      # a constant: gradients unchanged
+        if mon is not None:
+            mon.record_loss(loss)
         loss.backward()
         if clip is not None:
             total = gt.clip_grad_norm_(list(model.parameters()), clip)
@@ -139,6 +145,50 @@ def worker(rank: int, out: str, mode: str, port: int) -> None:
                 import traceback
                 res[f"{name}_{what}"] = {"error": f"{type(e).__name__}: {e}",
                                          "where": traceback.format_exc()[-1500:]}
+
+        # Guard decisions from per-rank losses: rank 1 alone sees a nan loss / a loss spike
+        # (its gradients, hence the averaged/sharded ones, stay finite). With sync the
+        # ranks must agree; without it (the old behaviour) they must not.
+        for case, kw, add, steps in (
+                ("nanloss", {}, (1, 1, float("nan")), 3),
+                ("nosync", {"sync": False}, (1, 1, float("nan")), 3),
+                ("spike", {"spike_zscore": 50.0, "window": 8, "min_samples": 3,
+                           "spike_on": ("loss",)}, (4, 1, 1e4), 6)):
+            try:
+                model = wrap(make_model())
+                opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+                guard = gt.Guard(opt, **kw)
+                train(model, opt, None, rank, steps=steps, guard=guard, loss_add=add)
+                res[f"{name}_guard_{case}"] = {
+                    "skips": guard.skips, "state": guard.state_dict(),
+                    "last_loss": guard.last_loss,
+                    "params": torch.cat([(p.detach().full_tensor() if hasattr(p, "full_tensor")
+                                          else p.detach()).reshape(-1)
+                                         for p in model.parameters()]).tolist()}
+            except Exception as e:
+                import traceback
+                res[f"{name}_guard_{case}"] = {"error": f"{type(e).__name__}: {e}",
+                                               "where": traceback.format_exc()[-1500:]}
+
+        # gradtrace's clip_grad_norm_ returns what torch's does (type, placements, value)
+        model = wrap(make_model())
+        x, y = batch(0)
+        nn.functional.mse_loss(model(shard(x, rank)), shard(y, rank)).backward()
+        got = {}
+        for who, fn in (("torch", torch.nn.utils.clip_grad_norm_), ("gt", gt.clip_grad_norm_)):
+            t = fn(list(model.parameters()), 1e9)       # nothing is clipped
+            got[who] = {"type": type(t).__name__, "placements": str(getattr(t, "placements", None)),
+                        "value": float(t.full_tensor() if hasattr(t, "full_tensor") else t)}
+        from gradtrace.remedies.clip import grad_norms
+        # other norm types over the full gradient (the 1-element bias leaves rank 1 an
+        # empty shard, on which torch's own inf-norm fails)
+        full = [(g.full_tensor() if hasattr(g, "full_tensor") else g).reshape(-1)
+                for g in (p.grad for p in model.parameters())]
+        for q in (float("inf"), 1.0):
+            got[f"norm{q}"] = [float(grad_norms([p.grad for p in model.parameters()], q)[1]),
+                               float(torch.linalg.vector_norm(torch.cat(full), q))]
+        res[f"{name}_clip_return"] = got
+
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
     dist.barrier()

@@ -508,3 +508,69 @@ def test_no_host_syncs_on_hot_path(monkeypatch):
     assert counter.count == syncs + syncs_with_check + 1
     assert syncs_with_check >= 1  # the documented exception
     assert len(obs_calls) == 2 + 3 + 3 + 1
+
+
+# ------------------------------------------------------------ DTensor (FSDP2) gradients
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """A 1-rank gloo process group and device mesh, torn down afterwards."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already up")
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 0.0])
+def test_dtensor_grads_full_norms_plain_total_and_torch_return(one_rank_mesh, norm_type):
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    torch.manual_seed(0)
+    full = [torch.randn(5, 3), torch.randn(4), torch.zeros(2)]
+    plain = [nn.Parameter(torch.zeros_like(g)) for g in full]
+    for p, g in zip(plain, full):
+        p.grad = g.clone()
+    sharded = [nn.Parameter(distribute_tensor(torch.zeros_like(g), one_rank_mesh, [Shard(0)]))
+               for g in full]
+    for p, g in zip(sharded, full):
+        p.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+    want_norms, want_total = C.grad_norms([p.grad for p in plain], norm_type)
+    norms, total = C.grad_norms([p.grad for p in sharded], norm_type)
+    assert type(total) is torch.Tensor and all(type(n) is torch.Tensor for n in norms)
+    torch.testing.assert_close(total, want_total)
+    torch.testing.assert_close(torch.stack(norms), torch.stack(want_norms))
+
+    ref = copy.deepcopy(sharded)
+    got = C.clip_grad_norm_(sharded, 0.5, norm_type)
+    exp = torch.nn.utils.clip_grad_norm_(ref, 0.5, norm_type)
+    assert isinstance(got, DTensor) and isinstance(exp, DTensor)
+    assert got.placements == (Replicate(),)
+    if norm_type != math.inf:        # torch leaves an inf-norm total Partial(max): same value
+        assert exp.placements == (Replicate(),)
+    torch.testing.assert_close(got.full_tensor(), exp.full_tensor())
+    for a, b in zip(sharded, ref):
+        assert isinstance(a.grad, DTensor)
+        torch.testing.assert_close(a.grad.full_tensor(), b.grad.full_tensor())
+    # a DTensor total can be handed back to clip_with_norms_
+    C.clip_with_norms_([p.grad for p in sharded], got, 0.25)
+
+
+def test_dtensor_observers_get_plain_full_values(one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+    p = nn.Parameter(distribute_tensor(torch.zeros(4), one_rank_mesh, [Shard(0)]))
+    p.grad = distribute_tensor(torch.full((4,), 2.0), one_rank_mesh, [Shard(0)])
+    seen = []
+    fn = C.add_norm_observer(lambda g, n, t, c, q: seen.append((n, t, c)))
+    try:
+        C.clip_grad_norm_([p], 1.0)
+    finally:
+        C.remove_norm_observer(fn)
+    (norms, total, coef), = seen
+    assert type(total) is torch.Tensor and type(coef) is torch.Tensor
+    assert float(total) == pytest.approx(4.0) and float(norms[0]) == pytest.approx(4.0)
+    assert float(p.grad.full_tensor().norm()) == pytest.approx(1.0, rel=1e-5)

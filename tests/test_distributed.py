@@ -129,13 +129,69 @@ def test_clip_and_guard_agree_across_ranks(job, mode, what):
     _, ranks = job
     res = [r[f"{mode}_{what}"] for r in ranks]
     for r in res:
-        if "error" in r and mode == "fsdp2":
-            pytest.xfail(f"remedies under FSDP2 (reported): {r['error']}")
         assert "error" not in r, r.get("where")
+    if what == "guard":                                     # the nan input poisons every rank's grads
+        assert res[0]["skips"] == [[1, "nonfinite_grad"]]
     assert res[0]["skips"] == res[1]["skips"]               # the same skip decision everywhere
     assert _rel(res[0]["clip_totals"], res[1]["clip_totals"]) < 1e-7
     assert _rel(res[0]["params"], res[1]["params"]) < 1e-7
     assert _rel(res[0]["total"], res[1]["total"]) < 1e-7
+
+
+def _guard_reference(case: str) -> tuple[list, list]:
+    """One process, the global batch: what the synchronised guard must reproduce."""
+    kw, add, steps = {"nanloss": ({}, (1, -1, float("nan")), 3),
+                      "spike": ({"spike_zscore": 50.0, "window": 8, "min_samples": 3,
+                                 "spike_on": ("loss",)}, (4, -1, 1e4 / W.WORLD), 6)}[case]
+    model = W.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=W.LR, momentum=0.9)
+    guard = gt.Guard(opt, **kw)
+    W.train(model, opt, None, rank=-1, steps=steps, guard=guard, loss_add=add)
+    return [list(s) for s in guard.skips], torch.cat(
+        [p.detach().reshape(-1) for p in model.parameters()]).tolist()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case,expected", [("nanloss", [[1, "nonfinite_loss"]]),
+                                           ("spike", [[4, "loss_spike"]])])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_guard_skips_the_same_steps_on_every_rank(job, mode, case, expected):
+    """Rank 1 alone sees a nan loss / a loss spike: every rank skips that step."""
+    _, ranks = job
+    res = [r[f"{mode}_guard_{case}"] for r in ranks]
+    for r in res:
+        assert "error" not in r, r.get("where")
+    assert res[0]["skips"] == res[1]["skips"] == expected
+    assert res[0]["state"] == res[1]["state"]               # counters and spike windows too
+    assert res[0]["params"] == res[1]["params"]             # bitwise identical replicas
+    ref_skips, ref_params = _guard_reference(case)
+    assert ref_skips == expected
+    assert _rel(res[0]["params"], ref_params) < REL_TOL
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_guard_without_sync_lets_ranks_disagree(job, mode):
+    """sync=False is the per-rank decision the default replaces (and shows the test bites)."""
+    _, ranks = job
+    res = [r[f"{mode}_guard_nosync"] for r in ranks]
+    assert res[0]["skips"] == [] and res[1]["skips"] == [[1, "nonfinite_loss"]]
+    if mode == "ddp":
+        assert res[0]["params"] != res[1]["params"]         # the replicas drifted apart
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_clip_grad_norm_returns_what_torch_returns(job, mode):
+    _, ranks = job
+    for r in ranks:
+        got = r[f"{mode}_clip_return"]
+        assert got["gt"]["type"] == got["torch"]["type"] == (
+            "DTensor" if mode == "fsdp2" else "Tensor")
+        assert got["gt"]["placements"] == got["torch"]["placements"]
+        assert _rel(got["gt"]["value"], got["torch"]["value"]) < 1e-6
+        for q in ("inf", "1.0"):
+            assert _rel(*got[f"norm{q}"]) < 1e-6, q
 
 
 @pytest.mark.timeout(90)

@@ -236,3 +236,73 @@ def test_robust_zscore_flat_window():
     assert robust_zscore(1.0, [1.0] * 10) == 0.0
     assert robust_zscore(1.001, [1.0] * 10) < 6.0
     assert robust_zscore(2.0, [1.0] * 10) > 6.0
+
+
+# ------------------------------------------------------------------ distributed decision
+
+class _TwoRanks:
+    """Stands in for torch.distributed: this rank plus one other rank's packed inputs."""
+
+    class ReduceOp:
+        SUM = "sum"
+
+    def __init__(self, other_loss, other_norm):
+        self.other = (other_loss, other_norm)
+        self.calls = 0
+
+    def get_backend(self, group=None):
+        return "gloo"
+
+    def all_reduce(self, buf, op=None, group=None):
+        assert op == "sum" and buf.shape == (10,)
+        self.calls += 1
+        rows = []
+        for v in self.other:
+            if v is None:
+                rows.append([0.0] * 5)
+            else:
+                rows.append([v if math.isfinite(v) else 0.0, 1.0, float(math.isnan(v)),
+                             float(v == math.inf), float(v == -math.inf)])
+        buf.add_(torch.tensor(rows[0] + rows[1], dtype=buf.dtype))
+
+
+@pytest.mark.parametrize("mine,other,agreed", [
+    (1.0, 3.0, 2.0),                  # the mean over the ranks
+    (1.0, math.nan, math.nan),        # non-finite anywhere -> non-finite everywhere
+    (math.inf, 2.0, math.inf),
+    (math.inf, -math.inf, math.nan),
+    (None, 4.0, 4.0),                 # only the ranks that passed a value count
+])
+def test_agreed_values_are_the_mean_over_ranks(mine, other, agreed):
+    p = nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    guard = Guard(torch.optim.SGD([p], lr=0.1))
+    fake = _TwoRanks(other, 8.0)
+    loss = None if mine is None else torch.tensor(mine)
+    got_loss, got_norm = guard._agree(fake, [loss, torch.tensor(2.0)])
+    assert fake.calls == 1                                   # one collective per step
+    assert got_norm == pytest.approx(5.0)
+    if math.isnan(agreed):
+        assert math.isnan(got_loss)
+    else:
+        assert got_loss == agreed
+
+
+def test_step_uses_the_agreed_values(monkeypatch):
+    """Rank 1's nan loss makes this rank skip too; sync=False decides alone."""
+    for sync, applied in ((True, False), (False, True)):
+        p = nn.Parameter(torch.ones(2))
+        p.grad = torch.ones(2)
+        guard = Guard(torch.optim.SGD([p], lr=0.1), sync=sync)
+        fake = _TwoRanks(math.nan, math.sqrt(2.0))
+        monkeypatch.setattr(guard, "_dist", lambda f=fake, s=sync: f if s else None)
+        assert guard.step(torch.tensor(1.0)) is applied
+        assert fake.calls == (1 if sync else 0)
+        if not applied:
+            assert guard.skips == [(0, "nonfinite_loss")] and math.isnan(guard.last_loss)
+
+
+def test_no_process_group_means_no_sync():
+    guard = Guard(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1))
+    assert guard.sync is True and guard.process_group is None and guard._dist() is None
+    assert Guard(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), sync=False)._dist() is None

@@ -46,6 +46,22 @@ been multiplied in, as::
 
 Observers must not sync either if the caller cares about speed; exceptions they raise
 propagate to the caller. Nothing is published when there are no gradients.
+
+Sharded gradients (FSDP2 ``DTensor``)
+-------------------------------------
+When gradients are ``DTensor`` shards (``torch.distributed.fsdp.fully_shard``),
+:func:`grad_norms` takes every per-shard norm from the local tensors (fused kernels, as
+for plain tensors) and combines them across the shard mesh with **one all-reduce per
+mesh** (sum of ``norm ** p``; max for ``inf``, min for ``-inf``; ``Replicate`` mesh
+dimensions are not reduced, so HSDP replicas are counted once). The norms and the total
+it returns -- and what observers receive -- are plain tensors holding the *full* values,
+identical on every rank. Every rank holding the shards must call it (it is a
+collective). Empty shards (uneven sharding) are fine, also for ``norm_type=inf``.
+:func:`clip_grad_norm_` scales the local shards and, like
+:func:`torch.nn.utils.clip_grad_norm_` (torch 2.13), returns the total as a ``DTensor``
+with ``Replicate()`` placements on the gradients' mesh (``.full_tensor()`` gives the
+value without communication). (For ``norm_type=inf`` torch 2.13 returns a
+``Partial(max)`` DTensor of the same value, and fails outright on an empty shard.)
 """
 from __future__ import annotations
 
@@ -176,7 +192,11 @@ def _sparse_values(t: Tensor) -> Tensor:
 
 
 def _scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
-    """Multiply every gradient in place by the 0-d tensor ``coef`` (no host sync)."""
+    """Multiply every gradient in place by the 0-d tensor ``coef`` (no host sync).
+
+    DTensor gradients are scaled through their local shards (every rank holds the same
+    coefficient), so the fused kernels apply to them too."""
+    grads = [_local(g) for g in grads]
     for (device, _), idx in _groups(grads).items():
         group = [grads[i] for i in idx]
         c = coef.to(device)
@@ -192,6 +212,78 @@ def _scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> N
 
 # ------------------------------------------------------------------ norm clipping
 
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (an alias, under no_grad), any other tensor as is."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
+    """Per-tensor norms of plain (local) tensors, one fused kernel per (device, dtype)."""
+    norms: list[Tensor | None] = [None] * len(tensors)
+    for (device, _), idx in _groups(tensors).items():
+        group = [tensors[i].detach() for i in idx]
+        if _use_foreach(group, device, foreach):
+            out = torch._foreach_norm(group, p)
+        else:
+            out = [torch.linalg.vector_norm(t, p) for t in group]
+        for i, n in zip(idx, out):
+            norms[i] = n
+    for i, t in enumerate(tensors):
+        if not _is_dense(t):
+            norms[i] = torch.linalg.vector_norm(_sparse_values(t.detach()), p)
+    return norms  # type: ignore[return-value]
+
+
+def _sharded_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
+    """Full per-tensor norms of DTensors: local shard norms, one all-reduce per mesh.
+
+    A shard's contribution is ``norm ** p`` (summed), its max|x| (``inf``, MAX), min|x|
+    (``-inf``, MIN) or its nonzero count (``p == 0``, summed); the reduction runs over
+    the mesh dimensions the tensor is sharded along. DTensors with a ``Partial``
+    placement (unreduced gradients) fall back to DTensor's own norm and ``full_tensor()``.
+    """
+    import torch.distributed as dist
+    out: list[Tensor | None] = [None] * len(tensors)
+    if p == math.inf:
+        op, empty = dist.ReduceOp.MAX, 0.0
+    elif p == -math.inf:
+        op, empty = dist.ReduceOp.MIN, math.inf
+    else:
+        op, empty = dist.ReduceOp.SUM, 0.0
+    # (mesh, sharded mesh dims, device) -> indices; first-seen order on every rank
+    buckets: dict[tuple[Any, tuple[int, ...], torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        placements = tuple(t.placements)
+        if any(pl.is_partial() for pl in placements) or not _is_dense(t):
+            out[i] = torch.linalg.vector_norm(t.detach(), p).full_tensor()
+            continue
+        dims = tuple(d for d, pl in enumerate(placements) if pl.is_shard())
+        buckets.setdefault((t.device_mesh, dims, t.device), []).append(i)
+    for (mesh, dims, device), idx in buckets.items():
+        locs = [_local(tensors[i].detach()) for i in idx]
+        full = [j for j, t in enumerate(locs) if t.numel() > 0]
+        norms = _local_norms([locs[j] for j in full], p, foreach) if full else []
+        wdt = torch.float64 if any(t.dtype == torch.float64 for t in locs) else torch.float32
+        acc = torch.full((len(idx),), empty, dtype=wdt, device=device)
+        if full:
+            v = torch.stack([n.to(device, wdt) for n in norms])
+            if p not in (0.0, math.inf, -math.inf):
+                v = v.pow(p)
+            acc[torch.tensor(full, device=device)] = v
+        if dims and mesh.get_coordinate() is not None:
+            for d in dims:       # one collective per sharded mesh dim (FSDP2: exactly one)
+                dist.all_reduce(acc, op=op, group=mesh.get_group(d))
+        if p not in (0.0, math.inf, -math.inf):
+            acc = acc.pow(1.0 / p)
+        for k, i in enumerate(idx):
+            out[i] = acc[k].to(locs[k].dtype)
+    return out  # type: ignore[return-value]
+
+
 def grad_norms(grads: Tensor | Iterable[Tensor], norm_type: float = 2.0,
                foreach: bool | None = None) -> tuple[list[Tensor], Tensor]:
     """Per-tensor norms and their total, computed with one fused kernel per (device, dtype).
@@ -201,6 +293,10 @@ def grad_norms(grads: Tensor | Iterable[Tensor], norm_type: float = 2.0,
     vector of those norms (on the first tensor's device), i.e. the norm of all gradients
     viewed as one vector. Sparse tensors are supported (norm of their coalesced values).
     With no tensors, returns ``([], tensor(0.))``. No host sync.
+
+    ``DTensor`` gradients (FSDP2 shards) give the norms of the *full* tensors as plain
+    tensors, identical on every rank, at the cost of one all-reduce per device mesh; all
+    ranks of the mesh must call this together (see the module docstring).
 
     Example:
         >>> import torch
@@ -212,22 +308,30 @@ def grad_norms(grads: Tensor | Iterable[Tensor], norm_type: float = 2.0,
     p = _check_norm_type(norm_type)
     if not tensors:
         return [], torch.tensor(0.0)
-    norms: list[Tensor | None] = [None] * len(tensors)
     with torch.no_grad():
-        for (device, _), idx in _groups(tensors).items():
-            group = [tensors[i].detach() for i in idx]
-            if _use_foreach(group, device, foreach):
-                out = torch._foreach_norm(group, p)
-            else:
-                out = [torch.linalg.vector_norm(t, p) for t in group]
-            for i, n in zip(idx, out):
+        sharded = [i for i, t in enumerate(tensors) if _is_dtensor(t)]
+        if sharded:
+            is_sharded = set(sharded)
+            plain = [i for i in range(len(tensors)) if i not in is_sharded]
+            norms: list[Tensor | None] = [None] * len(tensors)
+            for i, n in zip(sharded, _sharded_norms([tensors[i] for i in sharded], p, foreach)):
                 norms[i] = n
-        for i, t in enumerate(tensors):
-            if not _is_dense(t):
-                norms[i] = torch.linalg.vector_norm(_sparse_values(t.detach()), p)
+            for i, n in zip(plain, _local_norms([tensors[i] for i in plain], p, foreach)):
+                norms[i] = n
+        else:
+            norms = _local_norms(tensors, p, foreach)  # type: ignore[assignment]
         first = tensors[0].device
         total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), p)
     return norms, total  # type: ignore[return-value]
+
+
+def _replicated_like(total: Tensor, grads: list[Tensor]) -> Tensor:
+    """``total`` as torch's clip_grad_norm_ returns it: a Replicate DTensor for DTensor grads."""
+    mesh = next((g.device_mesh for g in grads if _is_dtensor(g)), None)
+    if mesh is None:
+        return total
+    from torch.distributed.tensor import DTensor, Replicate
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def clip_with_norms_(grads: Tensor | Iterable[Tensor], total_norm: Tensor,
@@ -250,6 +354,8 @@ def clip_with_norms_(grads: Tensor | Iterable[Tensor], total_norm: Tensor,
     tensors = _tensor_list(grads, "grads")
     if not isinstance(total_norm, Tensor):
         raise TypeError(f"total_norm must be a Tensor, got {type(total_norm).__name__}")
+    if _is_dtensor(total_norm):          # e.g. torch's clip_grad_norm_ under FSDP2
+        total_norm = total_norm.full_tensor()
     if not isinstance(max_norm, Tensor):
         max_norm = float(max_norm)
         if not max_norm >= 0.0:
@@ -271,6 +377,10 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
     are supported. No host sync unless ``error_if_nonfinite=True`` (which must read the
     norm to decide whether to raise ``RuntimeError``). Publishes to norm observers.
 
+    With ``DTensor`` gradients (FSDP2) the total is computed over the full gradients (one
+    all-reduce, see :func:`grad_norms`) and returned, as torch 2.13 does, as a ``DTensor``
+    with ``Replicate()`` placements; observers get it as a plain tensor.
+
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 2)
@@ -289,7 +399,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
             "it anyway")
     coef = clip_with_norms_(grads, total, max_norm, foreach)
     _publish(grads, norms, total, coef, float(norm_type))
-    return total
+    return _replicated_like(total, grads)
 
 
 def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float,

@@ -20,6 +20,19 @@ Cost: the decision needs the loss and norm on the host, so ``step`` performs exa
 device-to-host copy per call (both values packed in one tensor), like GradScaler's
 ``found_inf`` check. Nothing is synced when neither check needs a value.
 
+Distributed training: every rank must take the same decision, or DDP/FSDP ranks drift
+apart (one steps, another skips) and later collectives may hang. When
+``torch.distributed`` is initialised with more than one rank (and ``sync=True``, the
+default), ``step`` all-reduces the decision inputs in **one** small ``SUM`` collective
+per call over ``process_group`` (``None``: the default group): per signal the sum of the
+finite values, how many ranks passed one, and how many were nan / +inf / -inf. Every
+rank then decides on the same numbers -- the loss is the mean over the ranks (the loss
+of the global batch for equal per-rank batches), non-finite if it is non-finite on any
+rank -- so skip decisions, spike windows, counters and learning-rate backoffs are
+identical everywhere. The collective replaces the host copy (still one sync per call).
+Gradient norms of FSDP2 ``DTensor`` shards are taken over the full gradient
+(:func:`gradtrace.remedies.clip.grad_norms`). All ranks must call ``step`` together.
+
 After ``backoff_after`` consecutive skips, ``lr_backoff`` (if set) multiplies every param
 group's learning rate by that factor (and the count restarts), for runs whose instability
 persists rather than being a one-off spike.
@@ -80,6 +93,11 @@ class Guard:
             ``max(2, window // 2)``).
         backoff_after: consecutive skips that trigger an ``lr_backoff`` (default 3).
         spike_on: which signals the spike rule watches, subset of ``("loss", "grad_norm")``.
+        sync: under an initialised multi-rank ``torch.distributed`` run, agree on the
+            decision inputs across ranks (one all-reduce per ``step``; see the module
+            docstring). ``False`` decides on this rank's values alone -- only safe when
+            each rank's loss and gradient norm are already identical.
+        process_group: the group to agree over (``None``: the default group).
 
     Skip reasons: ``"nonfinite_grad"``, ``"nonfinite_loss"``, ``"loss_spike"``,
     ``"grad_norm_spike"``. Steps are numbered from 0 by calls to :meth:`step`.
@@ -103,7 +121,8 @@ class Guard:
                  spike_zscore: float | None = None, window: int = 128,
                  lr_backoff: float | None = None, monitor: Any = None, *,
                  min_samples: int | None = None, backoff_after: int = 3,
-                 spike_on: Iterable[str] = _SPIKE_SIGNALS) -> None:
+                 spike_on: Iterable[str] = _SPIKE_SIGNALS, sync: bool = True,
+                 process_group: Any = None) -> None:
         if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -138,6 +157,8 @@ class Guard:
         self.min_samples = min_samples
         self.backoff_after = backoff_after
         self.spike_on = spike_on
+        self.sync = bool(sync)
+        self.process_group = process_group
         self.step_count = 0
         self.skipped = 0
         self.skips: list[tuple[int, str]] = []
@@ -164,26 +185,85 @@ class Guard:
             if grads:
                 norms, grad_norm = grad_norms(grads)
                 _publish(grads, norms, grad_norm, None, 2.0)
-        pending: list[Tensor] = []
-        out: list[float | None] = [None, None]
-        for i, (v, wanted) in enumerate(((loss, want_loss), (grad_norm, want_norm))):
-            if v is None or not wanted:
-                continue
+        vals = [loss if want_loss else None, grad_norm if want_norm else None]
+        for i, v in enumerate(vals):
             if isinstance(v, Tensor):
                 if v.numel() != 1:
                     name = "loss" if i == 0 else "grad_norm"
                     raise ValueError(f"{name} must be a scalar, got shape {tuple(v.shape)}")
-                pending.append(v)
-            else:
-                out[i] = float(v)
+                if hasattr(v, "full_tensor"):     # a DTensor, e.g. a clipper's FSDP2 total
+                    v = v.full_tensor()
+                vals[i] = v.detach().reshape(())
+            elif v is not None:
+                vals[i] = float(v)
+        if not (self.skip_nonfinite or self.spike_zscore is not None):
+            return None, None    # nothing to decide (the same on every rank: settings only)
+        dist = self._dist()
+        if dist is not None:
+            return self._agree(dist, vals)
+        pending = [v for v in vals if isinstance(v, Tensor)]
         if pending:
             dev = pending[0].device
-            packed = torch.stack([t.detach().reshape(()).to(dev, _state_dtype(dev))
-                                  for t in pending])
+            packed = torch.stack([t.to(dev, _state_dtype(dev)) for t in pending])
             values = iter(packed.tolist())  # the one host sync of this step
-            for i, (v, wanted) in enumerate(((loss, want_loss), (grad_norm, want_norm))):
-                if isinstance(v, Tensor) and wanted:
-                    out[i] = next(values)
+            vals = [next(values) if isinstance(v, Tensor) else v for v in vals]
+        return vals[0], vals[1]
+
+    def _dist(self) -> Any:
+        """``torch.distributed`` when the decision must be agreed across ranks, else None."""
+        if not self.sync:
+            return None
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist if dist.get_world_size(self.process_group) > 1 else None
+
+    def _comm_device(self, dist: Any, vals: list) -> torch.device:
+        backend = str(dist.get_backend(self.process_group)).lower()
+        if "gloo" in backend or "mpi" in backend:
+            return torch.device("cpu")
+        dev = next((v.device for v in vals if isinstance(v, Tensor)), None)
+        if dev is not None and dev.type != "cpu":
+            return dev
+        acc = torch.accelerator.current_accelerator()
+        return torch.device(acc.type, torch.accelerator.current_device_index()) \
+            if acc is not None else torch.device("cpu")
+
+    def _agree(self, dist: Any, vals: list) -> tuple[float | None, float | None]:
+        """Reduce (loss, grad_norm) over the ranks with ONE all-reduce; same result everywhere.
+
+        Per signal five numbers are summed: the finite value (0 otherwise), 1 if this rank
+        passed a value, and nan / +inf / -inf indicators (NaN is never sent, so the
+        result does not depend on how a backend propagates it). The agreed value is the
+        mean over the ranks that passed one, with IEEE semantics for non-finite values.
+        """
+        dev = self._comm_device(dist, vals)
+        dtype = _state_dtype(dev)
+        rows = []
+        for v in vals:
+            if v is None:
+                rows.append(torch.zeros(5, dtype=dtype, device=dev))
+                continue
+            x = v.to(dev, dtype) if isinstance(v, Tensor) else torch.tensor(v, dtype=dtype,
+                                                                          device=dev)
+            finite = torch.isfinite(x)
+            rows.append(torch.stack([torch.where(finite, x, torch.zeros_like(x)),
+                                     torch.ones_like(x), torch.isnan(x).to(dtype),
+                                     torch.isposinf(x).to(dtype), torch.isneginf(x).to(dtype)]))
+        buf = torch.cat(rows)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
+        flat = buf.tolist()  # the one host sync of this step
+        out: list[float | None] = []
+        for k in range(2):
+            total, count, nan, pinf, ninf = flat[5 * k:5 * k + 5]
+            if count == 0:
+                out.append(None)
+            elif nan or (pinf and ninf):
+                out.append(math.nan)
+            elif pinf or ninf:
+                out.append(math.inf if pinf else -math.inf)
+            else:
+                out.append(total / count)
         return out[0], out[1]
 
     def step(self, loss: Any = None, *, grad_norm: Any = None) -> bool:
