@@ -102,8 +102,8 @@ def deep_mlp(kind: str, depth: int, width: int, d_in: int, d_out: int) -> nn.Mod
     or ``"residual_layernorm"``.
 
     Example:
-        >>> len(deep_mlp("sigmoid", 4, 8, 8, 2))
-        10
+        >>> len(deep_mlp("sigmoid", 4, 8, 8, 2))      # 4 x (Linear, Sigmoid) + output Linear
+        9
     """
     if kind == "residual_layernorm":
         return nn.Sequential(nn.Linear(d_in, width), *[ResidualBlock(width) for _ in range(depth)],
@@ -207,7 +207,7 @@ def train_mlp(out: str, kind: str, cfg: DemoConfig, tick: Callable[[], None] = l
     d_in, classes = 16, 4
     x, y = classification_data(cfg.batch * 8, d_in, classes, cfg.seed)
     model = deep_mlp(kind, cfg.depth, cfg.width, d_in, classes)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
 
     def batch(step: int):
         i = (step % 8) * cfg.batch

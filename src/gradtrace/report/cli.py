@@ -44,6 +44,25 @@ def _findings(trace, required: bool) -> list | None:
     return found
 
 
+def _quiet_broken_pipe(func):
+    """``gradtrace doctor --json | head`` closes the pipe early: exit quietly, no traceback."""
+    import functools
+    import os
+
+    @functools.wraps(func)
+    def wrapper(args: Any) -> int:
+        try:
+            code = func(args)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())   # Python's exit-time flush must not fail again
+            return 141                              # 128 + SIGPIPE, as a shell reports it
+    return wrapper
+
+
+@_quiet_broken_pipe
 def show_main(args: Any) -> int:
     """``gradtrace show RUN``: findings on top, then the per-layer table with trends.
 
@@ -59,6 +78,7 @@ def show_main(args: Any) -> int:
     return EXIT_OK
 
 
+@_quiet_broken_pipe
 def doctor_main(args: Any) -> int:
     """``gradtrace doctor RUN [--json]``: findings with fixes; 0 healthy, 3 findings.
 

@@ -94,7 +94,7 @@ def layer_grad_norms(trace) -> tuple[np.ndarray, list[str], np.ndarray]:
 
     Example:
         >>> steps, layers, g = layer_grad_norms(trace)      # doctest: +SKIP
-        >>> g[:, 0] / g[:, -1]        # first layer's gradient relative to the last
+        >>> g[:, 0] / g[:, -1]        # doctest: +SKIP
     """
     layers = layer_order(trace)
     if "grad_norm" not in trace.stats():
@@ -194,7 +194,7 @@ def time_gradients(trace) -> dict[str, np.ndarray]:
 
     Example:
         >>> tg = time_gradients(trace)          # doctest: +SKIP
-        >>> tg["rnn"].shape                     # (records, sequence length)
+        >>> tg["rnn"].shape                     # doctest: +SKIP
     """
     if "time_grad_norm" not in trace.stats():
         return {}
