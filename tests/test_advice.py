@@ -79,8 +79,11 @@ def test_exploding_clip_and_lr():
     assert "gt.clip_grad_norm_(model.parameters(), max_norm=1.0)" in codes
     assert any("0.03" in c for c in codes)
     # A baseline in the evidence sets max_norm near the run's usual norm.
-    tuned = fixes_for("exploding_gradients", None, [], evidence={"baseline_median": 0.2})
+    tuned = fixes_for("exploding_gradients", None, [], evidence={"baseline_grad_norm": 0.2})
     assert "max_norm=0.4" in tuned[0].code
+    # A loss spike's baseline is a loss, not a gradient norm: it must not set max_norm.
+    spike = fixes_for("loss_spike", None, [], evidence={"baseline_median": 7.0})
+    assert "max_norm=1.0" in spike[0].code
 
 
 def test_nonfinite_rows_follow_the_cause():

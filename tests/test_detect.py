@@ -234,6 +234,19 @@ def test_nonfinite_cause_divergence():
     assert "learning rate" in f.explanation
 
 
+def test_nonfinite_cause_divergence_from_one_huge_update():
+    # The run breaks at step 1: no history to grow over, but step 0's update was 900x the weights.
+    meta = mlp_meta(3)
+    recs = [rec(meta, 0, update_ratio=[900.0] * 6, exec_order=True), rec(meta, 1)]
+    events = [{"event": "nonfinite", "step": 1, "forward": "0", "backward": None, "params": [],
+               "loss_nonfinite": True}]
+    f = [x for x in diagnose(Trace(meta, recs + events)) if x.kind == "nonfinite"][0]
+    assert f.evidence["cause"] == "divergence"
+    assert f.evidence["cause_evidence"]["max_update_ratio"] == 900.0
+    strict = diagnose(Trace(meta, recs + events), {"divergence_update_ratio": 1e4})
+    assert [x for x in strict if x.kind == "nonfinite"][0].evidence["cause"] == "invalid_operation"
+
+
 def test_nonfinite_cause_overflow():
     meta = mlp_meta(4)
     big = float(torch.finfo(torch.float32).max) * 0.5

@@ -200,7 +200,7 @@ def _lr_fix(row: ChecklistRow, ctx: _Context, why: str) -> Fix:
 
 def _clip_fix(row: ChecklistRow, evidence: dict) -> Fix:
     max_norm = DEFAULT_MAX_NORM
-    base = evidence.get("baseline_median") if isinstance(evidence, dict) else None
+    base = evidence.get("baseline_grad_norm") if isinstance(evidence, dict) else None
     note = ""
     if isinstance(base, (int, float)) and math.isfinite(base) and base > 0:
         max_norm = float(f"{2 * base:.1g}")

@@ -218,7 +218,7 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     evidence = {
         "first_flagged_step": int(steps[i0]),
         "total_grad_norm": float(total[i0]),
-        "baseline_median": float(math.exp(med0)),
+        "baseline_grad_norm": float(math.exp(med0)),
         "fold_over_baseline": float(math.exp(logs[i0] - med0)),
         "robust_z_log_norm": float(z0),
         "steps_flagged": [int(steps[i]) for i in idx[:20]],

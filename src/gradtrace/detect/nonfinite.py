@@ -115,9 +115,17 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
     ev["grad_norm_growth"] = growth(gtot)
     ev["param_norm_growth"] = growth(ptot)
     ev["loss_growth"] = growth(losses) if losses else 1.0
+    upd = 0.0
+    for r in recent:
+        for v in r.get("param", {}).get("update_ratio") or []:
+            x = U.finite_float(v)
+            if math.isfinite(x):   # inf is a zero-initialised parameter (0 in the denominator)
+                upd = max(upd, x)
+    ev["max_update_ratio"] = upd
     if big >= th.overflow_frac * fmax:
         return "overflow", ev
-    if max(ev["grad_norm_growth"], ev["param_norm_growth"]) >= th.divergence_fold:
+    if (max(ev["grad_norm_growth"], ev["param_norm_growth"]) >= th.divergence_fold
+            or upd >= th.divergence_update_ratio):
         return "divergence", ev
     return "invalid_operation", ev
 
@@ -127,8 +135,7 @@ _EXPLAIN = {
                  "({fmax}): the next multiplication or sum overflowed to inf, and inf - inf or "
                  "0 * inf then turned into nan. In float16 this happens near 65504, so activations "
                  "or gradients of a few thousand are already dangerous."),
-    "divergence": ("Gradient or parameter norms had been climbing over the preceding steps (growth "
-                   "x{growth}): the optimisation diverged, each oversized step making the next "
+    "divergence": ("{why}: the optimisation diverged, each oversized step making the next "
                    "gradient larger until the numbers left the representable range. This is the "
                    "signature of a learning rate too high for this model, or of exploding gradients "
                    "that nothing clipped."),
@@ -137,6 +144,14 @@ _EXPLAIN = {
                           "invalid operation (log or sqrt of zero or a negative number, division by "
                           "zero, inf - inf, a custom op) rather than to gradient scale."),
 }
+
+
+def _divergence_why(cev: dict, th: Thresholds) -> str:
+    growth = max(cev["grad_norm_growth"], cev["param_norm_growth"])
+    if growth >= th.divergence_fold:
+        return f"Gradient or parameter norms had been climbing over the preceding steps (x{U.sci(growth)})"
+    return (f"One optimizer step just before changed weights by {U.sci(cev['max_update_ratio'])} times "
+            "their own size")
 
 
 def detect(trace: Trace, th: Thresholds) -> list[Finding]:
@@ -220,6 +235,7 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
             _EXPLAIN[cause].format(frac=U.sci(cev["fraction_of_dtype_max"]), dtype=cev["dtype"],
                                    fmax=U.sci(cev["dtype_max"]),
                                    growth=U.sci(max(cev["grad_norm_growth"], cev["param_norm_growth"])),
+                                   why=_divergence_why(cev, th),
                                    origin=(f"`{origin}`" if phase == "forward" else
                                            "the backward of the module run right after "
                                            f"`{origin}`" if origin else "the loss")))

@@ -63,6 +63,9 @@ class Thresholds:
             largest finite number (``torch.finfo(dtype).max``) counts as near overflow.
         divergence_fold: growth of the gradient or parameter norm over the steps before a
             non-finite value (last finite / early median) that marks divergence.
+        divergence_update_ratio: an optimizer step in that window that changed a parameter by
+            at least this multiple of its own norm (``update_ratio``) also marks divergence:
+            one oversized step is enough when the run breaks within a step or two.
         divergence_window: how many records before the first non-finite step are examined
             for growth and near-overflow values.
         floor: smallest norm used inside a logarithm (exact zeros become this).
@@ -71,7 +74,7 @@ class Thresholds:
     warmup_steps: int = 5
     baseline_window: int = 20
     min_baseline: int = 5
-    spike_z: float = 8.0
+    spike_z: float = 10.0
     spike_min_fold: float = 2.0
     explode_z: float = 8.0
     explode_fold: float = 10.0
@@ -94,6 +97,7 @@ class Thresholds:
     time_explode_ratio: float = 1e3
     overflow_frac: float = 1e-2
     divergence_fold: float = 1e2
+    divergence_update_ratio: float = 1.0
     divergence_window: int = 10
     floor: float = 1e-30
 
