@@ -17,8 +17,10 @@ import time
 import torch
 
 
-def _fmt_expected(exp: dict) -> str:
-    return ", ".join(f"{k}@{v}" if v else k for k, v in exp.items()) or "(none: healthy)"
+def _fmt_expected(sc) -> str:
+    if not sc.expected:
+        return "(none: healthy control)" if sc.healthy else "(none expected)"
+    return ", ".join(f"{k}@{v}" if v else k for k, v in sc.expected.items())
 
 
 def _fmt_found(found: dict) -> str:
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for sc, out, cause, tb, td in rows:
         result = "ok" if out.ok else "FAIL"
         line = (f"{sc.name:<{w}}  {result:<6}  {tb:5.1f}s  {td * 1000:4.0f}ms  "
-                f"{_fmt_expected(sc.expected)} -> {_fmt_found(out.found)}")
+                f"{_fmt_expected(sc)} -> {_fmt_found(out.found)}")
         print(line)
         notes = []
         if sc.cause:
