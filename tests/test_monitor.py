@@ -553,3 +553,36 @@ def test_evaluation_forward_passes_do_not_count():
         model(x).pow(2).mean().backward()
         opt.step()
     assert mon.trace.series("out_maxabs", "0")[0] < 100
+
+
+def test_std_survives_a_large_offset_and_nan_steps_do_not_read_as_dead():
+    class Offset(nn.Module):
+        def forward(self, x):
+            return 100.0 + 1e-3 * x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), Offset(), nn.ReLU(), nn.Linear(64, 1))
+    x = torch.randn(32, 8)
+    ref = (100.0 + 1e-3 * model[0](x)).detach().double().std(unbiased=False).item()
+    with gt.watch(model, None, activations_every=1) as mon:
+        model(x).sum().backward()
+        mon.step()
+        model.zero_grad()
+        model(x * float("nan")).sum().backward()
+        mon.step()
+    t = mon.trace
+    np.testing.assert_allclose(t.series("out_std", "1")[0], ref, rtol=1e-3)
+    steps, dead = t.series("dead_units", "2", with_steps=True)
+    assert list(steps) == [0]                      # the nan step records no dead units
+    assert t.series("out_nonfinite", "2")[1] > 0
+
+
+def test_update_ratio_of_zero_weights_is_null():
+    model = nn.Linear(4, 2)
+    nn.init.zeros_(model.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt, activations_every=1) as mon:
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    assert len(mon.trace.series("update_ratio", "bias")) == 0
+    assert np.isfinite(mon.trace.series("update_ratio", "weight")).all()

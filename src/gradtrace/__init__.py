@@ -21,7 +21,7 @@ _EXPORTS = {
     "watch": "monitor", "Monitor": "monitor", "PRESETS": "monitor",
     "load": "trace", "Trace": "trace", "TraceWarning": "trace",
     "Finding": "findings", "Fix": "findings", "KINDS": "findings",
-    "diagnose": "detect", "report": "report",
+    "diagnose": "detect", "Thresholds": "detect", "report": "report",
     "clip_grad_norm_": "remedies.clip", "clip_grad_value_": "remedies.clip",
     "adaptive_clip_grad_": "remedies.clip", "AutoClip": "remedies.clip", "ZClip": "remedies.clip",
     "Guard": "remedies.guard",
@@ -31,6 +31,12 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+# These functions share their name with the submodule that defines them. Importing such a
+# submodule rebinds the package attribute to the module, so bind the functions eagerly:
+# once bound here, a later `import gradtrace.spectrum` no longer touches the attribute.
+from .spectrum import spectrum  # noqa: E402
+from .preflight import preflight  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

@@ -275,21 +275,23 @@ class Monitor:
                 self._order.append(idx)
             for t in tensors:
                 td = t.detach()
-                if self._act:
-                    self._activation_stats(idx, td)
                 self._call_idx.append(idx)
                 # A sum is finite iff every entry is (NaN/inf propagate): one cheap kernel.
                 # On activation steps it doubles as the first moment.
-                self._flags.append(td.sum(dtype=F32))
+                self._flags.append(self._activation_stats(idx, td) if self._act else td.sum(dtype=F32))
                 if t.requires_grad and (self._act or self.backward_flags):
                     t.register_hook(partial(self._on_out_grad, idx))
         except Exception as e:  # a monitoring bug must never stop the user's training
             self._internal_error(e)
 
-    def _activation_stats(self, idx: int, td: torch.Tensor) -> None:
+    def _activation_stats(self, idx: int, td: torch.Tensor) -> torch.Tensor:
+        """Queue this call's activation figures; return its sum (reused as the flag)."""
         kind = self._kinds[idx]
         mn, mx = td.aminmax()
-        norm = torch.linalg.vector_norm(td, dtype=F32)
+        total = td.sum(dtype=F32)
+        # Norm about the call's own mean: the spread survives a large offset (100 + 1e-3 x),
+        # where E[x^2] - E[x]^2 in float32 would cancel to zero.
+        norm = torch.linalg.vector_norm(td - total / td.numel(), dtype=F32)
         bad = torch.count_nonzero(td * 0)   # inf*0 and nan*0 are nan, finite*0 is 0
         if kind == "relu":
             extra = torch.count_nonzero(td)                    # active entries
@@ -301,9 +303,10 @@ class Monitor:
             extra = torch.count_nonzero((td < lo) | (td > hi))
         else:
             extra = bad  # placeholder of the right dtype and device; ignored for this kind
-        self._acts.append((len(self._flags), idx, td.numel()))
+        self._acts.append((len(self._flags), idx, td.numel()))  # the flag about to be appended
         for col, v in zip(self._cols, (mn, mx, norm, bad, extra)):
             col.append(v)
+        return total
 
     def _on_out_grad(self, idx: int, grad: torch.Tensor) -> None:
         if self._closed or not self._rec:
@@ -532,7 +535,10 @@ class Monitor:
                 pn = np.sqrt(host["psq"].astype(np.float64))
                 with np.errstate(divide="ignore", invalid="ignore"):
                     ratio = np.sqrt(host["dsq"].astype(np.float64)) / pn
-                param["update_ratio"] = scatter(ratio, n_p, idx)
+                col = scatter(ratio, n_p, idx)
+                for k in np.flatnonzero(pn == 0):
+                    col[idx[k]] = None  # a zero weight (zero-initialised bias) has no relative update
+                param["update_ratio"] = col
         if "clip" in host:
             total, coef = host["clip"]
             scalars["total_grad_norm"] = float(total)
@@ -595,9 +601,15 @@ class Monitor:
             mn, mx, norm, bad, extra = (float(v) for v in row)
             total = flags[pos]
             s = acc.setdefault(i, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+            # Combine (entries, mean, sum of squared deviations) across calls (Chan et al.).
+            mean_c, m2_c = float(total) / n, norm * norm
+            if s[0] == 0:
+                s[1], s[2] = mean_c, m2_c
+            else:
+                delta = mean_c - s[1]
+                s[2] += m2_c + delta * delta * s[0] * n / (s[0] + n)
+                s[1] += delta * n / (s[0] + n)
             s[0] += n                          # entries
-            s[1] += float(total)               # sum of x (the flag kernel is the sum)
-            s[2] += norm * norm                # sum of x^2
             s[3] += bad                        # non-finite entries
             s[4] += extra                      # ReLU: active entries; sigmoid/tanh: saturated
             big = max(abs(mn), abs(mx))
@@ -606,13 +618,16 @@ class Monitor:
                                  ("out_mean", "out_std", "out_maxabs", "out_nonfinite")}
         relu = {k: [None] * n_m for k in ("zero_frac", "dead_units", "units")}
         sat: list = [None] * n_m
-        for i, (n, total, sumsq, bad, extra, maxabs) in acc.items():
-            mean = total / n
+        broken = set()
+        for i, (n, mean, m2, bad, extra, maxabs) in acc.items():
             cols["out_mean"][i] = mean
-            var = sumsq / n - mean * mean
-            cols["out_std"][i] = math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
+            cols["out_std"][i] = math.sqrt(m2 / n) if math.isfinite(m2) else math.nan
             cols["out_maxabs"][i] = maxabs
             cols["out_nonfinite"][i] = bad
+            if bad > 0:
+                # nan > 0 is false: a non-finite output would read as dead or saturated units
+                broken.add(i)
+                continue
             kind = self._kinds[i]
             if kind == "relu":
                 relu["zero_frac"][i] = 1.0 - extra / n
@@ -620,6 +635,8 @@ class Monitor:
                 sat[i] = extra / n
         module.update(cols)
         for i, mask in self._masks.items():
+            if i in broken:
+                continue
             active = self._host_masks[i]
             relu["dead_units"][i] = float(active.size - active.sum())
             relu["units"][i] = float(active.size)

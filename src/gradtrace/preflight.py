@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .findings import Finding, Fix, _jsonable
-from .spectrum import (Spectrum, _as_args, _Capture, _first_tensor, _make_module_callable,
+from .spectrum import (Spectrum, _as_args, _Capture, _first_tensor,
                        _select_blocks, spectrum)
 
 __all__ = ["preflight", "PreflightResult", "PreflightThresholds", "mean_field", "cli_main"]
@@ -754,4 +754,3 @@ def cli_main(args: Any) -> int:
     return 3 if result else 0
 
 
-_make_module_callable(__name__, preflight)

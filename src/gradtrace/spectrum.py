@@ -20,8 +20,6 @@ the model runs in eval mode while its spectrum is measured.
 from __future__ import annotations
 
 import fnmatch
-import sys
-import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -646,18 +644,3 @@ def _block_fn_root(model: nn.Module, args: tuple):
         return _first_tensor(model(*a))
 
     return f, args[idx]
-
-
-def _make_module_callable(module_name: str, func: Callable[..., Any]) -> None:
-    """Importing ``gradtrace.<name>`` sets the package attribute ``<name>`` to the
-    submodule, shadowing the lazily exported function of the same name; making the
-    module callable keeps ``gt.spectrum(...)`` / ``gt.preflight(...)`` working either way."""
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return func(*args, **kwargs)
-
-    sys.modules[module_name].__class__ = _CallableModule
-
-
-_make_module_callable(__name__, spectrum)
