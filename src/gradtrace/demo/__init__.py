@@ -114,7 +114,10 @@ def _progress(total: int, enabled: bool):
             def set_description(self, s: str) -> None: ...
             def close(self) -> None: ...
         return _Null()
-    return tqdm(total=total, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr)
+    import shutil
+
+    width = shutil.get_terminal_size((100, 20)).columns or 100   # 0 on some pseudo-terminals
+    return tqdm(total=total, unit="step", ncols=min(max(width, 60), 120), leave=False, file=sys.stderr)
 
 
 def _steps_for(group: str, cfg: DemoConfig) -> int:
