@@ -425,14 +425,22 @@ def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str
         dash = ' stroke-dasharray="6 4"' if s.dash else ""
         if s.style in ("line", "both"):
             run: list[str] = []
+
+            def flush(run: list[str]) -> None:
+                if len(run) == 1:   # an isolated point (e.g. the last finite value) still shows
+                    cx, cy = run[0].split(",")
+                    o.append(f'<circle cx="{cx}" cy="{cy}" r="3.5" fill="{color}"/>')
+                elif run:
+                    o.append(f'<polyline fill="none" stroke="{color}" stroke-width="{s.width}"{dash} '
+                             f'points="{" ".join(run)}"/>')
+
             for i in range(len(xs)):
                 if ok[i]:
                     run.append(f"{X(xs[i]):.1f},{Y(ys[i]):.1f}")
                 elif run:
-                    o.append(f'<polyline fill="none" stroke="{color}" stroke-width="{s.width}"{dash} points="{" ".join(run)}"/>')
+                    flush(run)
                     run = []
-            if run:
-                o.append(f'<polyline fill="none" stroke="{color}" stroke-width="{s.width}"{dash} points="{" ".join(run)}"/>')
+            flush(run)
         if s.style in ("points", "both") and len(xs) <= 120:
             for i in range(len(xs)):
                 if ok[i]:
