@@ -37,6 +37,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 # once bound here, a later `import gradtrace.spectrum` no longer touches the attribute.
 from .spectrum import spectrum  # noqa: E402
 from .preflight import preflight  # noqa: E402
+from .report import report  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

@@ -143,20 +143,3 @@ def report(trace, path: str | os.PathLike | None = None, *, findings: Sequence[A
 
         plots.write_pngs(trace, png_dir, findings or ())
     return out
-
-
-# ``import gradtrace.report.<anything>`` binds this *module* to ``gradtrace.report``,
-# shadowing the lazily exported function ``gt.report``. Making the module callable keeps
-# ``gt.report(trace, path)`` working whichever of the two the attribute holds.
-def _make_callable() -> None:
-    import sys
-    import types
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args: Any, **kwargs: Any) -> Path:
-            return report(*args, **kwargs)
-
-    sys.modules[__name__].__class__ = _CallableModule
-
-
-_make_callable()
