@@ -234,7 +234,11 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
             "up as a loss spike and, if it repeats or compounds, as inf/nan. Typical causes are a "
             "learning rate at the edge of stability, an unusual batch, or layers whose weights "
             "have grown so the backward pass amplifies.")
-    return [Finding("exploding_gradients", "error", layers, int(steps[i0]), int(steps[idx[-1]]),
+    # An isolated spike that training survives is a warning; a climb, repeated spikes or
+    # a run that ends non-finite is an error.
+    ends_bad = not np.isfinite(total[-1])
+    severity = "error" if climb is not None or len(idx) >= 3 or ends_bad else "warning"
+    return [Finding("exploding_gradients", severity, layers, int(steps[i0]), int(steps[idx[-1]]),
                     evidence, expl, [])]
 
 
