@@ -143,6 +143,21 @@ def test_exploding_gradients_steady_climb():
     assert f, "a steady exponential climb must be caught against the early baseline"
 
 
+def test_exploding_severity_isolated_spike_vs_climb_vs_clipped():
+    meta = mlp_meta(3)
+    norms = noisy(40, 1.0, 0.1, 1)
+    norms[30] = 500.0
+    spike = Trace(meta, [rec(meta, s, grad=float(n)) for s, n in enumerate(norms)])
+    assert [f.severity for f in diagnose(spike) if f.kind == "exploding_gradients"] == ["warning"]
+    climb = 1.3 ** np.arange(40) * (1 + 0.05 * np.random.default_rng(2).standard_normal(40))
+    records = [rec(meta, s, grad=float(n)) for s, n in enumerate(climb)]
+    assert [f.severity for f in diagnose(Trace(meta, records)) if f.kind == "exploding_gradients"] == ["error"]
+    for r in records:                      # the same climb, held by gradtrace's clipping
+        r["scalars"]["total_grad_norm_post_clip"] = min(r["scalars"]["total_grad_norm"], 1.0)
+    (f,) = [f for f in diagnose(Trace(meta, records)) if f.kind == "exploding_gradients"]
+    assert f.severity == "warning" and f.evidence["post_clip_max"] <= 1.0
+
+
 def test_loss_spike_and_override():
     meta = mlp_meta(3)
     loss = noisy(40, 2.0, 0.02, 3)

@@ -235,11 +235,30 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
             "learning rate at the edge of stability, an unusual batch, or layers whose weights "
             "have grown so the backward pass amplifies.")
     # An isolated spike that training survives is a warning; a climb, repeated spikes or
-    # a run that ends non-finite is an error.
+    # a run that ends non-finite is an error, unless gradtrace's clipping held every
+    # flagged step's update to a bounded norm (the remedy is already in place).
     ends_bad = not np.isfinite(total[-1])
-    severity = "error" if climb is not None or len(idx) >= 3 or ends_bad else "warning"
+    clipped = _clipped_norms(trace, [int(steps[i]) for i in idx])
+    if clipped:
+        evidence["post_clip_max"] = max(clipped)
+        evidence["summary"] += f"; clipping held the applied norm to at most {U.sci(max(clipped))}"
+        expl += (" Norm clipping was active on these steps, so the updates actually applied "
+                 "were bounded; the spikes are contained, but their cause is still worth a look.")
+    severity = "error" if (climb is not None or len(idx) >= 3 or ends_bad) and not clipped else "warning"
     return [Finding("exploding_gradients", severity, layers, int(steps[i0]), int(steps[idx[-1]]),
                     evidence, expl, [])]
+
+
+def _clipped_norms(trace: Trace, steps: list[int]) -> list[float]:
+    """Post-clip total norms at ``steps`` if every one of them was clipped finite, else []."""
+    if not U.has_stat(trace, "total_grad_norm_post_clip"):
+        return []
+    rec_steps, post = trace.series("total_grad_norm_post_clip", with_steps=True)
+    by_step = dict(zip(rec_steps.tolist(), post.tolist()))
+    vals = [by_step.get(s) for s in steps]
+    if any(v is None or not math.isfinite(v) for v in vals):
+        return []
+    return vals
 
 
 def _growing_layers(trace: Trace, step: int, th: Thresholds) -> tuple[list[str], dict]:
