@@ -80,7 +80,8 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
     ``th.vanish_total`` times the last layer's (``explode_*`` mirror this); a finding needs
     ``th.persist_frac`` of the steps to qualify. Layers are listed earliest first (under a
     steady per-layer gain the earliest is the most affected), those at least
-    ``sqrt(vanish_total)`` (or ``sqrt(explode_total)``) away from the last layer.
+    ``sqrt(vanish_total)`` (or ``sqrt(explode_total)``) away from the last layer. Vanishing
+    is an error once the ratio is below ``vanish_total ** 2``, else a warning.
 
     Example:
         >>> detect_depth(trace, Thresholds())          # doctest: +SKIP
@@ -128,7 +129,8 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
                     f"signal reaches `{affected[0]}` it is {U.sci(total)} of what the last layer sees: "
                     "early layers get updates too small to learn from while the late layers train. "
                     + _activation_words(trace))
-            sev = "warning"
+            # Past vanish_total squared (1e-4 by default) the early layers do not learn at all.
+            sev = "error" if total < th.vanish_total ** 2 else "warning"
         else:
             expl = ("The backward pass multiplies the gradient by one layer Jacobian after another; "
                     f"here each layer amplifies it by about {U.sci(gain)}, so `{affected[0]}` receives "
