@@ -90,7 +90,9 @@ def test_vanishing_gradients_gain_and_first_layer():
     assert v[0].layers[0] == "0"
     assert abs(v[0].evidence["per_layer_gain"] - 0.52) < 0.02
     assert "0.52" in v[0].evidence["summary"] and "20 layers" in v[0].evidence["summary"]
-    assert v[0].severity == "warning" and v[0].fixes
+    assert v[0].severity == "error" and v[0].fixes          # 0.52^19 = 4e-6: early layers frozen
+    mild = [x for x in diagnose(profile_trace(20, 0.75)) if x.kind == "vanishing_gradients"]
+    assert [x.severity for x in mild] == ["warning"]         # 0.75^19 = 4e-3
 
 
 def test_exploding_gradients_across_depth():
