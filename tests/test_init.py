@@ -18,13 +18,6 @@ KAIMING_MIN_DROP = 0.5    # ... and learns after init_for_activation
 GPT2_STD_RTOL = 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster and robust to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def relu_mlp(depth, width, din, dout=1):
