@@ -274,6 +274,13 @@ def test_bad_arguments_name_the_argument():
         gt.watch(model, layers="encoder.*")
     with pytest.raises(TypeError, match="layers="):
         gt.watch(model, layers=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="clip="):
+        gt.watch(model, opt, clip=-1.0)
+    with pytest.raises(TypeError, match="clip="):
+        gt.watch(model, opt, clip="1.0")
+    with pytest.raises(ValueError, match="needs the optimizer"):
+        gt.watch(model, clip=1.0)
 
 
 def test_layer_selection_forms():

@@ -66,7 +66,9 @@ class _ObserverHandle:
 def _make_clipper(clip: Any):
     if clip is None or callable(clip):
         return clip
-    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0:
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        if not clip > 0:
+            raise ValueError(f"clip={clip!r}: a max norm must be > 0 (or pass None for no clipping)")
         from .remedies.clip import clip_grad_norm_
 
         return lambda params: clip_grad_norm_(params, max_norm=float(clip))
