@@ -1,13 +1,12 @@
 """The demo on a test-sized configuration: traces, per-run reports and the index are written."""
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
 import gradtrace as gt
-from gradtrace.demo import EXPERIMENTS, TINY, cli_main, measure_facts, run_demo
+from gradtrace.demo import EXPERIMENTS, TINY, measure_facts, run_demo
 
 
 def test_facts_match_the_chapter():

@@ -2,14 +2,12 @@
 and the labelled scenario suite (the fast ones always; the rest are marked slow)."""
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import pytest
 import torch
 
-import gradtrace as gt
 from gradtrace.detect import DETECTORS, Thresholds, diagnose
 from gradtrace.findings import KINDS, Finding
 from gradtrace.trace import Trace, pack_mask

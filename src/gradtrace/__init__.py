@@ -35,9 +35,9 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 # These functions share their name with the submodule that defines them. Importing such a
 # submodule rebinds the package attribute to the module, so bind the functions eagerly:
 # once bound here, a later `import gradtrace.spectrum` no longer touches the attribute.
-from .spectrum import spectrum  # noqa: E402
-from .preflight import preflight  # noqa: E402
-from .report import report  # noqa: E402
+from .spectrum import spectrum  # noqa: E402,F401
+from .preflight import preflight  # noqa: E402,F401
+from .report import report  # noqa: E402,F401
 
 
 def __getattr__(name: str) -> Any:

@@ -246,8 +246,6 @@ def _run_line(trace) -> str:
     parts = []
     if s["first_loss"] is not None:
         last = s["final_loss"]
-        import numpy as np
-
         lv = trace.series("loss")
         if lv.size and not math.isfinite(float(lv[-1])):
             last = "nan"
@@ -279,7 +277,7 @@ def _measured_from_runs(traces: dict[str, Any]) -> list[dict[str, str]]:
     if van is not None:
         for name, v in plots.time_gradients(van).items():
             if v.shape[1] > 1 and v[0, -1] > 0:
-                rows.append({"fact": f"tanh RNN (radius 0.5): gradient at time step 0 / last step, first step",
+                rows.append({"fact": "tanh RNN (radius 0.5): gradient at time step 0 / last step, first step",
                              "expected": f"≈ 0.5^{v.shape[1] - 1} = {plots.fmt(0.5 ** (v.shape[1] - 1))} or smaller",
                              "measured": plots.fmt(v[0, 0] / v[0, -1])})
     exp = traces.get("rnn_exploding")

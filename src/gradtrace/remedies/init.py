@@ -22,7 +22,7 @@ import math
 import operator
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -20,24 +20,15 @@ from typing import Any, Sequence
 __all__ = ["report", "diagnose_trace", "summarize"]
 
 
-def diagnose_trace(trace) -> list | None:
-    """Findings of ``gradtrace.detect.diagnose(trace)``, or ``None`` if detection is not installed.
+def diagnose_trace(trace) -> list:
+    """Findings of :func:`gradtrace.diagnose` for ``trace`` (the reports' one entry to it).
 
     Example:
         >>> findings = diagnose_trace(gt.load("runs/exp1"))     # doctest: +SKIP
     """
-    global _DIAGNOSE_ERROR
-    try:
-        from gradtrace.detect import diagnose
+    from gradtrace.detect import diagnose
 
-        return list(diagnose(trace))
-    except ImportError as e:  # not installed, or a part it needs is missing
-        _DIAGNOSE_ERROR = str(e)
-        return None
-
-
-#: Why the last :func:`diagnose_trace` returned ``None`` (for error messages).
-_DIAGNOSE_ERROR = ""
+    return list(diagnose(trace))
 
 
 def summarize(trace, findings: Sequence[Any] | None = None) -> dict[str, Any]:

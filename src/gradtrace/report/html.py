@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 from typing import Any, Sequence
 
 import numpy as np
