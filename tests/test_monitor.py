@@ -592,3 +592,70 @@ def test_update_ratio_of_zero_weights_is_null():
         opt.step()
     assert len(mon.trace.series("update_ratio", "bias")) == 0
     assert np.isfinite(mon.trace.series("update_ratio", "weight")).all()
+
+
+def test_guard_skips_end_the_watched_step_unrecorded():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gt.Guard(opt, skip_nonfinite=True)
+    g = torch.Generator().manual_seed(0)
+    with gt.watch(model, opt) as mon:
+        guard.monitor = mon
+        for step in range(5):
+            x = torch.randn(8, 8, generator=g)
+            if step in (1, 2):
+                x[0, 0] = float("nan")
+            loss = model(x).pow(2).mean()
+            mon.record_loss(loss)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    t = mon.trace
+    assert [e["step"] for e in t.events("guard_skip")] == [1, 2]
+    assert list(t.steps_recorded) == [0, 3, 4]
+    assert np.isfinite(t.series("loss")).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_clipping_another_model_does_not_touch_this_record():
+    a, b = mlp(seed=1), mlp(seed=2)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with gt.watch(a, opt) as mon:
+        a(x).pow(2).mean().backward()
+        (b(x) * 100).pow(2).mean().backward()
+        gt.clip_grad_norm_(b.parameters(), 1e-3)          # someone else's model
+        ref = torch.nn.utils.clip_grad_norm_(a.parameters(), float("inf"))
+        opt.step()
+    assert "clip_coef" not in mon.trace.stats()
+    np.testing.assert_allclose(mon.trace.series("total_grad_norm")[0], ref.item(), rtol=RTOL)
+
+
+def test_unclosed_monitor_is_freed_with_its_model():
+    import weakref as _weakref
+
+    model = mlp()
+    mon = gt.watch(model, preset="full")
+    ref_model, ref_mon = _weakref.ref(model), _weakref.ref(mon)
+    del model, mon
+    gc.collect()
+    assert ref_model() is None and ref_mon() is None
+
+
+def test_vanishing_norms_below_float32_square_range_and_monitoring_errors_do_not_crash():
+    model = nn.Linear(4, 1)
+    with gt.watch(model) as mon:
+        model(torch.ones(2, 4)).sum().backward()
+        model.bias.grad.mul_(1e-25)             # a one-entry gradient of 2e-25: its square is
+        mon.step()                               # below float32's range, its norm is not
+    np.testing.assert_allclose(mon.trace.series("grad_norm", "bias")[0], model.bias.grad.norm().item(), rtol=1e-5)
+    assert mon.trace.series("total_grad_norm")[0] > 0
+    model2 = mlp()
+    opt = torch.optim.SGD(model2.parameters(), lr=0.1)
+    with gt.watch(model2, opt) as mon2:
+        out = model2(torch.randn(4, 8))
+        mon2.record_loss(out.pow(2).squeeze(1))        # a per-example loss vector is averaged
+        out.pow(2).mean().backward()
+        mon2.log_event("note", value=np.float32(1.5), arr=np.arange(3))   # numpy values are fine
+        opt.step()
+    np.testing.assert_allclose(mon2.trace.series("loss")[0], out.pow(2).mean().item(), rtol=1e-6)

@@ -199,14 +199,15 @@ class DistReducer:
         zero = torch.zeros((), dtype=F32, device=dev)
 
         # SUM buffer: [gsq | psq | dsq] in per-parameter slots, then loss sum and count.
-        sums = torch.zeros(3 * n + 2, dtype=F32, device=dev)
+        # float64: squares of norms below ~1e-19 would underflow in float32.
+        sums = torch.zeros(3 * n + 2, dtype=torch.float64, device=dev)
         for k, name in enumerate(("gsq", "psq", "dsq")):
             if name in got and where.numel():
-                v = got[name].to(dev, F32).reshape(-1)
-                sums[k * n + where] = torch.where(owner, v, zero)  # where(): 0*NaN would be NaN
+                v = got[name].to(dev, torch.float64).reshape(-1)
+                sums[k * n + where] = torch.where(owner, v, zero.double())  # where(): 0*NaN would be NaN
         losses = got.get("loss")
         if losses is not None and losses.numel():
-            lv = losses.to(dev, F32).reshape(-1)
+            lv = losses.to(dev, torch.float64).reshape(-1)
             sums[3 * n] = lv.sum()
             sums[3 * n + 1] = float(lv.numel())
 

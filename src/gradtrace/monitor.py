@@ -50,17 +50,31 @@ def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Stack 0-d tensors into one float32 vector on ``device`` (converting only if needed)."""
     if all(v.dtype == F32 and v.device == device for v in values):
         return torch.stack(values)
-    return torch.stack([v.to(device=device, dtype=F32, non_blocking=True) for v in values])
+    nb = device.type != "cpu"  # a copy to the host must land before it is read
+    return torch.stack([v.to(device=device, dtype=F32, non_blocking=nb) for v in values])
 
 
-class _ObserverHandle:
-    """Makes a norm-observer registration removable like a hook handle."""
+class _WeakNormObserver:
+    """A clip-norm observer that does not keep its monitor alive.
 
-    def __init__(self, remove_fn, fn):
-        self._remove_fn, self._fn = remove_fn, fn
+    The observer list is global; holding the monitor strongly would keep an unclosed
+    monitor, its model and its open trace alive for the life of the process.
+    """
+
+    def __init__(self, monitor: "Monitor"):
+        self._ref = weakref.WeakMethod(monitor._on_clip)
+
+    def __call__(self, *args: Any) -> None:
+        method = self._ref()
+        if method is None:
+            self.remove()
+        else:
+            method(*args)
 
     def remove(self) -> None:
-        self._remove_fn(self._fn)
+        from .remedies.clip import remove_norm_observer
+
+        remove_norm_observer(self)
 
 
 def _make_clipper(clip: Any):
@@ -104,7 +118,13 @@ class Monitor:
                  layers: Any = None, preset: str | None = None, backward_flags: bool = False,
                  time_gradients: bool = False, raise_on_nonfinite: bool = False,
                  clip: Any = None, sinks: Iterable[Any] = (), fsync: bool = False,
-                 scaler: Any = None):
+                 scaler: Any = None, update_ratio: bool = True):
+        # Everything close() touches exists before anything can fail.
+        self._closed, self._handles, self._sinks, self._writer = False, [], [], None
+        self._scaler, self._scaler_update, self._stepped = None, None, False
+        self._snap: list[torch.Tensor] = []
+        self._snap_key: tuple | None = None
+        self._root = None
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -117,19 +137,21 @@ class Monitor:
             backward_flags = cfg["backward_flags"]
         self.every = _check_every("every", every)
         self.activations_every = _check_every("activations_every", activations_every, allow_zero=True)
-        if model in _WATCHED:
+        self.compiled = hasattr(model, "_orig_mod")
+        # The user's module under DDP / torch.compile wrappers: names match a plain run, and
+        # watching m and torch.compile(m) at once is caught as watching twice.
+        root = distributed.unwrap(model._orig_mod if self.compiled else model)
+        if root in _WATCHED:
             raise RuntimeError("this model is already watched by a gradtrace monitor; close that "
                                "monitor first (mon.close() or leave its `with` block)")
         self.model = model
+        self.update_ratio = bool(update_ratio)
         self.optimizer = optimizer
         self.backward_flags = bool(backward_flags)
         self.raise_on_nonfinite = raise_on_nonfinite
         self._clipper = _make_clipper(clip)
         if self._clipper is not None and optimizer is None:
             raise ValueError("clip= needs the optimizer (clipping runs just before optimizer.step())")
-        self.compiled = hasattr(model, "_orig_mod")
-        root = distributed.unwrap(model._orig_mod if self.compiled else model)  # DDP: user's names
-
         sel = select(root, layers)
         mods = dict(root.named_modules())
         params = dict(root.named_parameters())
@@ -140,10 +162,6 @@ class Monitor:
         self._params = [params[n] for n in sel.params]
         self._device = self._params[0].device if self._params else torch.device("cpu")
 
-        self._handles: list[Any] = []
-        self._closed = False
-        self._snap: list[torch.Tensor] = []
-        self._snap_key: tuple | None = None
         # Cross-rank reductions when a process group is active (DDP, FSDP2); else None.
         self._dist = distributed.attach(model, self._params)
         self.step_count = 0           # optimizer steps closed so far (index of the current step)
@@ -154,16 +172,15 @@ class Monitor:
             meta["distributed"] = self._dist.meta()
             if not self._dist.is_writer:          # one trace, written by rank 0
                 out, sinks = None, ()
-        self._writer = TraceWriter(out, meta, fsync=fsync) if out is not None else MemoryWriter(meta)
-        self._sinks = list(sinks)
-        for s in self._sinks:
-            if hasattr(s, "start"):
-                s.start(meta)
         self.out = out
-
-        _WATCHED.add(model)
-        self._scaler, self._scaler_update, self._stepped = None, None, False
+        _WATCHED.add(root)
+        self._root = root
         try:
+            self._writer = TraceWriter(out, meta, fsync=fsync) if out is not None else MemoryWriter(meta)
+            for s in sinks:
+                if hasattr(s, "start"):
+                    s.start(meta)
+                self._sinks.append(s)
             self._attach(time_gradients)
             if scaler is not None:
                 self._watch_scaler(scaler)
@@ -209,10 +226,9 @@ class Monitor:
                 self._handles.append(m.register_forward_hook(partial(self._on_forward, i)))
                 if time_gradients and self._kinds[i] == "recurrent":
                     self._handles.append(m.register_forward_pre_hook(partial(self._on_rnn_input, i)))
-        from .remedies import clip as _clip
+        from .remedies.clip import add_norm_observer
 
-        _clip.add_norm_observer(self._on_clip)
-        self._handles.append(_ObserverHandle(_clip.remove_norm_observer, self._on_clip))
+        self._handles.append(add_norm_observer(_WeakNormObserver(self)))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
@@ -230,10 +246,8 @@ class Monitor:
             old = scaler.get_scale() if skipped else None     # host read only on a skip
             result = self._scaler_update(*args, **kwargs)
             self._stepped = False
-            if skipped and not self._closed:
-                self.log_event("amp_skip", scale=old, new_scale=scaler.get_scale())
-                self.step_count += 1
-                self._begin_step()
+            if skipped:
+                self.skip_step("amp_skip", scale=old, new_scale=scaler.get_scale())
             return result
         scaler.update = update
 
@@ -342,13 +356,25 @@ class Monitor:
         return (x,) + tuple(args[1:])
 
     def _on_clip(self, grads, norms, total, coef, norm_type) -> None:
-        """Norm observer: a gradtrace clipper just computed every gradient norm."""
-        if self._rec and not self._closed and norm_type == 2.0 and coef is not None:
-            self._clip_info = {"grads": list(grads), "norms": list(norms), "total": total, "coef": coef}
+        """Norm observer: a gradtrace clipper just computed every gradient norm.
+
+        Kept only when it clipped exactly this model's gradients (another model's clip, or
+        a clip of a subset, says nothing about this step) and in float32 or wider (the
+        clipper's norms are in the gradients' dtype).
+        """
+        if not (self._rec and not self._closed and norm_type == 2.0 and coef is not None):
+            return
+        ours = [p.grad for p in self._params if p.grad is not None]
+        if len(ours) == len(grads) and all(a is b for a, b in zip(ours, grads)):
+            # Its per-tensor norms are reusable unless they are narrower than float32, or
+            # full-tensor values under FSDP2 (the monitor reduces per-shard squares itself).
+            reuse = self._dist is None and all(n.dtype in (torch.float32, torch.float64) for n in norms)
+            self._clip_info = {"norms": list(norms), "total": total, "coef": coef, "reuse": reuse}
 
     def _on_pre_step(self, optimizer, args, kwargs) -> None:
         if self._clipper is not None and not self._closed:
-            self._clipper([p for p in self._params if p.grad is not None])
+            # Every parameter the optimizer updates, not only the watched layers.
+            self._clipper([p for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
         if self._rec and not self._closed:
             try:
                 self._collect_params(with_snapshot=self._act)
@@ -361,10 +387,34 @@ class Monitor:
         self._stepped = True
         try:
             if self._rec:
-                self._finish_step()
+                self._finish_step_safely()
         finally:
             self.step_count += 1
             self._begin_step()
+
+    def _finish_step_safely(self) -> None:
+        try:
+            self._finish_step()
+        except NonFiniteError:
+            raise                              # asked for with raise_on_nonfinite=True
+        except Exception as e:                 # a monitoring bug must never stop training
+            self._internal_error(e)
+
+    def skip_step(self, kind: str = "skip", **data: Any) -> None:
+        """Close the current step without recording it, writing a ``kind`` event instead.
+
+        For a step whose update was not applied (``gt.Guard`` skipping a non-finite or
+        spiking step, a ``GradScaler`` overflow): its statistics are dropped so the next
+        batch starts a fresh step, and the event carries this step's number.
+
+        Example:
+            >>> mon.skip_step("guard_skip", reason="nonfinite_grad")   # doctest: +SKIP
+        """
+        if self._closed:
+            return
+        self.log_event(kind, **data)
+        self.step_count += 1
+        self._begin_step()
 
     def step(self) -> None:
         """Close a step by hand (when the monitor was given no optimizer).
@@ -382,7 +432,7 @@ class Monitor:
         try:
             if self._rec:
                 self._collect_params(with_snapshot=False)
-                self._finish_step()
+                self._finish_step_safely()
         finally:
             self.step_count += 1
             self._begin_step()
@@ -394,7 +444,8 @@ class Monitor:
             >>> mon.record_loss(loss)            # doctest: +SKIP
         """
         if self._rec and not self._closed:
-            self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+            # A per-example loss vector is averaged (on the device: no sync).
+            self._losses.append(loss.detach().float().mean() if isinstance(loss, torch.Tensor) else float(loss))
 
     def log_event(self, kind: str, step: int | None = None, **data: Any) -> None:
         """Write an event (a guard skip, a note) into the trace at this step.
@@ -423,16 +474,16 @@ class Monitor:
         if grads:
             clip = self._clip_info
             pending["gmax"] = stats.max_abs(grads, dev)
-            if clip is not None and len(clip["grads"]) == len(grads) and all(
-                    a is b for a, b in zip(clip["grads"], grads)):
-                # The clipper already took every per-tensor norm: reuse them (pre-clip),
-                # and undo the clip coefficient on max|g| so all figures are pre-clip.
-                pending["gsq"] = torch.stack([n.to(dev, F32) for n in clip["norms"]]).square()
+            if clip is not None:
+                # Undo the clip coefficient on max|g| so that all figures are pre-clip.
                 pending["gmax"] = pending["gmax"] / clip["coef"].to(dev, F32)
+            if clip is not None and clip["reuse"]:
+                # The clipper already took every per-tensor norm (pre-clip): reuse them.
+                pending["gsq"] = torch.stack([n.to(dev, torch.float64) for n in clip["norms"]]).square()
             else:
                 pending["gsq"] = stats.squared_norms(grads, dev)
             pending["psq"] = stats.squared_norms(params, dev)
-            if with_snapshot:
+            if with_snapshot and self.update_ratio:
                 pending["old"] = self._snapshot(idx, params)
         self._pending = pending
 
@@ -486,7 +537,8 @@ class Monitor:
             parts = self._dist.reduce(parts, idx)
         host: dict[str, np.ndarray] = {}
         if parts:
-            flat = torch.cat([t.reshape(-1).to(F32) for _, t in parts])
+            # float64: squared norms of vanishing gradients live below float32's range
+            flat = torch.cat([t.reshape(-1).to(torch.float64) for _, t in parts])
             values = flat.cpu().numpy()            # the one device-to-host copy of this step
             off = 0
             for name, t in parts:
@@ -545,7 +597,7 @@ class Monitor:
             total, coef = host["clip"]
             scalars["total_grad_norm"] = float(total)
             scalars["clip_coef"] = float(coef)
-            scalars["total_grad_norm_post_clip"] = float(total) * min(float(coef), 1.0)
+            scalars["total_grad_norm_post_clip"] = float(total) * float(coef)  # coef is clamped to <= 1
         loss_vals = [float(v) for v in host.get("loss", [])] + [l for l in self._losses if not isinstance(l, torch.Tensor)]
         if loss_vals:
             scalars["loss"] = float(np.mean(loss_vals))
@@ -615,7 +667,7 @@ class Monitor:
             s[3] += bad                        # non-finite entries
             s[4] += extra                      # ReLU: active entries; sigmoid/tanh: saturated
             big = max(abs(mn), abs(mx))
-            s[5] = big if math.isnan(big) or math.isnan(s[5]) else max(s[5], big)
+            s[5] = math.nan if math.isnan(big) or math.isnan(s[5]) else max(s[5], big)
         cols: dict[str, list] = {k: [None] * n_m for k in
                                  ("out_mean", "out_std", "out_maxabs", "out_nonfinite")}
         relu = {k: [None] * n_m for k in ("zero_frac", "dead_units", "units")}
@@ -683,16 +735,18 @@ class Monitor:
         if self._scaler is not None:
             del self._scaler.update                       # restore the scaler's own method
             self._scaler = None
-        if exc is not None:
-            self._writer.write({"event": "exception", "step": self.step_count,
+        if exc is not None and self._writer is not None:
+            self._writer.write({"event": "exception", "step": getattr(self, "step_count", 0),
                                 "type": type(exc).__name__, "message": str(exc)[:2000],
                                 "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]})
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
         self._snap, self._snap_key = [], None
         for s in self._sinks:
             if hasattr(s, "close"):
                 s.close()
-        _WATCHED.discard(self.model)
+        if self._root is not None:
+            _WATCHED.discard(self._root)
 
     def __enter__(self) -> "Monitor":
         return self
@@ -730,6 +784,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kw
             or any callable taking the list of parameters. Clipping yourself with
             ``gt.clip_grad_norm_`` inside the ``with`` block is fused the same way.
         sinks: extra writers (TensorBoard, W&B, CSV) receiving every record.
+        update_ratio: record ||dw||/||w|| on activation steps. This keeps one copy of the
+            watched parameters (a reused buffer) while the monitor is open; pass False to
+            save that memory on a large model.
         scaler: a ``torch.amp.GradScaler``; steps it skips after an overflow are written
             as ``amp_skip`` events (not recorded as explosions). Figures are always of
             unscaled gradients (``scaler.step`` unscales before ``optimizer.step``).

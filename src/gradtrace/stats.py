@@ -26,13 +26,15 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Squared L2 norm of each tensor, in float32, as one 1-D tensor on ``device``.
+    """Squared L2 norm of each tensor (norms in float32, squares in float64), as one 1-D
+    tensor on ``device``.
 
-    Squares (not norms) are what add up across tensors, shards and ranks.
+    Squares (not norms) are what add up across tensors, shards and ranks; float64 keeps
+    the square of a vanishing norm (3e-25 squared is below float32's smallest value).
 
     Example:
         >>> squared_norms([torch.ones(4), torch.ones(9)], torch.device("cpu"))
-        tensor([4., 9.])
+        tensor([4., 9.], dtype=torch.float64)
     """
     if not tensors:
         return torch.empty(0, dtype=F32, device=device)
@@ -44,7 +46,7 @@ def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
             norms = torch._foreach_norm(group, 2, dtype=F32)
         except (TypeError, RuntimeError):  # older torch: no dtype argument
             norms = torch._foreach_norm([g.float() for g in group], 2)
-        parts.append(torch.stack(norms).to(device, non_blocking=True))
+        parts.append(torch.stack(norms).to(device, non_blocking=device.type != "cpu"))
         order += idx
     vals = parts[0] if len(parts) == 1 else torch.cat(parts)
     if order != list(range(len(tensors))):
@@ -54,6 +56,7 @@ def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
         for pos, i in enumerate(order):
             inverse[i] = pos
         vals = vals[torch.as_tensor(inverse, device=device)]
+    vals = vals.double()
     return vals * vals
 
 
@@ -77,8 +80,10 @@ def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         lo.append(mn)
         hi.append(mx)
     if not uniform:  # mixed dtypes/devices: bring every scalar to float32 on `device`
-        lo = [v.to(device=device, dtype=F32, non_blocking=True) for v in lo]
-        hi = [v.to(device=device, dtype=F32, non_blocking=True) for v in hi]
+        # non_blocking only between devices: a copy to the host must land before it is read
+        nb = device.type != "cpu"
+        lo = [v.to(device=device, dtype=F32, non_blocking=nb) for v in lo]
+        hi = [v.to(device=device, dtype=F32, non_blocking=nb) for v in hi]
     # maximum() propagates NaN, so a NaN anywhere in a tensor shows in its max |x|.
     return torch.maximum(torch.stack(hi), -torch.stack(lo))
 

@@ -48,6 +48,16 @@ def _encode(x: Any) -> Any:
     return x
 
 
+def _plain(x: Any) -> Any:
+    """JSON fallback for values a user passes to ``log_event``: numpy/torch scalars and
+    arrays become numbers or lists, anything else its ``str``."""
+    if hasattr(x, "tolist"):
+        return _encode(x.tolist())
+    if hasattr(x, "item"):
+        return _encode(x.item())
+    return str(x)
+
+
 def _decode_number(v: Any) -> float:
     if v is None:
         return math.nan
@@ -74,6 +84,7 @@ class Trace:
         self.warnings: list[str] = []
         self._records: list[dict] = []
         self._events: list[dict] = []
+        self._stat_index: dict[str, str] | None = None
         for r in records:
             self._append(r)
 
@@ -83,6 +94,10 @@ class Trace:
             self._events.append(rec)
         else:
             self._records.append(rec)
+            if self._stat_index is not None:
+                for section in ("scalars", "param", "module", "vectors"):
+                    for k in rec.get(section, {}):
+                        self._stat_index.setdefault(k, section)
 
     # ---- names ----------------------------------------------------------------------
     @property
@@ -129,13 +144,16 @@ class Trace:
 
     # ---- statistics -------------------------------------------------------------------
     def _index(self) -> dict[str, str]:
-        """stat name -> section ("scalars" | "param" | "module" | "vectors")."""
-        out: dict[str, str] = {}
-        for r in self._records:
-            for section in ("scalars", "param", "module", "vectors"):
-                for k in r.get(section, {}):
-                    out.setdefault(k, section)
-        return out
+        """stat name -> section ("scalars" | "param" | "module" | "vectors"), built once and
+        kept up to date by ``_append``."""
+        if self._stat_index is None:
+            out: dict[str, str] = {}
+            for r in self._records:
+                for section in ("scalars", "param", "module", "vectors"):
+                    for k in r.get(section, {}):
+                        out.setdefault(k, section)
+            self._stat_index = out
+        return self._stat_index
 
     def stats(self) -> list[str]:
         """Names of every recorded statistic, sorted.
@@ -245,13 +263,6 @@ class Trace:
             return list(self._events)
         return [e for e in self._events if e["event"] == kind]
 
-    def scalar_at(self, stat: str, step: int) -> float | None:
-        for r in self._records:
-            if r["step"] == step:
-                v = r.get("scalars", {}).get(stat)
-                return None if v is None else _decode_number(v)
-        return None
-
 
 def _decode_vector(v: Any) -> np.ndarray:
     if isinstance(v, str):  # a packed bit mask, hex, LSB first
@@ -304,9 +315,9 @@ class TraceWriter:
         if self._file.closed or self._failed:
             return
         try:  # fast path: almost every record is all finite numbers
-            line = json.dumps(record, separators=(",", ":"), allow_nan=False)
+            line = json.dumps(record, separators=(",", ":"), allow_nan=False, default=_plain)
         except ValueError:
-            line = json.dumps(_encode(record), separators=(",", ":"))
+            line = json.dumps(_encode(record), separators=(",", ":"), default=_plain)
         try:
             self._file.write(line + "\n")
             self._file.flush()

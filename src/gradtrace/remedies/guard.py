@@ -311,8 +311,7 @@ class Guard:
         self.skipped += 1
         self.skips.append((step, reason))
         self._consecutive += 1
-        if self.monitor is not None:
-            self.monitor.log_event("guard_skip", step=step, reason=reason, value=value)
+        backoff = None
         if self.lr_backoff is not None and self._consecutive >= self.backoff_after:
             for group in self.optimizer.param_groups:
                 if isinstance(group["lr"], Tensor):
@@ -321,10 +320,20 @@ class Guard:
                     group["lr"] = group["lr"] * self.lr_backoff
             self.backoffs += 1
             self._consecutive = 0
-            if self.monitor is not None:
-                lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-                self.monitor.log_event("guard_lr_backoff", step=step,
-                                       factor=self.lr_backoff, lrs=lrs)
+            backoff = {"factor": self.lr_backoff, "lrs": [float(g["lr"]) for g in self.optimizer.param_groups]}
+        mon = self.monitor
+        if mon is None:
+            return
+        if hasattr(mon, "skip_step"):
+            # A gradtrace monitor: the skipped batch's step ends unrecorded, so the next
+            # batch starts a fresh step, and events carry the monitor's step numbers.
+            mon.skip_step("guard_skip", reason=reason, value=value, guard_step=step)
+            if backoff is not None:
+                mon.log_event("guard_lr_backoff", step=mon.step_count - 1, guard_step=step, **backoff)
+        else:
+            mon.log_event("guard_skip", step=step, reason=reason, value=value)
+            if backoff is not None:
+                mon.log_event("guard_lr_backoff", step=step, **backoff)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
