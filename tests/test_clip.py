@@ -567,3 +567,13 @@ def test_dtensor_observers_get_plain_full_values(one_rank_mesh):
     assert type(total) is torch.Tensor and type(coef) is torch.Tensor
     assert float(total) == pytest.approx(4.0) and float(norms[0]) == pytest.approx(4.0)
     assert float(p.grad.full_tensor().norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_agc_exclude_pattern_matching_nothing_is_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model(torch.randn(5, 3)).sum().backward()
+    with pytest.raises(ValueError, match="'fc' matches no parameter"):
+        C.adaptive_clip_grad_(model.named_parameters(), exclude=["fc"])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        C.agc_param_groups(model, exclude=("head",))
+    C.adaptive_clip_grad_(model.named_parameters(), exclude=["1"])    # the last layer: fine

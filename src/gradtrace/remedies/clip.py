@@ -477,6 +477,14 @@ def _as_agc_param(item: Any) -> AGCParam:
         f"agc_param_groups(); got {type(item).__name__}")
 
 
+def _check_patterns_match(patterns: list[str], names: list[tuple[str, str | None]]) -> None:
+    """An ``exclude`` glob that matches no parameter is a mistake, not a no-op."""
+    for pat in patterns:
+        if not any(_name_excluded(n, m, [pat]) for n, m in names):
+            sample = [n for n, _ in names][:8]
+            raise ValueError(f"exclude pattern {pat!r} matches no parameter; names look like {sample}")
+
+
 def _name_excluded(name: str | None, module_name: str | None, patterns: list[str]) -> bool:
     if name is None:
         return False
@@ -577,6 +585,7 @@ def adaptive_clip_grad_(parameters: Any, clip_factor: float = 0.01, eps: float =
         raise ValueError(
             "exclude contains name patterns but parameters carry no names; pass "
             "model.named_parameters() or agc_param_groups(model, exclude=...)")
+    _check_patterns_match(patterns, [(it.name, None) for it in items if it.name is not None])
     with torch.no_grad():
         for it in items:
             p, g = it.param, it.param.grad
@@ -625,6 +634,8 @@ def agc_param_groups(model: torch.nn.Module, exclude: Iterable[str] | None = Non
     for pat in patterns:
         if not isinstance(pat, str):
             raise TypeError(f"exclude must contain name globs (str), found {type(pat).__name__}")
+    _check_patterns_match(patterns, [(f"{m}.{n}" if m else n, m) for m, mod in model.named_modules()
+                                     for n, _ in mod.named_parameters(recurse=False)])
     convt = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
     seen: set[int] = set()
     out: list[AGCParam] = []

@@ -74,6 +74,15 @@ def robust_zscore(value: float, window: Iterable[float]) -> float:
     return (value - med) / scale
 
 
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """A wrong type is a TypeError, a value out of range a ValueError; both name the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+
+
 class Guard:
     """Skip optimizer updates on non-finite gradients/loss and on loss or grad-norm spikes.
 
@@ -128,19 +137,13 @@ class Guard:
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if spike_zscore is not None and not float(spike_zscore) > 0:
             raise ValueError(f"spike_zscore must be None or > 0, got {spike_zscore}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"window must be an int >= 2, got {window!r}")
+        _check_int("window", window, 2)
         if lr_backoff is not None and not 0.0 < float(lr_backoff) < 1.0:
             raise ValueError(f"lr_backoff must be None or in (0, 1), got {lr_backoff}")
         if min_samples is None:
             min_samples = max(2, window // 2)
-        if isinstance(min_samples, bool) or not isinstance(min_samples, int) \
-                or not 2 <= min_samples <= window:
-            raise ValueError(f"min_samples must be an int in [2, window={window}], "
-                             f"got {min_samples!r}")
-        if isinstance(backoff_after, bool) or not isinstance(backoff_after, int) \
-                or backoff_after < 1:
-            raise ValueError(f"backoff_after must be an int >= 1, got {backoff_after!r}")
+        _check_int("min_samples", min_samples, 2, window)
+        _check_int("backoff_after", backoff_after, 1)
         spike_on = (spike_on,) if isinstance(spike_on, str) else tuple(spike_on)
         bad = [s for s in spike_on if s not in _SPIKE_SIGNALS]
         if bad or not spike_on:
