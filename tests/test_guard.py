@@ -217,6 +217,10 @@ def test_monitor_set_later_and_bad_args():
         Guard(opt, lr_backoff=2.0)
     with pytest.raises(ValueError, match="window"):
         Guard(opt, window=1)
+    with pytest.raises(TypeError, match="min_samples must be an int"):
+        Guard(opt, min_samples=2.5)
+    with pytest.raises(ValueError, match=r"backoff_after must be an int >= 1"):
+        Guard(opt, backoff_after=0)
     with pytest.raises(TypeError, match="optimizer"):
         Guard(object())
     with pytest.raises(TypeError, match="log_event"):
