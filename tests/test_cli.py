@@ -66,7 +66,7 @@ def test_doctor_json_schema(runs, fake_detect, capsys):
 def test_show_prints_table_with_findings_on_top(runs, fake_detect, capsys, monkeypatch):
     _, broken = runs
     monkeypatch.setenv("GRADTRACE_PLAIN", "1")
-    assert main(["show", str(broken)]) == 0
+    assert main(["show", str(broken)]) == 3      # same verdict codes as doctor
     out = capsys.readouterr().out
     assert out.index("Findings") < out.index("Layers (input side first)")
     assert "grad norm" in out and "grad trend (log)" in out

@@ -56,7 +56,7 @@ def _quiet_broken_pipe(func):
 
 @_quiet_broken_pipe
 def show_main(args: Any) -> int:
-    """``gradtrace show RUN``: findings on top, then the per-layer table with trends.
+    """``gradtrace show RUN``: findings on top, then the per-layer table; exit 0 healthy, 3 findings.
 
     Example:
         >>> show_main(argparse.Namespace(run="runs/exp1"))     # doctest: +SKIP
@@ -67,7 +67,7 @@ def show_main(args: Any) -> int:
     trace = _load(args.run)
     findings = _findings(trace)
     print_show(trace, findings)
-    return EXIT_OK
+    return EXIT_FINDINGS if findings else EXIT_OK   # the same verdict as `doctor`
 
 
 @_quiet_broken_pipe
