@@ -13,10 +13,6 @@ MAD_TO_SD = 1.4826
 #: Smallest robust spread used in a z-score, relative to the baseline scale; keeps a
 #: perfectly flat baseline from turning any wobble into an infinite z.
 MIN_REL_SPREAD = 1e-3
-#: A recorded ``out_std`` is trusted only if std^2 exceeds this fraction of E[x^2]
-#: (the recorder computes var = E[x^2] - mean^2 from float32 sums; float32 carries about
-#: 1e-7 relative precision, this leaves a 100x margin).
-STD_RESOLUTION = 1e-5
 
 
 def has_stat(trace: Trace, stat: str) -> bool:

@@ -37,16 +37,7 @@ def depth_profile(trace: Trace, stat: str, th: Thresholds, exclude_kinds: tuple 
               and U.activation_of(trace, n) not in exclude_kinds]
     if len(layers) < th.depth_min_layers:
         return None
-    sub = values[:, [col[n] for n in layers]].copy()
-    if stat == "out_std" and U.has_stat(trace, "out_mean"):
-        # The recorder derives the std from E[x^2] - mean^2 in float32: where the mean
-        # dwarfs the spread the result is rounding noise (often exactly 0). Such steps
-        # are left out rather than read as a collapse.
-        m_steps, _, means = trace.matrix("out_mean")
-        if m_steps.shape == steps.shape and np.array_equal(m_steps, steps):
-            mu = means[:, [col[n] for n in layers]]
-            with np.errstate(invalid="ignore"):
-                sub[sub ** 2 < U.STD_RESOLUTION * (mu ** 2 + sub ** 2)] = np.nan
+    sub = values[:, [col[n] for n in layers]]
     keep = np.all(np.isfinite(sub), axis=1)
     if not keep.any():
         return None
