@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import gradtrace as gt
 from gradtrace.detect import DETECTORS, Thresholds, diagnose
 from gradtrace.findings import KINDS, Finding
 from gradtrace.trace import Trace, pack_mask
@@ -463,3 +464,24 @@ def test_scenario_run_rejects_unknown():
     with pytest.raises(ValueError, match="name="):
         run("nope")
 
+
+
+def test_dead_units_need_enough_inputs_seen():
+    """A unit silent on three examples is not evidence; on 64+ examples it is."""
+    torch.manual_seed(0)
+
+    def run(batch):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        with torch.no_grad():
+            model[0].bias[:4] = -50.0                      # four units that can never fire
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        with gt.watch(model, opt, activations_every=1) as mon:
+            for _ in range(5):
+                model(torch.randn(batch, 8)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        return [f for f in diagnose(mon.trace, {"dead_frac": 0.1}) if f.kind == "dead_units"]
+
+    assert run(batch=3) == []          # 15 inputs in the window: below dead_min_samples
+    (f,) = run(batch=32)               # 160 inputs: the four dead units are reported
+    assert f.layers == ["1"]

@@ -670,7 +670,7 @@ class Monitor:
             s[5] = math.nan if math.isnan(big) or math.isnan(s[5]) else max(s[5], big)
         cols: dict[str, list] = {k: [None] * n_m for k in
                                  ("out_mean", "out_std", "out_maxabs", "out_nonfinite")}
-        relu = {k: [None] * n_m for k in ("zero_frac", "dead_units", "units")}
+        relu = {k: [None] * n_m for k in ("zero_frac", "dead_units", "units", "unit_samples")}
         sat: list = [None] * n_m
         broken = set()
         for i, (n, mean, m2, bad, extra, maxabs) in acc.items():
@@ -694,6 +694,7 @@ class Monitor:
             active = self._host_masks[i]
             relu["dead_units"][i] = float(active.size - active.sum())
             relu["units"][i] = float(active.size)
+            relu["unit_samples"][i] = acc[i][0] / active.size   # rows each unit saw this step
             vectors.setdefault("active_mask", {})[self._mod_names[i]] = pack_mask(active)
         if any(v is not None for v in relu["zero_frac"]):
             module.update(relu)

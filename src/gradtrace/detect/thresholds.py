@@ -52,6 +52,9 @@ class Thresholds:
         dead_frac: fraction of a layer's units that must be dead before it is reported
             (a few units dead at initialisation is normal).
         dead_min_units: and at least this many units.
+        dead_min_samples: a unit counts as dead only after the masks it was silent in covered
+            at least this many inputs (batch rows, or positions for conv/sequence outputs);
+            a unit silent on a handful of examples is not evidence.
         saturated_window: how many of the last activation steps the saturated fraction is
             averaged over.
         saturated_frac: fraction of a sigmoid/tanh layer's outputs in the flat range (see
@@ -91,6 +94,7 @@ class Thresholds:
     dead_window: int = 5
     dead_frac: float = 0.25
     dead_min_units: int = 2
+    dead_min_samples: int = 64
     saturated_window: int = 5
     saturated_frac: float = 0.5
     time_vanish_ratio: float = 1e-3

@@ -9,9 +9,11 @@ from . import _util as U
 from .thresholds import Thresholds
 
 
-def _last_masks(trace: Trace, window: int) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """The last ``window`` active masks of each ReLU-family module, newest first."""
-    out: dict[str, list[tuple[int, np.ndarray]]] = {}
+def _last_masks(trace: Trace, window: int) -> dict[str, list[tuple[int, np.ndarray, float]]]:
+    """The last ``window`` active masks of each ReLU-family module, newest first, with the
+    number of inputs each unit saw in that step (``nan`` if the trace predates it)."""
+    out: dict[str, list[tuple[int, np.ndarray, float]]] = {}
+    modules = trace.modules
     cut = U.first_nonfinite_step(trace)
     for r in reversed(trace.records):
         if cut is not None and r["step"] >= cut:
@@ -19,10 +21,12 @@ def _last_masks(trace: Trace, window: int) -> dict[str, list[tuple[int, np.ndarr
         vec = r.get("vectors", {}).get("active_mask")
         if not vec:
             continue
+        samples = r.get("module", {}).get("unit_samples")
         for name, packed in vec.items():
             lst = out.setdefault(name, [])
             if len(lst) < window:
-                lst.append((r["step"], _decode_vector(packed)))
+                n = samples[modules.index(name)] if samples and name in modules else None
+                lst.append((r["step"], _decode_vector(packed), float("nan") if n is None else float(n)))
         if out and all(len(v) >= window for v in out.values()):
             break
     return out
@@ -35,20 +39,25 @@ def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
     ``th.dead_frac`` of its units, and ``th.dead_min_units`` of them, are dead; most
     dead first.
 
+    The masks must cover at least ``th.dead_min_samples`` inputs in all.
+
     Example:
         >>> detect_dead(trace, Thresholds(dead_frac=0.5))    # doctest: +SKIP
     """
     masks = _last_masks(trace, th.dead_window)
     counts: dict[str, tuple[int, int]] = {}
     for name, lst in masks.items():
-        sizes = {m.size for _, m in lst}
+        sizes = {m.size for _, m, _ in lst}
         if len(sizes) != 1:
             lst = [x for x in lst if x[1].size == lst[0][1].size]
+        seen = sum(n for _, _, n in lst)
+        if seen < th.dead_min_samples:      # nan (older traces) compares False: kept
+            continue
         ever = np.zeros(lst[0][1].size, dtype=bool)
-        for _, m in lst:
+        for _, m, _ in lst:
             ever |= m
         counts[name] = (int((~ever).sum()), int(ever.size))
-    if not counts and U.has_stat(trace, "dead_units"):
+    if not masks and U.has_stat(trace, "dead_units"):   # a trace without masks
         steps, names, dead = trace.matrix("dead_units")
         _, _, units = trace.matrix("units")
         for j, n in enumerate(names):
@@ -59,8 +68,9 @@ def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
                if c[1] > 0 and c[0] >= th.dead_min_units and c[0] / c[1] >= th.dead_frac}
     if not flagged:
         return []
-    layers = sorted(flagged, key=lambda n: (-flagged[n][0] / flagged[n][1], U.exec_order(trace).index(n)
-                                             if n in U.exec_order(trace) else 0))
+    order = U.exec_order(trace)
+    layers = sorted(flagged, key=lambda n: (-flagged[n][0] / flagged[n][1],
+                                            order.index(n) if n in order else 0))
     first_step = None
     last_step = None
     if U.has_stat(trace, "dead_units"):
@@ -80,7 +90,7 @@ def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
         any_list = next(iter(masks.values()), [])
         first_step = int(any_list[-1][0]) if any_list else None
         last_step = int(any_list[0][0]) if any_list else None
-    window_steps = sorted({s for n in flagged for s, _ in masks.get(n, [])})
+    window_steps = sorted({s for n in flagged for s, _, _ in masks.get(n, [])})
     evidence = {
         "dead": {n: flagged[n][0] for n in layers},
         "units": {n: flagged[n][1] for n in layers},
