@@ -11,6 +11,20 @@ from . import _util as U
 from .thresholds import Thresholds
 
 
+def spike_indices(loss: np.ndarray, th: Thresholds) -> list[tuple[int, float, float]]:
+    """``(index, z, baseline median)`` of every loss spike under ``th`` (the rule of
+    :func:`detect_spike`, shared with the report's loss chart).
+
+    Example:
+        >>> spike_indices(np.r_[np.ones(25), 50.0, np.ones(4)], Thresholds())[0][0]
+        25
+    """
+    return [(i, z, med) for i, z, med in
+            U.trailing_spikes(loss, warmup=th.warmup_steps, window=th.baseline_window,
+                              min_baseline=th.min_baseline, z_limit=th.spike_z)
+            if loss[i] >= th.spike_min_fold * med and med > 0]
+
+
 def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
     """``loss_spike``: a loss ``th.spike_z`` robust z-scores above the median of the
     ``th.baseline_window`` records before it, and at least ``th.spike_min_fold`` times
@@ -22,10 +36,7 @@ def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
     if not U.has_stat(trace, "loss"):
         return []
     steps, loss = trace.series("loss", with_steps=True)
-    hits = [(i, z, med) for i, z, med in
-            U.trailing_spikes(loss, warmup=th.warmup_steps, window=th.baseline_window,
-                              min_baseline=th.min_baseline, z_limit=th.spike_z)
-            if loss[i] >= th.spike_min_fold * med and med > 0]
+    hits = spike_indices(loss, th)
     if not hits:
         return []
     i0, z0, med0 = hits[0]

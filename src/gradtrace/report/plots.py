@@ -154,39 +154,28 @@ def module_rows(trace, stat: str) -> tuple[np.ndarray, list[str], np.ndarray]:
 
 
 def layer_exec_rank(trace) -> dict[str, int]:
-    for r in trace.records:
-        if "exec_order" in r:
-            return {n: i for i, n in enumerate(r["exec_order"])}
-    return {n: i for i, n in enumerate(trace.modules)}
+    """Module name -> position in forward order (the order the detectors use)."""
+    from ..detect._util import exec_order
+
+    return {n: i for i, n in enumerate(exec_order(trace))}
 
 
-def loss_spikes(steps: np.ndarray, loss: np.ndarray, window: int = 20, z: float = 6.0) -> list[int]:
-    """Steps whose loss jumps far above the recent past (robust z-score), or is non-finite.
-
-    A step is a spike when ``(loss - median) / (1.4826 * MAD)`` over the previous
-    ``window`` losses exceeds ``z`` and the loss is at least 1.5x that median.
+def loss_spikes(steps: np.ndarray, loss: np.ndarray, thresholds=None) -> list[int]:
+    """Steps the loss-spike detector flags (same rule and ``Thresholds`` as
+    :func:`gradtrace.diagnose`), plus the start of each non-finite stretch.
 
     Example:
         >>> loss_spikes(np.arange(30), np.r_[np.ones(25), 50.0, np.ones(4)])
         [25]
     """
-    out: list[int] = []
-    for k in range(len(loss)):
-        v = loss[k]
-        if not np.isfinite(v):
-            if k == 0 or np.isfinite(loss[k - 1]):    # mark where a non-finite stretch starts
-                out.append(int(steps[k]))
-            continue
-        past = loss[max(0, k - window):k]
-        past = past[np.isfinite(past)]
-        if len(past) < 5:
-            continue
-        med = float(np.median(past))
-        mad = float(np.median(np.abs(past - med))) * 1.4826
-        scale = max(mad, 1e-3 * abs(med), 1e-12)
-        if (v - med) / scale > z and v > 1.5 * med:
-            out.append(int(steps[k]))
-    return out
+    from ..detect.loss import spike_indices
+    from ..detect.thresholds import Thresholds
+
+    th = Thresholds.coerce(thresholds)
+    out = {int(steps[i]) for i, _, _ in spike_indices(loss, th)}
+    bad = ~np.isfinite(loss)
+    out |= {int(steps[k]) for k in np.nonzero(bad)[0] if k == 0 or not bad[k - 1]}
+    return sorted(out)
 
 
 def time_gradients(trace) -> dict[str, np.ndarray]:
