@@ -74,11 +74,12 @@ def _merge(found: list[Finding]) -> list[Finding]:
             continue
         a = by_kind[f.kind]
         first, second = (a, f) if (a.first_step or 0) <= (f.first_step or 0) else (f, a)
+        lasts = [x for x in (a.last_step, f.last_step) if x is not None]
+        also = first.evidence.get("also", []) + [second.evidence]   # every merged finding kept
         merged = Finding(first.kind, "error" if "error" in (a.severity, f.severity) else "warning",
                          first.layers + [l for l in second.layers if l not in first.layers],
-                         first.first_step,
-                         max(x for x in (a.last_step, f.last_step, -1) if x is not None),
-                         {**first.evidence, "also": second.evidence},
+                         first.first_step, max(lasts) if lasts else None,
+                         {**first.evidence, "also": also},
                          first.explanation + " " + second.explanation, [])
         by_kind[f.kind] = merged
     return list(by_kind.values())
