@@ -15,14 +15,25 @@ F32 = torch.float32
 def _groups(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype, t.is_sparse)].append(i)
+        groups[(t.device, t.dtype, t.layout)].append(i)
     return groups
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    # A sparse gradient's norm and max are those of its stored values (after coalescing,
-    # duplicate indices are summed as the dense tensor would be).
-    return t.coalesce()._values() if t.is_sparse else t
+def stored_values(t: torch.Tensor) -> torch.Tensor:
+    """The entries a tensor stores: itself if dense; for a sparse tensor its values (COO
+    coalesced first, so duplicate indices add up as in the dense tensor).
+
+    Example:
+        >>> stored_values(torch.ones(3)).shape
+        torch.Size([3])
+    """
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    return t.values()  # compressed layouts (CSR/CSC/BSR/BSC) never hold duplicates
+
+
 
 
 def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -41,7 +52,7 @@ def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
     groups = _groups(tensors)
     parts, order = [], []
     for idx in groups.values():
-        group = [_dense(tensors[i]) for i in idx]
+        group = [stored_values(tensors[i]) for i in idx]
         try:
             norms = torch._foreach_norm(group, 2, dtype=F32)
         except (TypeError, RuntimeError):  # older torch: no dtype argument
@@ -74,7 +85,7 @@ def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     lo, hi = [], []
     uniform = True
     for t in tensors:
-        d = _dense(t)
+        d = stored_values(t)
         mn, mx = d.aminmax() if d.numel() else (d.new_zeros(()), d.new_zeros(()))
         uniform = uniform and mn.dtype == F32 and mn.device == device
         lo.append(mn)
@@ -95,4 +106,4 @@ def nonfinite_counts(tensors: list[torch.Tensor]) -> list[int]:
         >>> nonfinite_counts([torch.tensor([1.0, float("nan"), float("inf")])])
         [2]
     """
-    return [int((~torch.isfinite(_dense(t))).sum()) for t in tensors]
+    return [int((~torch.isfinite(stored_values(t))).sum()) for t in tensors]

@@ -74,6 +74,9 @@ from typing import Any, Callable, Iterable, NamedTuple, Union
 import torch
 from torch import Tensor
 
+from ..distributed import is_dtensor, local
+from ..stats import stored_values
+
 __all__ = [
     "clip_grad_norm_", "clip_grad_value_", "grad_norms", "clip_with_norms_",
     "adaptive_clip_grad_", "agc_param_groups", "AGCParam", "AutoClip", "ZClip",
@@ -185,18 +188,12 @@ def _use_foreach(tensors: list[Tensor], device: torch.device, foreach: bool | No
     return bool(foreach)
 
 
-def _sparse_values(t: Tensor) -> Tensor:
-    if t.layout == torch.sparse_coo:
-        return t.coalesce().values()
-    return t.values()  # compressed layouts (CSR/CSC/BSR/BSC) never hold duplicates
-
-
 def _scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
     """Multiply every gradient in place by the 0-d tensor ``coef`` (no host sync).
 
     DTensor gradients are scaled through their local shards (every rank holds the same
     coefficient), so the fused kernels apply to them too."""
-    grads = [_local(g) for g in grads]
+    grads = [local(g) for g in grads]
     for (device, _), idx in _groups(grads).items():
         group = [grads[i] for i in idx]
         c = coef.to(device)
@@ -212,15 +209,6 @@ def _scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> N
 
 # ------------------------------------------------------------------ norm clipping
 
-def _is_dtensor(t: Any) -> bool:
-    return hasattr(t, "to_local") and hasattr(t, "placements") and hasattr(t, "device_mesh")
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (an alias, under no_grad), any other tensor as is."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
     """Per-tensor norms of plain (local) tensors, one fused kernel per (device, dtype)."""
     norms: list[Tensor | None] = [None] * len(tensors)
@@ -234,7 +222,7 @@ def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[
             norms[i] = n
     for i, t in enumerate(tensors):
         if not _is_dense(t):
-            norms[i] = torch.linalg.vector_norm(_sparse_values(t.detach()), p)
+            norms[i] = torch.linalg.vector_norm(stored_values(t.detach()), p)
     return norms  # type: ignore[return-value]
 
 
@@ -264,7 +252,7 @@ def _sharded_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> lis
         dims = tuple(d for d, pl in enumerate(placements) if pl.is_shard())
         buckets.setdefault((t.device_mesh, dims, t.device), []).append(i)
     for (mesh, dims, device), idx in buckets.items():
-        locs = [_local(tensors[i].detach()) for i in idx]
+        locs = [local(tensors[i].detach()) for i in idx]
         full = [j for j, t in enumerate(locs) if t.numel() > 0]
         norms = _local_norms([locs[j] for j in full], p, foreach) if full else []
         wdt = torch.float64 if any(t.dtype == torch.float64 for t in locs) else torch.float32
@@ -309,7 +297,7 @@ def grad_norms(grads: Tensor | Iterable[Tensor], norm_type: float = 2.0,
     if not tensors:
         return [], torch.tensor(0.0)
     with torch.no_grad():
-        sharded = [i for i, t in enumerate(tensors) if _is_dtensor(t)]
+        sharded = [i for i, t in enumerate(tensors) if is_dtensor(t)]
         if sharded:
             is_sharded = set(sharded)
             plain = [i for i in range(len(tensors)) if i not in is_sharded]
@@ -327,7 +315,7 @@ def grad_norms(grads: Tensor | Iterable[Tensor], norm_type: float = 2.0,
 
 def _replicated_like(total: Tensor, grads: list[Tensor]) -> Tensor:
     """``total`` as torch's clip_grad_norm_ returns it: a Replicate DTensor for DTensor grads."""
-    mesh = next((g.device_mesh for g in grads if _is_dtensor(g)), None)
+    mesh = next((g.device_mesh for g in grads if is_dtensor(g)), None)
     if mesh is None:
         return total
     from torch.distributed.tensor import DTensor, Replicate
@@ -354,7 +342,7 @@ def clip_with_norms_(grads: Tensor | Iterable[Tensor], total_norm: Tensor,
     tensors = _tensor_list(grads, "grads")
     if not isinstance(total_norm, Tensor):
         raise TypeError(f"total_norm must be a Tensor, got {type(total_norm).__name__}")
-    if _is_dtensor(total_norm):          # e.g. torch's clip_grad_norm_ under FSDP2
+    if is_dtensor(total_norm):          # e.g. torch's clip_grad_norm_ under FSDP2
         total_norm = total_norm.full_tensor()
     if not isinstance(max_norm, Tensor):
         max_norm = float(max_norm)
