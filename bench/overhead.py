@@ -8,6 +8,7 @@ training. Variants:
 
   bare            plain training
   chapter loop    the chapter's per-parameter ``grad_stats`` (``.item()`` per tensor)
+  gt economy      ``preset="economy"``: parameter figures every 10th step
   gt default      ``gt.watch(model, opt)`` with default settings
   gt full         ``preset="full"``: every statistic on every step
   clip alone      torch ``clip_grad_norm_`` before each step
@@ -64,9 +65,9 @@ class Variant:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         self.x, self.y = batch
         self.mon = None
-        if mode in ("default", "full", "gtclip"):
+        if mode in ("default", "economy", "full", "gtclip"):
             self.mon = gt.watch(self.model, self.opt, out=tempfile.mkdtemp(prefix="gt-bench-"),
-                                **({"preset": "full"} if mode == "full" else {}))
+                                **({"preset": mode} if mode in ("economy", "full") else {}))
         self.times: list[float] = []
 
     def step(self) -> None:
@@ -128,7 +129,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
           "medians of interleaved rounds")
 
-    modes = [("bare", "bare"), ("chapter loop", "chapter"), ("gt default", "default"), ("gt full", "full")]
+    modes = [("bare", "bare"), ("chapter loop", "chapter"), ("gt economy", "economy"),
+             ("gt default", "default"), ("gt full", "full")]
     g = torch.Generator().manual_seed(0)
     mlp_batch = (torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g))
     compare("24-layer MLP, width 256, batch 128 (Linear+ReLU)", lambda: mlp(24), mlp_batch,
