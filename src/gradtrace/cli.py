@@ -14,7 +14,13 @@ EXIT_OK, EXIT_USAGE, EXIT_FINDINGS = 0, 2, 3
 
 
 class UsageError(Exception):
-    """A problem with what the user asked for; printed as one line, exit code 2."""
+    """A problem with what the user asked for; printed as one line, exit code 2.
+
+    Example:
+        >>> build_parser().parse_args(["doctor"])            # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        UsageError: gradtrace doctor: the following arguments are required: run
+    """
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +39,12 @@ _HANDLERS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gradtrace`` argument parser: sub-commands demo, show, doctor, report, preflight.
+
+    Example:
+        >>> build_parser().parse_args(["doctor", "runs/exp1", "--json"]).json
+        True
+    """
     p = _Parser(prog="gradtrace", description="See, diagnose and fix vanishing and exploding "
                 "gradients in PyTorch training runs.")
     from gradtrace import __version__

@@ -170,7 +170,12 @@ class DistReducer:
         return self.rank == 0
 
     def meta(self) -> dict[str, Any]:
-        """What the trace's ``meta.json`` records about the distributed run."""
+        """What the trace's ``meta.json`` records about the distributed run.
+
+        Example:
+            >>> red.meta()["world_size"]                # doctest: +SKIP
+            2
+        """
         return {"world_size": self.world_size, "backend": self.backend, "mode": self.mode,
                 "writer_rank": 0, "reduction": "sum+max all-reduce per recorded step",
                 "activations": "rank 0's micro-batch", "loss": "mean over all ranks"}

@@ -43,6 +43,12 @@ class Fix:
     code: str = ""
 
     def to_dict(self) -> dict[str, str]:
+        """JSON-ready form: ``{"problem", "action", "code"}``.
+
+        Example:
+            >>> Fix("Gradients explode", "Clip the norm").to_dict()
+            {'problem': 'Gradients explode', 'action': 'Clip the norm', 'code': ''}
+        """
         return asdict(self)
 
 
@@ -73,7 +79,12 @@ class Finding:
             raise ValueError(f"severity={self.severity!r}; valid: {', '.join(SEVERITIES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (the schema of `gradtrace doctor --json`)."""
+        """JSON-ready form (the schema of `gradtrace doctor --json`).
+
+        Example:
+            >>> Finding("nonfinite", "error", ["fc"], 7, 7).to_dict()["first_step"]
+            7
+        """
         return {
             "kind": self.kind,
             "severity": self.severity,
@@ -87,6 +98,13 @@ class Finding:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Finding":
+        """Rebuild a finding from :meth:`to_dict` output (fix rows become :class:`Fix`).
+
+        Example:
+            >>> f = Finding("loss_spike", "warning", [], 10, 12, fixes=[Fix("Loss spikes", "Lower the lr")])
+            >>> Finding.from_dict(f.to_dict()) == f
+            True
+        """
         fixes = [Fix(**f) if isinstance(f, dict) else f for f in d.get("fixes", [])]
         return cls(d["kind"], d["severity"], list(d["layers"]), d.get("first_step"),
                    d.get("last_step"), d.get("evidence", {}), d.get("explanation", ""), fixes)

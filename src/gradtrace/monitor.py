@@ -91,7 +91,12 @@ def _make_clipper(clip: Any):
 
 
 class NonFiniteError(RuntimeError):
-    """Raised after a step with ``nan``/``inf`` when ``watch(..., raise_on_nonfinite=True)``."""
+    """Raised after a step with ``nan``/``inf`` when ``watch(..., raise_on_nonfinite=True)``.
+
+    Example:
+        >>> issubclass(NonFiniteError, RuntimeError)
+        True
+    """
 
 
 def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:

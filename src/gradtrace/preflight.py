@@ -101,12 +101,23 @@ class PreflightResult(list):
         return len(self) == 0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"findings": [...], "summary": {...}, "spectrum": {...}}``."""
+        """JSON-ready: ``{"findings": [...], "summary": {...}, "spectrum": {...}}``.
+
+        Example:
+            >>> PreflightResult([], {"blocks": []}, None).to_dict()
+            {'findings': [], 'summary': {'blocks': []}, 'spectrum': None}
+        """
         return _jsonable({"findings": [f.to_dict() for f in self], "summary": self.summary,
                           "spectrum": self.spectrum.to_dict() if self.spectrum else None})
 
     def table(self) -> str:
-        """The per-block summary as fixed-width text."""
+        """The per-block summary as fixed-width text.
+
+        Example:
+            >>> r = preflight(nn.Sequential(nn.Linear(8, 8), nn.Tanh()), torch.randn(4, 8))
+            >>> r.table().splitlines()[0].split()[:2]
+            ['block', 'fwd']
+        """
         return _format_table(self.summary)
 
 

@@ -60,7 +60,12 @@ def activation_kind(module: nn.Module) -> str | None:
 
 @dataclass(frozen=True)
 class Selection:
-    """The names a monitor watches, in ``named_modules()`` / ``named_parameters()`` order."""
+    """The names a monitor watches, in ``named_modules()`` / ``named_parameters()`` order.
+
+    Example:
+        >>> Selection(["0"], ["0.weight", "0.bias"]).params
+        ['0.weight', '0.bias']
+    """
 
     modules: list[str]
     params: list[str]

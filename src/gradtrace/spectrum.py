@@ -83,7 +83,13 @@ class BlockSpectrum:
         return float(np.mean(self.singular_values[:, -1]))
 
     def row(self) -> dict[str, Any]:
-        """One flat row of the table form."""
+        """One flat row of the table form.
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> b.row()["condition"]
+            1.0
+        """
         smin = self.sigma_min
         return {"block": self.name, "members": list(self.members), "in_width": self.in_width,
                 "out_width": self.out_width, "method": self.method, "gain": self.gain,
@@ -120,7 +126,13 @@ class Spectrum:
         return list(self._blocks)
 
     def block(self, name: str) -> BlockSpectrum:
-        """All figures of one block; ``END_TO_END`` names the whole model."""
+        """All figures of one block; ``END_TO_END`` names the whole model.
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> Spectrum({"0": b}, None).block("0").in_width
+            4
+        """
         if name == END_TO_END and self._end is not None:
             return self._end
         if name not in self._blocks:
@@ -128,29 +140,64 @@ class Spectrum:
         return self._blocks[name]
 
     def singular_values(self, name: str) -> np.ndarray:
-        """Singular values of block ``name``'s Jacobian, ``examples × values``, descending."""
+        """Singular values of block ``name``'s Jacobian, ``examples × values``, descending.
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> Spectrum({"0": b}, None).singular_values("0").shape
+            (2, 4)
+        """
         return self.block(name).singular_values
 
     def gain(self, name: str) -> float:
-        """trace(JᵀJ) / input width of block ``name``, averaged over examples."""
+        """trace(JᵀJ) / input width of block ``name``, averaged over examples.
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> Spectrum({"0": b}, None).gain("0")
+            1.0
+        """
         return self.block(name).gain
 
     def spread(self, name: str) -> float:
-        """Relative variance of the squared singular values (0 = isometry)."""
+        """Relative variance of the squared singular values (0 = isometry).
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> Spectrum({"0": b}, None).spread("0")
+            0.0
+        """
         return self.block(name).spread
 
     def method(self, name: str) -> str:
-        """``"full"`` (all values exact) or ``"lanczos"`` (top-k and bottom-k estimates)."""
+        """``"full"`` (all values exact) or ``"lanczos"`` (top-k and bottom-k estimates).
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> Spectrum({"0": b}, None).method("0")
+            'full'
+        """
         return self.block(name).method
 
     def members(self, name: str) -> list[str]:
-        """Qualified names of the modules a block covers, in order."""
+        """Qualified names of the modules a block covers, in order.
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> Spectrum({"0": b}, None).members("0")
+            ['0']
+        """
         return list(self.block(name).members)
 
     def end_to_end(self) -> BlockSpectrum:
         """The whole model's input-output Jacobian (``.singular_values``, ``.gain``, ``.spread``).
 
         Raises ValueError when the model input is not floating point (no Jacobian exists).
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> Spectrum({}, b).end_to_end().gain
+            1.0
         """
         if self._end is None:
             raise ValueError("no end-to-end spectrum: the model input is not floating point "
@@ -158,7 +205,13 @@ class Spectrum:
         return self._end
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per block (then the end-to-end row), for terminal and report tables."""
+        """One row per block (then the end-to-end row), for terminal and report tables.
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> [r["block"] for r in Spectrum({"0": b}, b).table()]
+            ['0', '0']
+        """
         rows = [b.row() for b in self._blocks.values()]
         if self._end is not None:
             rows.append(self._end.row())
@@ -168,6 +221,11 @@ class Spectrum:
         """JSON-ready form: table rows, log10 histograms of singular values per block.
 
         ``values=True`` also includes the raw singular values (large for wide models).
+
+        Example:
+            >>> b = BlockSpectrum("0", ["0"], 4, 4, "full", np.ones((2, 4)), np.ones(2), np.zeros(2))
+            >>> Spectrum({"0": b}, None).to_dict(bins=5)["histogram"]["counts"]["0"]
+            [0, 0, 8, 0, 0]
         """
         allb = list(self._blocks.values()) + ([self._end] if self._end is not None else [])
         logs = [np.log10(np.clip(b.singular_values.ravel(), 1e-30, None)) for b in allb]

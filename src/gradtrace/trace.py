@@ -32,7 +32,12 @@ RECORDS_FILE = "records.jsonl"
 
 
 class TraceWarning(UserWarning):
-    """A trace was readable but not whole (e.g. a torn last line after a crash)."""
+    """A trace was readable but not whole (e.g. a torn last line after a crash).
+
+    Example:
+        >>> issubclass(TraceWarning, UserWarning)
+        True
+    """
 
 
 def _encode(x: Any) -> Any:
@@ -111,14 +116,24 @@ class Trace:
         return [m["name"] for m in self.meta.get("modules", [])]
 
     def module_info(self, name: str) -> dict[str, Any]:
-        """Metadata of one watched module: ``type``, ``activation`` kind, parameter names."""
+        """Metadata of one watched module: ``type``, ``activation`` kind, parameter names.
+
+        Example:
+            >>> Trace({"modules": [{"name": "0", "type": "Linear"}]}).module_info("0")["type"]
+            'Linear'
+        """
         for m in self.meta.get("modules", []):
             if m["name"] == name:
                 return m
         raise KeyError(_unknown("module", name, self.modules))
 
     def param_info(self, name: str) -> dict[str, Any]:
-        """Metadata of one watched parameter: ``shape``, ``dtype``, owning ``module``."""
+        """Metadata of one watched parameter: ``shape``, ``dtype``, owning ``module``.
+
+        Example:
+            >>> Trace({"params": [{"name": "0.weight", "shape": [4, 3]}]}).param_info("0.weight")["shape"]
+            [4, 3]
+        """
         for p in self.meta.get("params", []):
             if p["name"] == name:
                 return p
@@ -165,7 +180,12 @@ class Trace:
         return sorted(self._index())
 
     def kind_of(self, stat: str) -> str:
-        """Where a statistic lives: ``"scalars"`` (per step), ``"param"``, ``"module"`` or ``"vectors"``."""
+        """Where a statistic lives: ``"scalars"`` (per step), ``"param"``, ``"module"`` or ``"vectors"``.
+
+        Example:
+            >>> Trace({}, [{"step": 0, "scalars": {"loss": 2.3}}]).kind_of("loss")
+            'scalars'
+        """
         index = self._index()
         if stat not in index:
             raise KeyError(_unknown("statistic", stat, list(index)))
@@ -274,7 +294,12 @@ def _decode_vector(v: Any) -> np.ndarray:
 
 
 def pack_mask(mask: np.ndarray) -> str:
-    """Pack a boolean vector into the trace's compact ``"<n>:<hex>"`` form."""
+    """Pack a boolean vector into the trace's compact ``"<n>:<hex>"`` form.
+
+    Example:
+        >>> pack_mask(np.array([True, False, True]))
+        '3:05'
+    """
     mask = np.asarray(mask, dtype=bool).ravel()
     return f"{mask.size}:" + np.packbits(mask, bitorder="little").tobytes().hex()
 
@@ -312,6 +337,11 @@ class TraceWriter:
         self._failed = False
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record (or event) as a flushed JSON line; on an I/O error, warn once and stop.
+
+        Example:
+            >>> w.write({"step": 0, "scalars": {"loss": 2.3}})   # doctest: +SKIP
+        """
         if self._file.closed or self._failed:
             return
         try:  # fast path: almost every record is all finite numbers
@@ -329,22 +359,45 @@ class TraceWriter:
                           f"{str(self.path)!r} stopped", RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:
+        """Close the records file. Safe to call twice.
+
+        Example:
+            >>> w.close()                                         # doctest: +SKIP
+        """
         if not self._file.closed:
             self._file.close()
 
 
 class MemoryWriter:
-    """Keeps records in a :class:`Trace` in memory (``watch(..., out=None)``)."""
+    """Keeps records in a :class:`Trace` in memory (``watch(..., out=None)``).
+
+    Example:
+        >>> w = MemoryWriter({}); w.write({"step": 0, "scalars": {"loss": 2.3}})
+        >>> w.trace.series("loss")
+        array([2.3])
+    """
 
     def __init__(self, meta: dict[str, Any]):
         self.trace = Trace({"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record (or event) to ``self.trace``.
+
+        Example:
+            >>> w = MemoryWriter({}); w.write({"step": 3, "scalars": {"loss": 1.0}})
+            >>> len(w.trace)
+            1
+        """
         # Records are never mutated after they are written, so no copy is needed; the
         # reader accepts float NaN/inf as well as their on-disk string forms.
         self.trace._append(record)
 
     def close(self) -> None:
+        """Nothing to release; the trace stays readable.
+
+        Example:
+            >>> MemoryWriter({}).close()
+        """
         pass
 
 

@@ -72,6 +72,10 @@ class Thresholds:
         divergence_window: how many records before the first non-finite step are examined
             for growth and near-overflow values.
         floor: smallest norm used inside a logarithm (exact zeros become this).
+
+    Example:
+        >>> Thresholds(spike_z=6.0).spike_z
+        6.0
     """
 
     warmup_steps: int = 5

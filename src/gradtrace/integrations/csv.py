@@ -42,7 +42,11 @@ class CSVSink:
         self._writer: Any = None
 
     def start(self, meta: dict) -> None:
-        """Open the file and write the header (called by the monitor)."""
+        """Open the file and write the header (called by the monitor).
+
+        Example:
+            >>> sink.start(meta)                                   # doctest: +SKIP
+        """
         self._meta = meta
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "w", newline="", encoding="utf-8")
@@ -50,7 +54,11 @@ class CSVSink:
         self._writer.writerow(HEADER)
 
     def write(self, record: dict) -> None:
-        """Append the rows of one record or event, flushed."""
+        """Append the rows of one record or event, flushed.
+
+        Example:
+            >>> sink.write({"step": 0, "scalars": {"loss": 2.3}})  # doctest: +SKIP
+        """
         if self._writer is None:
             raise RuntimeError("CSVSink.write() before start(): pass the sink to gt.watch(sinks=[...])")
         if "event" in record:
@@ -64,6 +72,10 @@ class CSVSink:
         self._file.flush()
 
     def close(self) -> None:
-        """Close the file. Safe to call twice."""
+        """Close the file. Safe to call twice.
+
+        Example:
+            >>> sink.close()                                       # doctest: +SKIP
+        """
         if self._file is not None and not self._file.closed:
             self._file.close()

@@ -55,7 +55,11 @@ class TensorBoardSink:
         self._meta: dict = {}
 
     def start(self, meta: dict) -> None:
-        """Open the writer (called by the monitor)."""
+        """Open the writer (called by the monitor).
+
+        Example:
+            >>> sink.start(meta)                                   # doctest: +SKIP
+        """
         self._meta = meta
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -74,7 +78,11 @@ class TensorBoardSink:
         return f"gradtrace/{stat}" if not name else f"{stat}/{name}"
 
     def write(self, record: dict) -> None:
-        """Write one record's scalars (and histograms), or an event as text."""
+        """Write one record's scalars (and histograms), or an event as text.
+
+        Example:
+            >>> sink.write({"step": 0, "scalars": {"loss": 2.3}})  # doctest: +SKIP
+        """
         if self._writer is None:
             raise RuntimeError("TensorBoardSink.write() before start(): pass it to gt.watch(sinks=[...])")
         step = int(record.get("step", 0))
@@ -94,7 +102,11 @@ class TensorBoardSink:
                     self._writer.add_histogram(f"hist/{stat}", np.log10(v), step)
 
     def close(self) -> None:
-        """Flush, and close the writer if this sink opened it."""
+        """Flush, and close the writer if this sink opened it.
+
+        Example:
+            >>> sink.close()                                       # doctest: +SKIP
+        """
         if self._writer is not None:
             self._writer.flush()
             if self._own:

@@ -42,7 +42,11 @@ class WandbSink:
         self.events = 0
 
     def start(self, meta: dict) -> None:
-        """Start (or join) the run and store the watch configuration in its config."""
+        """Start (or join) the run and store the watch configuration in its config.
+
+        Example:
+            >>> sink.start(meta)                                   # doctest: +SKIP
+        """
         self._meta = meta
         if self.run is None:
             self.run = self._wandb.init(**self._init_kwargs)
@@ -59,7 +63,11 @@ class WandbSink:
         return f"gradtrace/{stat}" if not name else f"{stat}/{name}"
 
     def write(self, record: dict) -> None:
-        """Log one record (or event) at its optimizer step."""
+        """Log one record (or event) at its optimizer step.
+
+        Example:
+            >>> sink.write({"step": 0, "scalars": {"loss": 2.3}})  # doctest: +SKIP
+        """
         if self.run is None:
             raise RuntimeError("WandbSink.write() before start(): pass it to gt.watch(sinks=[...])")
         if "event" in record:
@@ -72,7 +80,11 @@ class WandbSink:
         self.run.log(data)
 
     def close(self) -> None:
-        """Finish the run if this sink started it."""
+        """Finish the run if this sink started it.
+
+        Example:
+            >>> sink.close()                                       # doctest: +SKIP
+        """
         if self.run is not None and self._own:
             self.run.finish()
             self.run = None

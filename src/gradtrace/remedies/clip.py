@@ -440,6 +440,10 @@ class AGCParam(NamedTuple):
     1 for ConvTranspose weights laid out ``[in, out/groups, *k]``); ``groups`` is the
     ConvTranspose ``groups`` (output units are then ``(group, channel)`` pairs);
     ``name`` is used by name-glob exclusion.
+
+    Example:
+        >>> AGCParam(torch.nn.Parameter(torch.ones(2, 3)), name="fc.weight").unit_dim
+        0
     """
 
     param: Tensor
@@ -734,14 +738,25 @@ class AutoClip:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        """Settings, count and stored norms (a tensor), enough to resume identically."""
+        """Settings, count and stored norms (a tensor), enough to resume identically.
+
+        Example:
+            >>> AutoClip(percentile=10).state_dict()["count"]
+            0
+        """
         n = self._count if self.history is None else min(self._count, self.history)
         norms = self._buf[:n].clone() if self._buf is not None else torch.zeros(0)
         return {"percentile": self.percentile, "history": self.history,
                 "norm_type": self.norm_type, "count": self._count, "norms": norms}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (settings included)."""
+        """Restore from :meth:`state_dict` (settings included).
+
+        Example:
+            >>> c = AutoClip(); c.load_state_dict(AutoClip(percentile=50, history=8).state_dict())
+            >>> c.percentile, c.history
+            (50.0, 8)
+        """
         self.__init__(state["percentile"], state["history"], state.get("norm_type", 2.0),
                       self.foreach)
         self._count = int(state["count"])
@@ -875,7 +890,12 @@ class ZClip:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        """Settings, step count, warmup buffer and EMA statistics (tensors)."""
+        """Settings, step count, warmup buffer and EMA statistics (tensors).
+
+        Example:
+            >>> ZClip(warmup=5).state_dict()["warmup"]
+            5
+        """
         return {
             "alpha": self.alpha, "z_thresh": self.z_thresh, "warmup": self.warmup,
             "mode": self.mode, "max_norm": self.max_norm, "eps": self.eps,
@@ -886,7 +906,12 @@ class ZClip:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (settings included)."""
+        """Restore from :meth:`state_dict` (settings included).
+
+        Example:
+            >>> z = ZClip(); z.load_state_dict(ZClip(z_thresh=3.0).state_dict()); z.z_thresh
+            3.0
+        """
         self.__init__(state["alpha"], state["z_thresh"], state["warmup"], state["mode"],
                       max_norm=state["max_norm"], eps=state["eps"],
                       norm_type=state.get("norm_type", 2.0), foreach=self.foreach)

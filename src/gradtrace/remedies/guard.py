@@ -340,7 +340,13 @@ class Guard:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Counters, skip log and spike windows (plain Python values)."""
+        """Counters, skip log and spike windows (plain Python values).
+
+        Example:
+            >>> g = Guard(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1))
+            >>> g.state_dict()["step_count"]
+            0
+        """
         return {
             "step_count": self.step_count, "skipped": self.skipped,
             "skips": list(self.skips), "backoffs": self.backoffs,
@@ -349,7 +355,13 @@ class Guard:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; settings come from the constructor."""
+        """Restore from :meth:`state_dict`; settings come from the constructor.
+
+        Example:
+            >>> g = Guard(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1))
+            >>> g.load_state_dict({"step_count": 5, "skipped": 1, "skips": [(3, "loss_spike")]}); g.skips
+            [(3, 'loss_spike')]
+        """
         self.step_count = int(state["step_count"])
         self.skipped = int(state["skipped"])
         self.skips = [(int(s), str(r)) for s, r in state["skips"]]

@@ -310,7 +310,14 @@ def loss_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 6
 
 
 def total_norm_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 640) -> str:
-    """Total gradient norm (pre-clip) of several runs over steps, log scale."""
+    """Total gradient norm (pre-clip) of several runs over steps, log scale.
+
+    Example:
+        >>> from gradtrace.trace import Trace
+        >>> t = Trace({}, [{"step": i, "scalars": {"total_grad_norm": 1.0 + i}} for i in range(3)])
+        >>> "<svg" in total_norm_overlay_svg([("run", t)], title="total norm")
+        True
+    """
     series = []
     for label, trace in runs:
         if "total_grad_norm" in trace.stats():
@@ -321,7 +328,13 @@ def total_norm_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: i
 
 
 def time_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 640) -> str | None:
-    """Gradient norm reaching each time step, first recorded step of each run, log scale."""
+    """Gradient norm reaching each time step, first recorded step of each run, log scale.
+
+    Example:
+        >>> from gradtrace.trace import Trace
+        >>> time_overlay_svg([("run", Trace({}))], title="through time") is None   # no RNN recorded
+        True
+    """
     series = []
     for label, trace in runs:
         for name, v in plots.time_gradients(trace).items():

@@ -154,7 +154,14 @@ def module_rows(trace, stat: str) -> tuple[np.ndarray, list[str], np.ndarray]:
 
 
 def layer_exec_rank(trace) -> dict[str, int]:
-    """Module name -> position in forward order (the order the detectors use)."""
+    """Module name -> position in forward order (the order the detectors use).
+
+    Example:
+        >>> from gradtrace.trace import Trace
+        >>> t = Trace({"modules": [{"name": "a"}, {"name": "b"}]}, [{"step": 0, "exec_order": ["b"]}])
+        >>> layer_exec_rank(t)
+        {'b': 0, 'a': 1}
+    """
     from ..detect._util import exec_order
 
     return {n: i for i, n in enumerate(exec_order(trace))}
@@ -217,7 +224,12 @@ class Series:
 
 @dataclass
 class Marker:
-    """A vertical mark on a chart (a loss spike, a guard skip) at ``x``."""
+    """A vertical mark on a chart (a loss spike, a guard skip) at ``x``.
+
+    Example:
+        >>> Marker(25, "loss spike").color
+        '#D55E00'
+    """
 
     x: float
     label: str = ""
