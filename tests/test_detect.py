@@ -485,3 +485,17 @@ def test_dead_units_need_enough_inputs_seen():
     assert run(batch=3) == []          # 15 inputs in the window: below dead_min_samples
     (f,) = run(batch=32)               # 160 inputs: the four dead units are reported
     assert f.layers == ["1"]
+
+
+def test_late_wobble_of_a_tiny_loss_is_not_a_spike():
+    meta = mlp_meta(3)
+    rng = np.random.default_rng(0)
+    loss = np.r_[np.linspace(2.0, 0.002, 60), 0.002 * (1 + 0.01 * rng.standard_normal(40))]
+    wobble = loss.copy()
+    wobble[80] = 0.006                  # 3x, z huge, but 0.2% of the starting loss
+    spike = loss.copy()
+    spike[80] = 1.5                     # back to most of the starting loss: an event
+    find = lambda l: [f for f in diagnose(Trace(meta, [rec(meta, s, loss=float(v)) for s, v in enumerate(l)]))
+                      if f.kind == "loss_spike"]
+    assert find(wobble) == []
+    assert [f.first_step for f in find(spike)] == [80]

@@ -19,16 +19,20 @@ def spike_indices(loss: np.ndarray, th: Thresholds) -> list[tuple[int, float, fl
         >>> spike_indices(np.r_[np.ones(25), 50.0, np.ones(4)], Thresholds())[0][0]
         25
     """
+    early = loss[np.isfinite(loss)][: th.baseline_window]
+    level = float(np.median(early)) if early.size else 0.0
     return [(i, z, med) for i, z, med in
             U.trailing_spikes(loss, warmup=th.warmup_steps, window=th.baseline_window,
                               min_baseline=th.min_baseline, z_limit=th.spike_z)
-            if loss[i] >= th.spike_min_fold * med and med > 0]
+            if loss[i] >= th.spike_min_fold * med and med > 0
+            and loss[i] - med >= th.spike_min_rise * level]
 
 
 def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
     """``loss_spike``: a loss ``th.spike_z`` robust z-scores above the median of the
-    ``th.baseline_window`` records before it, and at least ``th.spike_min_fold`` times
-    that median. The first ``th.warmup_steps`` records are never judged.
+    ``th.baseline_window`` records before it, at least ``th.spike_min_fold`` times that
+    median, and a rise of at least ``th.spike_min_rise`` of the run's early loss level.
+    The first ``th.warmup_steps`` records are never judged.
 
     Example:
         >>> detect_spike(trace, Thresholds(spike_z=6))     # doctest: +SKIP

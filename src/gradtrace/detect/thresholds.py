@@ -25,6 +25,9 @@ class Thresholds:
             trailing baseline that counts as a loss spike.
         spike_min_fold: the spiking loss must also be at least this multiple of the
             baseline median (guards against tiny MADs late in training).
+        spike_min_rise: and the jump (loss minus baseline median) must be at least this
+            fraction of the run's early loss level (median of its first baseline window):
+            late in training a loss of 1e-3 doubling is a wobble, not an event.
         explode_z: robust z-score of ``log(grad norm)`` above its trailing baseline that
             counts as a gradient explosion over the steps.
         explode_fold: the gradient norm must also be at least this multiple of its
@@ -83,6 +86,7 @@ class Thresholds:
     min_baseline: int = 5
     spike_z: float = 10.0
     spike_min_fold: float = 2.0
+    spike_min_rise: float = 0.05
     explode_z: float = 8.0
     explode_fold: float = 10.0
     depth_min_layers: int = 4
@@ -118,7 +122,7 @@ class Thresholds:
                 raise TypeError(f"threshold {f.name} must be an int, got {v!r}")
             if not v > 0:
                 raise ValueError(f"threshold {f.name} must be > 0, got {v!r}")
-        for name in ("vanish_gain", "vanish_total", "act_shrink_gain", "act_shrink_total",
+        for name in ("vanish_gain", "vanish_total", "act_shrink_gain", "act_shrink_total", "spike_min_rise",
                      "time_vanish_ratio", "persist_frac", "dead_frac", "saturated_frac",
                      "overflow_frac"):
             if getattr(self, name) > 1:
