@@ -93,9 +93,10 @@ def _matcher(spec: LayerSpec) -> Callable[[str, nn.Module], bool]:
 def select(model: nn.Module, layers: LayerSpec = None) -> Selection:
     """Choose the watched modules and parameters.
 
-    ``layers=None`` watches every leaf module (one with no children) that produces
-    tensors, and every parameter. Otherwise ``layers`` selects modules by name glob,
-    regex, type, predicate or a list of these; the parameters watched are those owned by
+    ``layers=None`` watches every leaf module (one with no children) and every module
+    that owns parameters directly (e.g. ``nn.MultiheadAttention``), and every parameter.
+    Otherwise ``layers`` selects modules by name glob, regex, type, predicate or a list
+    of these; the parameters watched are those owned by
     selected modules (directly or below them). An empty match is an error.
 
     Example:
@@ -105,7 +106,10 @@ def select(model: nn.Module, layers: LayerSpec = None) -> Selection:
     """
     named = [(n, m) for n, m in model.named_modules() if n != ""]
     if layers is None:
-        mods = [n for n, m in named if not any(True for _ in m.children())]
+        # Leaves, plus modules that own parameters directly (nn.MultiheadAttention keeps
+        # in_proj_weight itself and computes without calling its out_proj child).
+        mods = [n for n, m in named if not any(True for _ in m.children())
+                or any(p is not None for p in m._parameters.values())]
         if not named:  # a bare layer: watch the model itself
             mods = [""]
         params = [n for n, _ in model.named_parameters()]
