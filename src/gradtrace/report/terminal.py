@@ -128,12 +128,19 @@ def layer_rows(trace) -> list[dict[str, Any]]:
     return rows
 
 
+def _wrap(text: str, first: str, rest: str) -> str:
+    """Wrap prose to the terminal width, continuation lines indented under the first."""
+    import shutil
+    import textwrap
+
+    width = max(60, min(shutil.get_terminal_size((100, 20)).columns, 120))
+    return textwrap.fill(text, width=width, initial_indent=first, subsequent_indent=rest)
+
+
 def _finding_lines(findings: Sequence[Any] | None) -> list[tuple[str, str]]:
     """(style, text) lines for the findings block."""
     from .html import kind_title
 
-    if findings is None:
-        return [("dim", "Diagnosis unavailable (gradtrace.detect is not installed); figures only.")]
     if not findings:
         return [("green", "✓ Healthy: no problems found.")]
     out: list[tuple[str, str]] = []
@@ -144,10 +151,10 @@ def _finding_lines(findings: Sequence[Any] | None) -> list[tuple[str, str]]:
         style = "bold red" if f.severity == "error" else "bold yellow"
         out.append((style, f"{f.severity.upper():7s} {kind_title(f.kind)}{steps}" + (f" in {where}" if where else "")))
         if f.explanation:
-            out.append(("", f"        {f.explanation}"))
+            out.append(("", _wrap(f.explanation, "        ", "        ")))
         for fx in f.fixes:
             d = fx.to_dict() if hasattr(fx, "to_dict") else dict(fx)
-            out.append(("cyan", f"        fix: {d.get('action', '')}"))
+            out.append(("cyan", _wrap(d.get("action", ""), "        fix: ", "             ")))
             for line in str(d.get("code", "")).splitlines():
                 out.append(("green", f"             {line}"))
     return out
