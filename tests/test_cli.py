@@ -107,3 +107,19 @@ def test_doctor_subprocess(runs, tmp_path):
     assert obj["healthy"] is False and any(f["kind"] in ("nonfinite", "loss_nonfinite") for f in obj["findings"])
     r = subprocess.run(cmd + [str(healthy)], capture_output=True, text=True, timeout=120)
     assert r.returncode in (0, 3) and "Traceback" not in r.stderr
+
+
+def test_bad_out_and_bad_shape_are_one_line_errors(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["demo", "--out", str(afile)]) == 2
+    _one_line_error(capsys.readouterr().err)
+    mod = tmp_path / "tiny_models.py"
+    mod.write_text("import torch\ndef make():\n    return torch.nn.Linear(8, 2)\n")
+    import sys as _sys
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["preflight", "tiny_models:make", "--input-shape", "4,5"]) == 2   # wrong width
+        _one_line_error(capsys.readouterr().err)
+    finally:
+        _sys.path.remove(str(tmp_path))

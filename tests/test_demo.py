@@ -60,7 +60,7 @@ def test_cli_main_only_group(tmp_path, monkeypatch, capsys):
     from gradtrace.cli import main
 
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
-    assert calls == {"out": str(tmp_path / "d"), "quick": True, "progress": False}
+    assert calls == {"out": tmp_path / "d", "quick": True, "progress": False}
 
 
 def test_unknown_group_is_an_input_error(tmp_path):

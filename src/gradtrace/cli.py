@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        # Input errors (a bad trace path, a missing extra, a bad factory) are one line.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except ImportError as e:
+        # A missing extra (matplotlib for --png, ...): the message names the pip install.
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    # Anything else is a bug in gradtrace, not the user's input: it keeps its traceback.
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -746,7 +746,10 @@ def cli_main(args: Any) -> int:
         if emb is None:
             raise _usage(f"--dtype {args.dtype} needs an nn.Embedding in the model to pick token ids")
         x = torch.randint(0, emb.num_embeddings, shape, generator=gen)
-    result = preflight(model, x, seed=args.seed)
+    try:
+        result = preflight(model, x, seed=args.seed)
+    except ValueError as e:     # the model refused this input (wrong shape or dtype)
+        raise _usage(str(e)) from None
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

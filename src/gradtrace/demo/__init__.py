@@ -296,5 +296,13 @@ def cli_main(args: Any) -> int:
         >>> cli_main(argparse.Namespace(quick=True, out="demo", no_progress=True))   # doctest: +SKIP
         0
     """
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    from gradtrace.cli import UsageError
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; pass a directory for the traces and report")
+    try:
+        run_demo(out, quick=args.quick, progress=not args.no_progress)
+    except PermissionError as e:
+        raise UsageError(f"cannot write to --out {str(out)!r}: {e.strerror}") from None
     return 0

@@ -20,13 +20,17 @@ EXIT_OK, EXIT_USAGE, EXIT_FINDINGS = 0, 2, 3
 
 
 def _load(run: str):
-    from gradtrace.trace import load
-
     import warnings
+
+    from gradtrace.cli import UsageError
+    from gradtrace.trace import load
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")        # a torn last line is listed in the summary instead
-        return load(run)
+        try:
+            return load(run)
+        except ValueError as e:                # missing, foreign or corrupt: the user's input
+            raise UsageError(str(e)) from None
 
 
 def _findings(trace) -> list:
