@@ -405,6 +405,58 @@ class Monitor:
         except Exception as e:                 # a monitoring bug must never stop training
             self._internal_error(e)
 
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is recorded (``every`` / ``activations_every``).
+
+        Example:
+            >>> gt.watch(torch.nn.Linear(2, 1), every=3).recording      # doctest: +SKIP
+            True
+        """
+        return self._rec and not self._closed
+
+    # ---- driving the step from a framework ----------------------------------------------
+    # Trainers that clip between backward and optimizer.step() (Lightning, Transformers)
+    # watch without optimizer hooks and call these three instead.
+    def collect(self) -> None:
+        """Take this step's parameter-gradient figures now (before the framework clips).
+
+        Example:
+            >>> mon.collect(); clip(...); mon.note_clipped(); opt.step(); mon.finish()   # doctest: +SKIP
+        """
+        if self._rec and not self._closed:
+            try:
+                self._collect_params(with_snapshot=self._act)
+            except Exception as e:
+                self._internal_error(e)
+
+    def note_clipped(self) -> None:
+        """The gradients were clipped since :meth:`collect`: record the post-clip total and
+        the coefficient, read from the gradients as they are now (on the device).
+
+        Example:
+            >>> mon.note_clipped()     # doctest: +SKIP
+        """
+        pending = self._pending or {}
+        if self._closed or "gsq" not in pending or self._clip_info is not None:
+            return
+        try:
+            grads = [distributed.local(self._params[i].grad) for i in pending["idx"]
+                     if self._params[i].grad is not None]
+            pre = pending["gsq"].sum().sqrt()
+            post = stats.squared_norms(grads, self._device).sum().sqrt() if grads else pre
+            self._clip_info = {"total": pre, "coef": post / pre}
+        except Exception as e:
+            self._internal_error(e)
+
+    def finish(self) -> None:
+        """Close the step after the optimizer stepped: one record (if this step records).
+
+        Example:
+            >>> mon.finish()           # doctest: +SKIP
+        """
+        self._on_post_step(self.optimizer, (), {})
+
     def skip_step(self, kind: str = "skip", **data: Any) -> None:
         """Close the current step without recording it, writing a ``kind`` event instead.
 

@@ -59,7 +59,7 @@ class GradTraceCallback(_tf.TrainerCallback):
         # figures must be pre-clip. The optimizer is set afterwards for lr and update ratios.
         self.monitor = Monitor(model, None, out=self.out, **self.watch_kwargs)
         self.monitor.optimizer = optimizer
-        params = [p for p in self.monitor._params if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("GradTraceCallback: the model has no trainable parameters")
         # One gradient hook is enough: from it, queue work for the end of the backward pass.
@@ -74,40 +74,29 @@ class GradTraceCallback(_tf.TrainerCallback):
             self.monitor.record_loss(loss)
 
     def _during_backward(self, param) -> None:
-        if not self._queued and self.monitor is not None and self.monitor._rec:
+        if not self._queued and self.monitor is not None and self.monitor.recording:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
 
     def _after_backward(self) -> None:
         self._queued = False
         mon = self.monitor
-        if mon is not None and not mon._closed:
-            mon._on_pre_step(mon.optimizer, (), {})   # pre-clip; the last micro-batch wins
+        if mon is not None:
+            mon.collect()                      # pre-clip; the last micro-batch wins
             self._collected = True
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        mon = self.monitor
-        pending = (mon._pending or {}) if mon is not None else {}
-        if args.max_grad_norm and args.max_grad_norm > 0 and "gsq" in pending and mon._clip_info is None:
-            try:
-                from .. import stats
-                from ..distributed import local
-                grads = [local(mon._params[i].grad.detach()) for i in pending["idx"]
-                         if mon._params[i].grad is not None]
-                pre = pending["gsq"].sum().sqrt()
-                post = stats.squared_norms(grads, mon._device).sum().sqrt() if grads else pre
-                mon._clip_info = {"grads": [], "norms": [], "total": pre, "coef": post / pre}
-            except Exception as e:
-                mon._internal_error(e)
+        if self.monitor is not None and args.max_grad_norm and args.max_grad_norm > 0:
+            self.monitor.note_clipped()        # the Trainer has clipped by now
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         mon = self.monitor
         if mon is None:
             return
-        if not self._collected and mon._rec:
-            mon._on_pre_step(mon.optimizer, (), {})   # no backward seen (unusual): take them now
+        if not self._collected:
+            mon.collect()                      # no backward seen (unusual): take them now
         self._collected = False
-        mon._on_post_step(mon.optimizer, (), {})
+        mon.finish()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()

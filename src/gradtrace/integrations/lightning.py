@@ -93,7 +93,7 @@ class GradTraceCallback(_pl.Callback):
         mon = self.monitor
         if mon is None or optimizer is not mon.optimizer:
             return
-        mon._on_pre_step(optimizer, (), {})          # gradient figures, pre-clip
+        mon.collect()                                  # gradient figures, pre-clip
         self._collected = True
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -101,20 +101,9 @@ class GradTraceCallback(_pl.Callback):
         if mon is None or not self._collected:
             return
         self._collected = False
-        pending = mon._pending or {}
-        clip_val = getattr(self._trainer, "gradient_clip_val", None)
-        if clip_val and "gsq" in pending and mon._clip_info is None:
-            try:                                      # the post-clip norm, still on device
-                from .. import stats
-                from ..distributed import local
-                grads = [local(mon._params[i].grad.detach()) for i in pending["idx"]
-                         if mon._params[i].grad is not None]
-                pre = pending["gsq"].sum().sqrt()
-                post = stats.squared_norms(grads, mon._device).sum().sqrt() if grads else pre
-                mon._clip_info = {"grads": [], "norms": [], "total": pre, "coef": post / pre}
-            except Exception as e:
-                mon._internal_error(e)
-        mon._on_post_step(optimizer, args, kwargs)     # one record; the step closes
+        if getattr(self._trainer, "gradient_clip_val", None):
+            mon.note_clipped()                         # post-clip total, still on device
+        mon.finish()                                   # one record; the step closes
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         mon = self.monitor
@@ -122,10 +111,7 @@ class GradTraceCallback(_pl.Callback):
             # on_before_optimizer_step ran but the optimizer did not step: a 16-bit
             # GradScaler skipped it after an overflow. Not an explosion: say so.
             self._collected = False
-            mon._pending = None
-            mon.log_event("amp_skip")
-            mon.step_count += 1
-            mon._begin_step()
+            mon.skip_step("amp_skip")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._close()
