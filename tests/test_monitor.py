@@ -659,3 +659,20 @@ def test_vanishing_norms_below_float32_square_range_and_monitoring_errors_do_not
         mon2.log_event("note", value=np.float32(1.5), arr=np.arange(3))   # numpy values are fine
         opt.step()
     np.testing.assert_allclose(mon2.trace.series("loss")[0], out.pow(2).mean().item(), rtol=1e-6)
+
+
+def test_gradients_changed_after_backward_are_recorded_as_the_optimizer_sees_them():
+    """On CPU the figures are taken in backward hooks; a gradient changed in place after
+    that (here doubled) must be measured again, as the optimizer will use it."""
+    model, ref = mlp(seed=8), mlp(seed=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with gt.watch(model, opt) as mon:
+        model(x).pow(2).mean().backward()
+        for p in model.parameters():
+            p.grad.mul_(2.0)
+        opt.step()
+    ref(x).pow(2).mean().backward()
+    for (n, p) in ref.named_parameters():
+        np.testing.assert_allclose(mon.trace.series("grad_norm", n)[0], 2 * p.grad.norm().item(), rtol=RTOL)
+        np.testing.assert_allclose(mon.trace.series("grad_maxabs", n)[0], 2 * p.grad.abs().max().item(), rtol=RTOL)
