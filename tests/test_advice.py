@@ -154,3 +154,12 @@ def test_diagnose_attaches_rendered_fixes():
     f = gt.diagnose(Trace(meta, recs))
     assert [x.kind for x in f] == ["loss_nonfinite"]
     assert any("0.01" in fx.code for fx in f[0].fixes)
+
+
+def test_units_dead_from_initialisation_get_the_depth_fix_not_the_lr_fix():
+    ctx = {"modules": [{"name": "0", "type": "Linear", "activation": None, "params": ["0.weight"]},
+                       {"name": "1", "type": "ReLU", "activation": "relu", "params": []}], "lr": 0.5}
+    start = fixes_for("dead_units", ctx, ["1"], evidence={"from_initialisation": True})
+    later = fixes_for("dead_units", ctx, ["1"], evidence={})
+    assert any("residual" in f.action for f in start) and not any("learning rate" in f.action.lower() for f in start)
+    assert any("learning rate" in f.action.lower() for f in later)

@@ -295,7 +295,11 @@ def _render(key: str, kind: str, ctx: _Context, layers: list[str], evidence: dic
                          "(a small slope for negative inputs keeps a gradient flowing so units can recover) "
                          "or nn.GELU()", _assign_lines(dead, "nn.LeakyReLU(0.01)") if dead
                          else "nn.LeakyReLU(0.01)  # in place of each nn.ReLU()"))
-        fixes.append(_lr_fix(row, ctx, "so one large update cannot push units below zero for good"))
+        if evidence.get("from_initialisation"):
+            # silent from the start: the depth, not an update, did it
+            fixes.append(_residual_norm_fix(CHECKLIST["activations_shrink"], ctx, dead))
+        else:
+            fixes.append(_lr_fix(row, ctx, "so one large update cannot push units below zero for good"))
         before = [w for w, k in ctx.following_activation().items() if k == "relu"]
         feeding = [w for w in ctx.weight_layers() if any(
             ctx.order.index(w) < ctx.order.index(d) for d in dead if d in ctx.order)]

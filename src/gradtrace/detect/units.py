@@ -104,6 +104,15 @@ def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
             "back: it is dead, and the layer has lost that much capacity. Units die when a large "
             "update (high learning rate) or a strongly negative bias pushes their pre-activation "
             "below zero everywhere.")
+    records = trace.steps_recorded
+    if first_step is not None and records.size and first_step == int(records[0]):
+        # Silent from the first record: nothing killed them, the network started that way.
+        evidence["from_initialisation"] = True
+        expl += (" Here they were silent from the first recorded step, before any large update, so "
+                 "the network started that way: a strongly negative bias, or, deep in a stack of "
+                 "plain ReLU layers, pre-activations of different inputs that have grown alike "
+                 "with depth, leaving some units negative for the whole batch. Normalisation "
+                 "(LayerNorm/BatchNorm) or residual connections keep the inputs apart.")
     return [Finding("dead_units", "warning", layers, first_step, last_step, evidence, expl, [])]
 
 
