@@ -198,8 +198,10 @@ class Monitor:
     def _meta(self, root, layers, out, time_gradients, preset) -> dict:
         from . import __version__
 
+        # A parameter belongs to the deepest watched module holding it (out_proj, not the
+        # MultiheadAttention around it).
         owner = {}
-        for mname, m in zip(self._mod_names, self._modules):
+        for mname, m in sorted(zip(self._mod_names, self._modules), key=lambda t: -len(t[0])):
             for pname, _ in m.named_parameters(prefix=mname, recurse=True):
                 owner.setdefault(pname, mname)
         return {
