@@ -8,6 +8,8 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_BREAK_SYSTEM_PACKAGES=1
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[all,test]"
+# Under pyenv a new console script needs its shim before `gradtrace` is on PATH.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
