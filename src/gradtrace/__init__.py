@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "watch": "monitor", "Monitor": "monitor", "PRESETS": "monitor",
-    "load": "trace", "Trace": "trace", "TraceWarning": "trace",
+    "UsageError": "errors", "NonFiniteError": "errors",
+    "load": "trace", "Trace": "trace", "TraceWarning": "errors",
     "Finding": "findings", "Fix": "findings", "KINDS": "findings",
     "diagnose": "detect", "Thresholds": "detect", "report": "report",
     "clip_grad_norm_": "remedies.clip", "clip_grad_value_": "remedies.clip",

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import distributed, stats
 from .probe import SATURATION_BOUNDS, activation_kind, floating_tensors, select, unit_view
+from .errors import NonFiniteError
 from .trace import MemoryWriter, Trace, TraceWriter, load, pack_mask
 
 F32 = torch.float32
@@ -88,15 +89,6 @@ def _make_clipper(clip: Any):
         return lambda params: clip_grad_norm_(params, max_norm=float(clip))
     raise TypeError(f"clip={clip!r}: pass a max norm (float > 0), a clipper such as gt.ZClip(), "
                     "or a callable taking the list of parameters")
-
-
-class NonFiniteError(RuntimeError):
-    """Raised after a step with ``nan``/``inf`` when ``watch(..., raise_on_nonfinite=True)``.
-
-    Example:
-        >>> issubclass(NonFiniteError, RuntimeError)
-        True
-    """
 
 
 def _check_every(name: str, value: Any, allow_zero: bool = False) -> int:

@@ -17,11 +17,7 @@ example batch is measured as well.
 """
 from __future__ import annotations
 
-import importlib
-import json
 import math
-import os
-import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
@@ -33,7 +29,7 @@ from .findings import Finding, Fix, _jsonable
 from .spectrum import (Spectrum, _as_args, _Capture, _first_tensor,
                        _select_blocks, spectrum)
 
-__all__ = ["preflight", "PreflightResult", "PreflightThresholds", "mean_field", "cli_main"]
+__all__ = ["preflight", "PreflightResult", "PreflightThresholds", "mean_field"]
 
 #: Widest block whose full spectrum preflight computes; wider blocks use the matrix-free
 #: Lanczos top-k/bottom-k and a Hutchinson gain (see bench/spectrum.py for the crossover).
@@ -668,103 +664,3 @@ def _format_table(summary: dict[str, Any]) -> str:
                      f", γ={_fmt(r['gamma'])}, ‖∂h_T/∂h_0‖={_fmt(r['jacobian_norm'])} over "
                      f"{_fmt(r['steps'])} steps")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16, "int64": torch.int64, "long": torch.int64}
-
-
-def _usage(msg: str) -> Exception:
-    try:
-        from .cli import UsageError
-
-        return UsageError(msg)
-    except ImportError:  # pragma: no cover
-        return ValueError(msg)
-
-
-def _load_factory(spec: str) -> nn.Module:
-    if spec.count(":") != 1 or not all(spec.split(":")):
-        raise _usage(f"factory {spec!r} must look like PKG.MODULE:FACTORY")
-    mod_name, attr = spec.split(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:
-        raise _usage(f"cannot import {mod_name!r}: {type(e).__name__}: {e}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise _usage(f"module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise _usage(f"{spec} is not callable")
-    try:
-        model = obj()
-    except Exception as e:
-        raise _usage(f"factory {spec} failed: {type(e).__name__}: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise _usage(f"factory {spec} returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(s < 1 for s in shape):
-        raise _usage(f"--input-shape {text!r} must be positive integers separated by commas, e.g. 64,784")
-    return shape
-
-
-def cli_main(args: Any) -> int:
-    """``gradtrace preflight PKG.MODULE:FACTORY --input-shape 64,784 [--dtype] [--json]``.
-
-    Exit 0 when healthy, 3 with findings; input errors raise ``UsageError`` (exit 2).
-
-    Example:
-        >>> from gradtrace.cli import main
-        >>> main(["preflight", "mymodels:make_mlp", "--input-shape", "64,784"])  # doctest: +SKIP
-        0
-    """
-    shape = _parse_shape(args.input_shape)
-    if args.dtype not in _DTYPES:
-        raise _usage(f"--dtype {args.dtype!r}; valid: {', '.join(_DTYPES)}")
-    dtype = _DTYPES[args.dtype]
-    torch.manual_seed(args.seed)
-    model = _load_factory(args.factory)
-    gen = torch.Generator().manual_seed(args.seed)
-    if dtype.is_floating_point:
-        model = model.to(dtype)
-        x = torch.randn(shape, generator=gen).to(dtype)
-    else:
-        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-        if emb is None:
-            raise _usage(f"--dtype {args.dtype} needs an nn.Embedding in the model to pick token ids")
-        x = torch.randint(0, emb.num_embeddings, shape, generator=gen)
-    try:
-        result = preflight(model, x, seed=args.seed)
-    except ValueError as e:     # the model refused this input (wrong shape or dtype)
-        raise _usage(str(e)) from None
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    else:
-        print(f"preflight {args.factory}  input {tuple(shape)} {args.dtype}")
-        print(result.table())
-        print()
-        if not result:
-            print("healthy: no findings")
-        for f in result:
-            print(f"[{f.severity}] {f.kind}: {', '.join(f.layers[:6])}{' …' if len(f.layers) > 6 else ''}")
-            print(f"  {f.explanation}")
-            for fx in f.fixes:
-                print(f"  fix: {fx.action}")
-                for line in fx.code.splitlines():
-                    print(f"      {line}")
-    return 3 if result else 0
-
-

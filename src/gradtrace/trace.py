@@ -25,19 +25,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .errors import TraceWarning
+
 FORMAT = "gradtrace-trace"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 RECORDS_FILE = "records.jsonl"
-
-
-class TraceWarning(UserWarning):
-    """A trace was readable but not whole (e.g. a torn last line after a crash).
-
-    Example:
-        >>> issubclass(TraceWarning, UserWarning)
-        True
-    """
 
 
 def _encode(x: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from .experiments import FULL, QUICK, TINY, DemoConfig, train_mlp, train_relu, train_rnn
 
-__all__ = ["run_demo", "cli_main", "measure_facts", "EXPERIMENTS", "DemoConfig", "QUICK", "FULL", "TINY"]
+__all__ = ["run_demo", "measure_facts", "EXPERIMENTS", "DemoConfig", "QUICK", "FULL", "TINY"]
 
 #: (group id, title, explanation, charts, [(run name, label, trainer, note)])
 EXPERIMENTS: list[tuple[str, str, str, tuple[str, ...], list[tuple[str, str, Callable, str]]]] = [
@@ -287,22 +287,3 @@ def _measured_from_runs(traces: dict[str, Any]) -> list[dict[str, str]]:
                 rows.append({"fact": "ReLU RNN (radius 1.6): gradient at time step 0 / last step, first step",
                              "expected": "huge (exploding)", "measured": plots.fmt(v[0, 0] / v[0, -1])})
     return rows
-
-
-def cli_main(args: Any) -> int:
-    """``gradtrace demo [--quick] [--out DIR] [--no-progress]``; returns the exit code.
-
-    Example:
-        >>> cli_main(argparse.Namespace(quick=True, out="demo", no_progress=True))   # doctest: +SKIP
-        0
-    """
-    from gradtrace.cli import UsageError
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file; pass a directory for the traces and report")
-    try:
-        run_demo(out, quick=args.quick, progress=not args.no_progress)
-    except PermissionError as e:
-        raise UsageError(f"cannot write to --out {str(out)!r}: {e.strerror}") from None
-    return 0
