@@ -2,9 +2,17 @@
 
 Example:
     >>> import gradtrace as gt
-    >>> with gt.watch(model, optimizer, out="runs/exp1") as mon:   # doctest: +SKIP
-    ...     ...
-    >>> findings = gt.diagnose(gt.load("runs/exp1"))                # doctest: +SKIP
+    >>> import gradtrace as gt
+    >>> with gt.watch(model, optimizer, out="runs/quickstart") as mon:
+    ...     for _ in range(20):
+    ...         optimizer.zero_grad()
+    ...         loss = loss_fn(model(x), y)
+    ...         loss.backward()
+    ...         mon.record_loss(loss)
+    ...         optimizer.step()
+    >>> findings = gt.diagnose(gt.load("runs/quickstart"))
+    >>> [f.kind for f in findings]
+    []
 
 Public names are imported lazily so that ``import gradtrace`` stays cheap and never
 pulls an optional dependency.

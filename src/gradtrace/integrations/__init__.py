@@ -10,7 +10,10 @@ A sink is any object with ``start(meta)``, ``write(record)`` and ``close()``; pa
 ``gt.watch(model, opt, sinks=[...])``. Only rank 0 feeds sinks in a distributed run.
 
 Example:
-    >>> from gradtrace.integrations.csv import CSVSink             # doctest: +SKIP
-    >>> with gt.watch(model, opt, sinks=[CSVSink("stats.csv")]):    # doctest: +SKIP
-    ...     ...
+    >>> from gradtrace.integrations.csv import CSVSink
+    >>> with gt.watch(model, optimizer, sinks=[CSVSink("stats.csv")]) as mon:
+    ...     loss_fn(model(x), y).backward()
+    ...     optimizer.step()
+    >>> open("stats.csv").readline().strip()
+    'step,stat,name,value'
 """
