@@ -15,13 +15,15 @@ by a killed process: every complete line is read, the torn one becomes a warning
 """
 from __future__ import annotations
 
+import bisect
 import difflib
+import itertools
 import json
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -83,16 +85,26 @@ class Trace:
         self._records: list[dict] = []
         self._events: list[dict] = []
         self._stat_index: dict[str, str] | None = None
+        self._upto: int | None = None      # a view made by upto(): last visible step
+        self._n: int | None = None         # ... and how many records that leaves visible
         for r in records:
             self._append(r)
 
     # ---- construction -------------------------------------------------------------
+    def _count(self) -> int:
+        return len(self._records) if self._n is None else self._n
+
+    def _visible(self) -> Iterable[dict]:
+        if self._n is None:
+            return self._records
+        return itertools.islice(self._records, self._n)
+
     def _append(self, rec: dict) -> None:
         if "event" in rec:
             self._events.append(rec)
         else:
             self._records.append(rec)
-            if self._stat_index is not None:
+            if self._stat_index is not None and self._n is None:
                 for section in ("scalars", "param", "module", "vectors"):
                     for k in rec.get(section, {}):
                         self._stat_index.setdefault(k, section)
@@ -135,19 +147,22 @@ class Trace:
     @property
     def steps_recorded(self) -> np.ndarray:
         """Optimizer step of every record, ascending."""
-        return np.array([r["step"] for r in self._records], dtype=np.int64)
+        return np.array([r["step"] for r in self._visible()], dtype=np.int64)
 
     @property
     def records(self) -> list[dict]:
-        """The raw step records (dicts as stored in ``records.jsonl``)."""
-        return self._records
+        """The raw step records (dicts as stored in ``records.jsonl``).
+
+        Storage detail kept for compatibility: read through the query methods instead.
+        """
+        return self._records if self._n is None else self._records[: self._n]
 
     def __len__(self) -> int:
-        return len(self._records)
+        return self._count()
 
     def __repr__(self) -> str:
         where = f" at {self.path!r}" if self.path else " (in memory)"
-        return (f"<Trace{where}: {len(self._records)} records, {len(self.params)} params, "
+        return (f"<Trace{where}: {self._count()} records, {len(self.params)} params, "
                 f"{len(self.modules)} modules, {len(self._events)} events>")
 
     # ---- statistics -------------------------------------------------------------------
@@ -156,7 +171,7 @@ class Trace:
         kept up to date by ``_append``."""
         if self._stat_index is None:
             out: dict[str, str] = {}
-            for r in self._records:
+            for r in self._visible():
                 for section in ("scalars", "param", "module", "vectors"):
                     for k in r.get(section, {}):
                         out.setdefault(k, section)
@@ -204,7 +219,7 @@ class Trace:
         if section == "scalars":
             if name is not None:
                 raise KeyError(f"statistic {stat!r} is per step and takes no name")
-            for r in self._records:
+            for r in self._visible():
                 if stat in r.get("scalars", {}):
                     steps.append(r["step"])
                     values.append(_decode_number(r["scalars"][stat]))
@@ -212,9 +227,9 @@ class Trace:
         elif section == "vectors":
             if name is None:
                 raise KeyError(f"statistic {stat!r} needs a name; recorded for: "
-                               f"{sorted({n for r in self._records for n in r.get('vectors', {}).get(stat, {})})}")
+                               f"{sorted({n for r in self._visible() for n in r.get('vectors', {}).get(stat, {})})}")
             known = set()
-            for r in self._records:
+            for r in self._visible():
                 vec = r.get("vectors", {}).get(stat, {})
                 known.update(vec)
                 if name in vec:
@@ -233,7 +248,7 @@ class Trace:
                 i = names.index(name)
             except ValueError:
                 raise KeyError(_unknown(section if section == "module" else "parameter", name, names)) from None
-            for r in self._records:
+            for r in self._visible():
                 col = r.get(section, {}).get(stat)
                 if col is not None and i < len(col) and col[i] is not None:
                     steps.append(r["step"])
@@ -243,38 +258,251 @@ class Trace:
             return np.asarray(steps, dtype=np.int64), arr
         return arr
 
-    def matrix(self, stat: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """A per-parameter or per-module statistic as ``(steps, names, values)``.
+    def matrix(self, stat: str, names: Sequence[str] | None = None,
+               steps: Iterable[int] | None = None) -> "Matrix":
+        """A per-parameter or per-module statistic as a :class:`Matrix`.
 
-        ``values`` has shape (records where ``stat`` was recorded, names); NaN marks
-        a name for which it was not recorded. Handy for heatmaps and detectors.
+        Rows are the records where ``stat`` was recorded for at least one name (only those
+        whose step is in ``steps``, when given); columns are ``names`` (default: all watched
+        parameters or modules, in meta order). ``values`` holds the recorded numbers as
+        float64, a recorded nan/inf as itself and NaN where nothing was recorded;
+        ``recorded`` tells the two NaNs apart. Unpacks as ``steps, names, values``.
 
         Example:
-            >>> steps, names, g = trace.matrix("grad_norm")     # doctest: +SKIP
+            >>> w = MemoryWriter({"params": [{"name": "w"}, {"name": "b"}]})
+            >>> w.write({"step": 0, "param": {"grad_norm": [0.5, None]}})
+            >>> w.write({"step": 1, "param": {"grad_norm": [float("nan"), 0.25]}})
+            >>> m = w.trace.matrix("grad_norm")
+            >>> m.values.tolist(), m.recorded.tolist()
+            ([[0.5, nan], [nan, 0.25]], [[True, False], [True, True]])
+            >>> steps, names, values = m                  # the 0.1 triple
+            >>> w.trace.matrix("grad_norm", names=["b"], steps=[1]).values.tolist()
+            [[0.25]]
         """
         section = self.kind_of(stat)
         if section not in ("param", "module"):
             raise KeyError(f"statistic {stat!r} is not per parameter or per module; use series()")
-        names = self._names_for(section)
-        steps, rows = [], []
-        for r in self._records:
+        all_names = self._names_for(section)
+        if names is None:
+            cols = list(range(len(all_names)))
+            names = list(all_names)
+        else:
+            if isinstance(names, str):
+                raise TypeError("names must be a list of names, not one string")
+            index = {n: i for i, n in enumerate(all_names)}
+            cols = []
+            for n in names:
+                if n not in index:
+                    raise KeyError(_unknown(section if section == "module" else "parameter", n, all_names))
+                cols.append(index[n])
+            names = list(names)
+        wanted = None if steps is None else {int(s) for s in steps}
+        out_steps, rows, masks = [], [], []
+        for r in self._visible():
             col = r.get(section, {}).get(stat)
-            if col is None:
+            if col is None or (wanted is not None and r["step"] not in wanted):
                 continue
-            steps.append(r["step"])
-            rows.append([_decode_number(v) for v in col] + [math.nan] * (len(names) - len(col)))
-        values = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
-        return np.asarray(steps, dtype=np.int64), names, values
+            row = np.full(len(cols), np.nan)
+            got = np.zeros(len(cols), dtype=bool)
+            for k, j in enumerate(cols):
+                if j < len(col) and col[j] is not None:
+                    row[k] = _decode_number(col[j])
+                    got[k] = True
+            out_steps.append(r["step"])
+            rows.append(row)
+            masks.append(got)
+        values = np.stack(rows) if rows else np.zeros((0, len(cols)))
+        recorded = np.stack(masks) if masks else np.zeros((0, len(cols)), dtype=bool)
+        return Matrix(np.asarray(out_steps, dtype=np.int64), names, values, recorded)
 
-    def events(self, kind: str | None = None) -> list[dict]:
-        """Events (guard skips, first non-finite values, exceptions...), optionally of one kind.
+    def names(self, stat: str) -> list[str]:
+        """The names ``stat`` was recorded for at least once (meta order; vectors: sorted).
 
         Example:
-            >>> [e["step"] for e in trace.events("guard_skip")]   # doctest: +SKIP
+            >>> w = MemoryWriter({"modules": [{"name": "a"}, {"name": "b"}]})
+            >>> w.write({"step": 0, "module": {"zero_frac": [None, 0.5]},
+            ...          "vectors": {"active_mask": {"b": pack_mask(np.ones(3, bool))}}})
+            >>> w.trace.names("zero_frac"), w.trace.names("active_mask")
+            (['b'], ['b'])
         """
+        section = self.kind_of(stat)
+        if section == "scalars":
+            raise KeyError(f"statistic {stat!r} is per step and has no names")
+        if section == "vectors":
+            return sorted({n for r in self._visible() for n in r.get("vectors", {}).get(stat, {})})
+        m = self.matrix(stat)
+        return [n for n, any_ in zip(m.names, m.recorded.any(axis=0)) if any_]
+
+    def scalar(self, stat: str, *, with_steps: bool = False):
+        """A per-step statistic (``loss``, ``total_grad_norm``, ``lr``...) over the steps
+        where it was recorded; ``with_steps=True`` returns ``(steps, values)``.
+
+        Example:
+            >>> w = MemoryWriter({}); w.write({"step": 4, "scalars": {"loss": 2.0}})
+            >>> w.trace.scalar("loss", with_steps=True)
+            (array([4]), array([2.]))
+        """
+        if self.kind_of(stat) != "scalars":
+            raise KeyError(f"statistic {stat!r} is per {self.kind_of(stat)}, not per step; "
+                           f"use series(stat, name) or matrix(stat)")
+        return self.series(stat, with_steps=with_steps)
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        """Events (guard skips, first non-finite values, exceptions...), optionally of one
+        kind, in the order written.
+
+        Example:
+            >>> w = MemoryWriter({}); w.write({"event": "guard_skip", "step": 3})
+            >>> [e["step"] for e in w.trace.events("guard_skip")]
+            [3]
+        """
+        evs = self._events if self._upto is None else [e for e in self._events
+                                                       if e.get("step", 0) <= self._upto]
         if kind is None:
-            return list(self._events)
-        return [e for e in self._events if e["event"] == kind]
+            return list(evs)
+        return [e for e in evs if e["event"] == kind]
+
+    # ---- layout -----------------------------------------------------------------------
+    def exec_order(self, step: int | None = None) -> list[str]:
+        """Watched module names in forward (first-call) order as of ``step``.
+
+        The order is the last one recorded at or before ``step`` (``None``: the latest);
+        if none was recorded by then, the first one recorded. Watched modules never seen
+        running follow in ``named_modules()`` order, so every module appears once.
+
+        Example:
+            >>> w = MemoryWriter({"modules": [{"name": "a"}, {"name": "b"}, {"name": "c"}]})
+            >>> w.write({"step": 0, "exec_order": ["b", "a"]})
+            >>> w.write({"step": 5, "exec_order": ["a", "b"]})
+            >>> w.trace.exec_order(), w.trace.exec_order(step=2)
+            (['a', 'b', 'c'], ['b', 'a', 'c'])
+        """
+        order: list[str] | None = None
+        first: list[str] | None = None
+        for r in self._visible():
+            if "exec_order" not in r:
+                continue
+            if first is None:
+                first = r["exec_order"]
+            if step is not None and r["step"] > step:
+                break
+            order = r["exec_order"]
+        order = list(order if order is not None else (first or []))
+        seen = set(order)
+        return order + [m for m in self.modules if m not in seen]
+
+    def owner(self, param: str) -> str:
+        """The watched module that owns ``param``: the deepest watched module holding it.
+
+        Example:
+            >>> t = Trace({"params": [{"name": "enc.0.weight", "module": "enc.0"}]})
+            >>> t.owner("enc.0.weight")
+            'enc.0'
+        """
+        info = self.param_info(param)
+        # Traces written before the owner was stored: the name's parent path.
+        return info.get("module") or param.rpartition(".")[0]
+
+    def layers(self, *, with_params: bool = False) -> list[Layer]:
+        """Watched modules in forward order as :class:`Layer` (name, type, activation kind,
+        parameters owned); ``with_params=True`` keeps only modules owning a watched parameter.
+
+        Example:
+            >>> t = Trace({"modules": [{"name": "0", "type": "Linear", "params": ["0.weight"]},
+            ...                        {"name": "1", "type": "ReLU", "activation": "relu"}],
+            ...            "params": [{"name": "0.weight", "module": "0"}]},
+            ...           [{"step": 0, "exec_order": ["0", "1"]}])
+            >>> [(l.name, l.activation) for l in t.layers()]
+            [('0', None), ('1', 'relu')]
+            >>> [l.name for l in t.layers(with_params=True)]
+            ['0']
+        """
+        owned: dict[str, list[str]] = {}
+        for p in self.params:
+            owned.setdefault(self.owner(p), []).append(p)
+        out = []
+        for name in self.exec_order():
+            info = self.module_info(name)
+            ps = tuple(owned.get(name, ()))
+            if with_params and not ps:
+                continue
+            out.append(Layer(name, info.get("type"), info.get("activation"), ps))
+        return out
+
+    # ---- views ------------------------------------------------------------------------
+    @property
+    def steps(self) -> np.ndarray:
+        """Optimizer step of every visible record, ascending (same as ``steps_recorded``).
+
+        Example:
+            >>> w = MemoryWriter({}); w.write({"step": 2}); w.write({"step": 5})
+            >>> w.trace.steps.tolist()
+            [2, 5]
+        """
+        return self.steps_recorded
+
+    def upto(self, step: int) -> "Trace":
+        """The run as of ``step``: records and events after it are invisible.
+
+        A view sharing this trace's data (nothing is copied), for online diagnosis.
+
+        Example:
+            >>> w = MemoryWriter({})
+            >>> for s in range(4): w.write({"step": s, "scalars": {"loss": float(s)}})
+            >>> w.trace.upto(1).series("loss").tolist()
+            [0.0, 1.0]
+        """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        view = Trace.__new__(Trace)
+        view.meta, view.path, view.warnings = self.meta, self.path, self.warnings
+        view._records, view._events = self._records, self._events
+        view._stat_index = None
+        limit = int(step) if self._upto is None else min(int(step), self._upto)
+        view._upto = limit
+        # Records are ascending in step: the visible ones are a prefix.
+        view._n = bisect.bisect_right(self._records, limit, hi=self._count(),
+                                      key=lambda r: r["step"])
+        return view
+
+class Layer(NamedTuple):
+    """A watched module as :meth:`Trace.layers` lists it."""
+
+    name: str
+    type: str | None
+    activation: str | None
+    params: tuple[str, ...]
+
+
+class Matrix(tuple):
+    """Result of :meth:`Trace.matrix`: ``steps`` (int64, rows), ``names`` (columns),
+    ``values`` (float64; NaN where not recorded) and ``recorded`` (bool, same shape).
+
+    It is also the tuple ``(steps, names, values)`` that gradtrace 0.1 returned, so
+    ``steps, names, values = trace.matrix(stat)`` keeps working.
+
+    Example:
+        >>> m = Matrix(np.array([0]), ["w"], np.array([[1.0]]), np.array([[True]]))
+        >>> m.values.shape, m[2] is m.values
+        ((1, 1), True)
+    """
+
+    def __new__(cls, steps: np.ndarray, names: list[str], values: np.ndarray, recorded: np.ndarray):
+        self = super().__new__(cls, (steps, names, values))
+        self.recorded = recorded
+        return self
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def names(self) -> list[str]:
+        return self[1]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self[2]
 
 
 def _decode_vector(v: Any) -> np.ndarray:
