@@ -11,7 +11,7 @@ from torch import nn
 
 import gradtrace as gt
 from gradtrace.report.spectrum_section import render_spectrum_section
-from gradtrace.spectrum import END_TO_END, default_blocks
+from gradtrace.preflight import END_TO_END, default_blocks
 
 SVD_RTOL = 1e-4          # singular values vs the explicit reference
 POWER_RTOL = 0.01        # top singular value from the matrix-free method vs exact

@@ -36,7 +36,7 @@ _EXPORTS = {
     "Guard": "remedies.guard",
     "init_for_activation": "remedies.init", "lsuv_": "remedies.init",
     "scale_residual_branches_": "remedies.init",
-    "spectrum": "spectrum", "Spectrum": "spectrum", "preflight": "preflight",
+    "spectrum": "preflight", "Spectrum": "preflight", "preflight": "preflight",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -44,8 +44,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 # These functions share their name with the submodule that defines them. Importing such a
 # submodule rebinds the package attribute to the module, so bind the functions eagerly:
 # once bound here, a later `import gradtrace.spectrum` no longer touches the attribute.
-from .spectrum import spectrum  # noqa: E402,F401
-from .preflight import preflight  # noqa: E402,F401
+from .preflight import preflight, spectrum  # noqa: E402,F401
 from .report import report  # noqa: E402,F401
 
 

@@ -1,0 +1,176 @@
+"""Preflight findings: the measured summary judged against named thresholds, as `Finding`s with fixes.
+
+Fixes are rendered here, beside the finding that needs them, in the model's own terms
+(its activations, its recurrent layer names, its ``nn.TransformerEncoderLayer``); they
+use the same :class:`~gradtrace.findings.Fix` rows as the diagnosis of a recorded run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..findings import Finding, Fix
+
+
+def model_facts(model: nn.Module) -> dict[str, Any]:
+    acts = sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU,
+                                     nn.ELU, nn.Softplus))})
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    return {"activations": acts, "weight_layers": linears,
+            "has_norm": any(isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._NormBase)) for m in model.modules())}
+
+
+def _init_fix(facts: dict[str, Any]) -> Fix:
+    acts = facts["activations"]
+    if any(a in ("ReLU", "LeakyReLU", "GELU", "SiLU", "ELU") for a in acts):
+        init = 'torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")'
+    else:
+        gain = "tanh" if "Tanh" in acts else ("sigmoid" if "Sigmoid" in acts else "linear")
+        init = f'torch.nn.init.xavier_normal_(m.weight, gain=torch.nn.init.calculate_gain("{gain}"))'
+    code = ("gt.init_for_activation(model)\n"
+            "# or by hand:\n"
+            "for m in model.modules():\n"
+            "    if isinstance(m, torch.nn.Linear):\n"
+            f"        {init}\n"
+            "        torch.nn.init.zeros_(m.bias)")
+    return Fix("Initial weight scale does not preserve the signal",
+               f"Initialise for the activation ({', '.join(facts['activations']) or 'linear'}): "
+               "Kaiming for ReLU-like, Xavier/orthogonal for tanh", code)
+
+
+def _arch_fix(facts: dict[str, Any], layers: list[str]) -> Fix:
+    where = f" around {layers[0]}…{layers[-1]}" if layers else ""
+    return Fix("Signal scale drifts across depth",
+               f"Add LayerNorm and residual connections{where}",
+               "class Block(torch.nn.Module):\n"
+               "    def __init__(self, dim):\n"
+               "        super().__init__()\n"
+               "        self.f = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, dim), torch.nn.GELU())\n"
+               "    def forward(self, x):\n"
+               "        return x + self.f(x)")
+
+
+_CLIP = Fix("Gradients explode", "Clip the total gradient norm before each optimizer step",
+            "gt.clip_grad_norm_(model.parameters(), max_norm=1.0)")
+
+
+def findings(summary: dict[str, Any], rec_rows: list[dict[str, Any]], th: Any,
+              facts: dict[str, Any], finite: bool) -> list[Finding]:
+    out: list[Finding] = []
+    rows = summary["blocks"]
+    names = [r["block"] for r in rows]
+    if not finite:
+        out.append(Finding("nonfinite", "error", names[-1:], None, None,
+                           {"output_finite": False},
+                           "The model already produces inf or NaN on a random batch at "
+                           "initialisation, so every gradient will be non-finite.",
+                           [_init_fix(facts), Fix("Loss becomes nan", "Check dtype and invalid "
+                                                  "operations (log of 0, division by 0)", "")]))
+    ratio = summary.get("grad_ratio_first_last")
+    sat = [a for a in facts["activations"] if a in ("Sigmoid", "Tanh")]
+    if ratio is not None and np.isfinite(ratio) and ratio < th.vanishing_ratio:
+        ranked = sorted((r for r in rows if r["grad_ratio_to_last"] < th.vanishing_ratio),
+                        key=lambda r: r["grad_ratio_to_last"])
+        fixes = [_init_fix(facts), _arch_fix(facts, names)]
+        if sat:
+            fixes.insert(0, Fix("Gradients vanish in early layers",
+                                f"Replace saturating {'/'.join(sat)} with a ReLU-like activation",
+                                f"# e.g. torch.nn.{sat[0]}() -> torch.nn.ReLU() or torch.nn.GELU(), then\n"
+                                "gt.init_for_activation(model)"))
+        out.append(Finding(
+            "vanishing_gradients", "error" if ratio < th.vanishing_ratio ** 2 else "warning",
+            [r["block"] for r in ranked] or names[:1], None, None,
+            {"grad_ratio_first_last": ratio, "threshold": th.vanishing_ratio,
+             "mean_backward_gain": summary["mean_backward_gain"], "depth": len(rows),
+             "depth_scale": summary["depth_scale"]},
+            f"Each block multiplies the squared gradient norm by about "
+            f"{summary['mean_backward_gain']:.3g} on the way back, so across {len(rows)} blocks the "
+            f"gradient reaching {names[0]} is {ratio:.2g} times the one leaving {names[-1]}. "
+            "Early layers will barely move while late ones train: the product of many "
+            "Jacobians with singular values below one shrinks geometrically.", fixes))
+    if ratio is not None and (not np.isfinite(ratio) or ratio > th.exploding_ratio):
+        ranked = sorted((r for r in rows if not r["grad_ratio_to_last"] <= th.exploding_ratio),
+                        key=lambda r: -r["grad_ratio_to_last"])
+        out.append(Finding(
+            "exploding_gradients", "error" if not ratio <= th.exploding_ratio ** 2 else "warning",
+            [r["block"] for r in ranked] or names[:1], None, None,
+            {"grad_ratio_first_last": ratio, "threshold": th.exploding_ratio,
+             "mean_backward_gain": summary["mean_backward_gain"], "depth": len(rows)},
+            f"Each block multiplies the squared gradient norm by about "
+            f"{summary['mean_backward_gain']:.3g} on the way back, so the gradient at {names[0]} "
+            f"is {ratio:.2g} times the one at {names[-1]}. Updates of early layers will be huge "
+            "and the loss can spike or turn non-finite.",
+            [_CLIP, _init_fix(facts), Fix("Gradients explode", "Reduce the learning rate", "")]))
+    fr = summary.get("forward_ratio_last_first")
+    if fr is not None and np.isfinite(fr) and fr < th.shrinking_ratio:
+        ranked = sorted(rows, key=lambda r: r["forward_rms"])
+        out.append(Finding(
+            "shrinking_activations", "error" if fr < th.shrinking_ratio ** 2 else "warning",
+            [r["block"] for r in ranked if r["forward_rms"] < rows[0]["forward_rms"] * th.shrinking_ratio]
+            or [names[-1]], None, None,
+            {"forward_ratio_last_first": fr, "threshold": th.shrinking_ratio,
+             "forward_rms": {r["block"]: r["forward_rms"] for r in rows}},
+            f"The RMS of the activations falls from {rows[0]['forward_rms']:.3g} after {names[0]} to "
+            f"{rows[-1]['forward_rms']:.3g} after {names[-1]}: each layer scales the signal by "
+            "less than one, so deep outputs carry almost nothing of the input and the "
+            "gradients of the weights of late layers shrink with them.",
+            [_init_fix(facts), _arch_fix(facts, names)]))
+    if fr is not None and (not np.isfinite(fr) or fr > th.growing_ratio):
+        ranked = sorted(rows, key=lambda r: -r["forward_rms"])
+        out.append(Finding(
+            "growing_activations", "error" if not fr <= th.growing_ratio ** 2 else "warning",
+            [r["block"] for r in ranked[: max(1, len(ranked) // 4)]], None, None,
+            {"forward_ratio_last_first": fr, "threshold": th.growing_ratio,
+             "forward_rms": {r["block"]: r["forward_rms"] for r in rows}},
+            f"The RMS of the activations grows from {rows[0]['forward_rms']:.3g} to "
+            f"{rows[-1]['forward_rms']:.3g} across depth: each layer amplifies its input, which "
+            "saturates activations and inflates both outputs and gradients.",
+            [_init_fix(facts), Fix("Activations grow across layers",
+                                   "Add normalization (LayerNorm) and reduce the learning rate", "")]))
+    for r in rec_rows:
+        bound, jn, T = r["pascanu_bound"], r["jacobian_norm"], r["horizon"]
+        projected = None
+        if r["rate_per_step"] is not None and T:
+            projected = r["rate_per_step"] ** T
+        gr = r["gamma"]
+        vanish = (bound is not None and r["gamma"] * r["sigma_max_whh"] < 1 and bound < th.time_vanishing_ratio) \
+            or (projected is not None and projected < th.time_vanishing_ratio)
+        explode = projected is not None and projected > th.time_exploding_ratio
+        ev = {k: r[k] for k in ("sigma_max_whh", "gamma", "pascanu_bound", "jacobian_norm",
+                                "rate_per_step", "steps", "horizon")}
+        target = f"model.{r['layer']}" if r["layer"] else "model"
+        if r["type"] == "LSTM":
+            lstm_fix = Fix("RNN training unstable", "Initialise the forget-gate bias to 1 so the "
+                           "cell state is kept by default",
+                           f"H = {target}.hidden_size\n"
+                           f"for name, b in {target}.named_parameters():\n"
+                           "    if name.startswith(\"bias_ih\"):\n"
+                           "        torch.nn.init.ones_(b.data[H:2 * H])  # gate order i, f, g, o")
+        elif r["type"] in ("GRU", "GRUCell", "LSTMCell"):
+            lstm_fix = Fix("RNN training unstable", "Clip gradients and keep the unroll short",
+                           "gt.clip_grad_norm_(model.parameters(), max_norm=1.0)")
+        else:
+            lstm_fix = Fix("RNN training unstable", "Use an LSTM or GRU instead of a plain RNN",
+                           f"{target} = torch.nn.LSTM(input_size, hidden_size, batch_first=True)")
+        if vanish:
+            why = (f"The largest singular value of the recurrent weights is {r['sigma_max_whh']:.3g}"
+                   + (f" and |φ′| ≤ {gr:g}, so by Pascanu et al.'s bound each step shrinks the "
+                      f"gradient by at least {gr * r['sigma_max_whh']:.3g}" if gr is not None and gr * r['sigma_max_whh'] < 1 else "")
+                   + (f"; the measured ∂h_T/∂h_0 over {r['steps']} steps has norm {jn:.2g}" if jn is not None else "")
+                   + ". Information from early time steps cannot reach the loss, so long-range "
+                   "dependencies are not learned.")
+            out.append(Finding("vanishing_through_time", "warning", [r["layer"]], None, None, ev, why,
+                               [lstm_fix, Fix("RNN training unstable", "Initialise the recurrent "
+                                              "weights orthogonally (σ_max = 1)",
+                                              f"torch.nn.init.orthogonal_({target}.weight_hh_l0)"),
+                                Fix("RNN training unstable", "Shorten the unroll length (truncated BPTT)", "")]))
+        if explode:
+            out.append(Finding("exploding_through_time", "error", [r["layer"]], None, None, ev,
+                               f"The hidden-state Jacobian grows by {r['rate_per_step']:.3g} per step "
+                               f"(norm {jn:.2g} after {r['steps']} steps), so gradients through time "
+                               "blow up over the unroll.",
+                               [_CLIP, lstm_fix, Fix("RNN training unstable", "Shorten the unroll length", "")]))
+    return out
