@@ -3,7 +3,7 @@ expected and what was found, then the detection rate and the false alarms.
 
     python bench/detection.py [--only NAME ...] [--threads N]
 
-Every scenario is a seeded CPU training run (see ``gradtrace.scenarios``). A finding
+Every scenario is a seeded CPU training run (see ``tests/scenarios.py``). A finding
 counts as detected when its kind is found and, where the label names one, its first
 (most affected) layer is that layer. A false alarm is a finding whose kind is neither
 expected nor listed as an allowed side effect; on a healthy control every finding is one.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import gradtrace as gt
-    from gradtrace.scenarios import SCENARIOS, evaluate
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from scenarios import SCENARIOS, evaluate
 
     names = args.only or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]

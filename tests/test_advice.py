@@ -1,4 +1,4 @@
-"""Tests of gradtrace.advice: the checklist as data and fixes rendered for a model."""
+"""Tests of gradtrace.advise: the checklist as data and fixes rendered for a model."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import gradtrace as gt
-from gradtrace.advice import CHECKLIST, KIND_ROWS, fixes_for, module_ref
-from gradtrace.findings import KINDS, Fix
+from gradtrace.advise import CHECKLIST, KIND_ROWS, fixes_for, module_ref
+from gradtrace.diagnose.finding import KINDS, Fix
 from gradtrace.trace import Trace
 
 CHAPTER_ROWS = {

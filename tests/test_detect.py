@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import gradtrace as gt
-from gradtrace.detect import DETECTORS, Thresholds, diagnose
-from gradtrace.findings import KINDS, Finding
+from gradtrace.diagnose import DETECTORS, Thresholds
+from gradtrace.api import diagnose
+from gradtrace.diagnose.finding import KINDS, Finding
 from gradtrace.trace import Trace, pack_mask
 
 #: A hand-built trace's recorded values are exact; estimates agree with them this closely.
@@ -368,7 +369,9 @@ def test_empty_trace_is_silent():
     assert diagnose(Trace(mlp_meta(3), [])) == []
 
 
-def test_sorted_errors_first_then_step():
+def test_ranked_root_cause_first():
+    # Issue 11: the earliest finding leads (what went wrong first made the rest), not the
+    # first error; ties follow the causal order (nonfinite before loss_nonfinite).
     meta = mlp_meta(4)
     loss = list(noisy(30, 2.0, 0.02, 5))
     loss[12] = 20.0
@@ -377,11 +380,9 @@ def test_sorted_errors_first_then_step():
     events = [{"event": "nonfinite", "step": 25, "forward": None, "backward": None, "params": [],
                "loss_nonfinite": True}]
     f = diagnose(Trace(meta, recs + events))
-    sev = [x.severity for x in f]
-    assert sev == sorted(sev, key=lambda s: s != "error")
-    errs = [x.first_step for x in f if x.severity == "error"]
-    assert errs == sorted(errs)
-    assert "loss_spike" in kinds(f) and "loss_nonfinite" in kinds(f)
+    assert [x.first_step for x in f] == sorted(x.first_step for x in f)
+    assert kinds(f)[0] == "loss_spike" and f[0].first_step == 12
+    assert kinds(f).index("nonfinite") < kinds(f).index("loss_nonfinite")
     for x in f:
         assert x.kind in KINDS and x.to_dict()["kind"] == x.kind
 
@@ -419,7 +420,7 @@ def test_speed_200_steps_50_layers():
 
 
 # ---- the labelled scenarios ---------------------------------------------------------------------
-from gradtrace.scenarios import SCENARIOS, evaluate  # noqa: E402
+from scenarios import SCENARIOS, evaluate  # noqa: E402
 
 _PARAMS = [pytest.param(n, marks=() if s.fast else pytest.mark.slow, id=n) for n, s in SCENARIOS.items()]
 
@@ -460,7 +461,7 @@ def test_suite_covers_required_cases():
 
 
 def test_scenario_run_rejects_unknown():
-    from gradtrace.scenarios import run
+    from scenarios import run
     with pytest.raises(ValueError, match="name="):
         run("nope")
 

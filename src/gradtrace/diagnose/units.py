@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..findings import Finding
+from .finding import Finding
 from ..trace import Trace, _decode_vector
 from . import _util as U
 from .thresholds import Thresholds

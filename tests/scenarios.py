@@ -8,7 +8,7 @@ with the findings a correct diagnosis must produce (kind -> most affected layer,
 detection benchmark (``bench/detection.py``), the tests and the demo reuse them.
 
 Example:
-    >>> from gradtrace.scenarios import SCENARIOS
+    >>> from scenarios import SCENARIOS
     >>> trace = SCENARIOS["deep_sigmoid_mlp"].build()        # doctest: +SKIP
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .monitor import watch
-from .trace import Trace
+from gradtrace import watch
+from gradtrace.trace import Trace
 
 __all__ = ["Scenario", "SCENARIOS", "run"]
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..findings import Finding
+from .finding import Finding
 from ..trace import Trace
 from . import _util as U
 from .thresholds import Thresholds

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .findings import KINDS, Fix
+from ..diagnose.finding import KINDS, Fix
 
 __all__ = ["CHECKLIST", "KIND_ROWS", "ChecklistRow", "fixes_for", "module_ref"]
 
@@ -98,7 +98,7 @@ class _Context:
     """What the renderer needs to know about the model, from a Trace or a dict."""
 
     def __init__(self, src: Any):
-        from .trace import Trace
+        from ..trace import Trace
 
         self.modules: list[dict] = []
         self.params: list[dict] = []
@@ -364,3 +364,11 @@ def fixes_for(kind: str, trace_or_context: Any = None, layers: list[str] | None 
     for key in KIND_ROWS[kind]:
         out.extend(_render(key, kind, ctx, list(layers), evidence or {}))
     return out
+
+
+def advise(findings, trace=None):
+    """New findings with the checklist fixes rendered for this run (the originals are frozen)."""
+    import dataclasses
+
+    return [f if f.fixes else dataclasses.replace(
+        f, fixes=fixes_for(f.kind, trace, list(f.layers), evidence=f.evidence)) for f in findings]

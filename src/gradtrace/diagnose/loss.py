@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from ..findings import Finding
+from .finding import Finding
 from ..trace import Trace
 from . import _util as U
 from .thresholds import Thresholds
