@@ -1,4 +1,4 @@
-"""Tests for gradtrace.remedies.clip: equivalence with torch, references, no host syncs."""
+"""Clipping (remedies.clip, .agc, .adaptive): torch equivalence, references, no host syncs."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from gradtrace import norms as N
 from gradtrace.remedies import clip as C
+from gradtrace.remedies.adaptive import AutoClip, ZClip
+from gradtrace.remedies.agc import adaptive_clip_grad_, agc_param_groups
 
 RTOL = 1e-6          # vs torch.nn.utils (same arithmetic, different summation order)
 REF_RTOL = 1e-5      # vs plain-float references
@@ -195,7 +198,7 @@ def test_grad_norms_and_clip_with_norms():
     assert C.grad_norms([])[0] == []
 
 
-def test_observer_contract():
+def test_registry_contract():
     model = _make("cnn")
     calls = []
 
@@ -203,13 +206,8 @@ def test_observer_contract():
         calls.append((grads, norms, total, coef, norm_type))
 
     grads_before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    C.add_norm_observer(obs)
-    C.add_norm_observer(obs)  # idempotent
-    try:
+    with N.register(obs):
         total = C.clip_grad_norm_(model.parameters(), 0.5)
-    finally:
-        C.remove_norm_observer(obs)
-    C.remove_norm_observer(obs)  # removing twice is harmless
     assert len(calls) == 1
     grads, norms, t, coef, norm_type = calls[0]
     live = [p.grad for p in model.parameters() if p.grad is not None]
@@ -221,8 +219,39 @@ def test_observer_contract():
     assert float(coef) == pytest.approx(0.5 / (float(total) + 1e-6), rel=REF_RTOL)
     C.clip_grad_norm_(model.parameters(), 0.5)
     assert len(calls) == 1  # removed
-    with pytest.raises(TypeError, match="callable"):
-        C.add_norm_observer(3)
+
+
+class NormCounter:
+    """Counts norms taken of the watched gradients (foreach or one at a time)."""
+
+    def __init__(self, monkeypatch, watched):
+        self.calls = 0
+        self.watched = {id(g) for g in watched}
+        for mod, name in ((torch, "_foreach_norm"), (torch.linalg, "vector_norm")):
+            monkeypatch.setattr(mod, name, self._wrap(getattr(mod, name)))
+
+    def _wrap(self, real):
+        def counted(x, *a, **k):
+            xs = x if isinstance(x, (list, tuple)) else [x]
+            self.calls += any(id(t) in self.watched for t in xs)
+            return real(x, *a, **k)
+        return counted
+
+
+def test_clipper_reuses_a_listeners_norms_and_publishes_post_clip(monkeypatch):
+    model = _make("mlp")
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    with N.register(lambda *a: None):
+        pre = N.grad_norms(grads)                   # what a monitor does at end of backward
+        count = NormCounter(monkeypatch, grads)
+        total = C.clip_grad_norm_(params, 0.5)      # reuses them: no gradient read
+        post = N.grad_norms(grads)                  # the monitor at step time: no read either
+        assert count.calls == 0
+    want = math.sqrt(sum(float(n) ** 2 for n in pre))
+    assert float(total) == pytest.approx(want, rel=REF_RTOL)
+    for g, n in zip(grads, post):
+        assert float(n) == pytest.approx(float(torch.linalg.vector_norm(g.double())), rel=REF_RTOL)
 
 
 # ----------------------------------------------------------------------------- AGC
@@ -250,7 +279,7 @@ def _agc_reference(param, grad, unit_dim, clip_factor, eps):
 def test_agc_matches_loop_reference_including_conv_transpose():
     model = _make("cnn", scale=50.0)
     clip_factor, eps = 0.01, 1e-3
-    groups = C.agc_param_groups(model, exclude=("fc",))
+    groups = agc_param_groups(model, exclude=("fc",))
     names = [g.name for g in groups]
     assert "fc.weight" not in names and "fc.bias" not in names
     assert {g.name: g.unit_dim for g in groups}["up.weight"] == 1
@@ -260,7 +289,7 @@ def test_agc_matches_loop_reference_including_conv_transpose():
             expected[it.name] = _agc_reference(it.param, it.param.grad, it.unit_dim,
                                                clip_factor, eps)
     fc_before = model.fc.weight.grad.clone()
-    C.adaptive_clip_grad_(groups, clip_factor, eps)
+    adaptive_clip_grad_(groups, clip_factor, eps)
     n_clipped_units = 0
     for it in groups:
         if it.param.grad is None:
@@ -276,28 +305,28 @@ def test_agc_named_parameters_exclude_and_tensor_exclude():
     model = _make("mlp", scale=100.0)
     last = model[4]
     before = last.weight.grad.clone()
-    C.adaptive_clip_grad_(model.named_parameters(), exclude=("4",))
+    adaptive_clip_grad_(model.named_parameters(), exclude=("4",))
     assert torch.equal(last.weight.grad, before)
     ref = _agc_reference(model[2].weight, model[2].weight.grad, 0, 0.01, 1e-3)
     torch.testing.assert_close(model[2].weight.grad.double(), ref, rtol=REF_RTOL, atol=0)
 
     model = _make("mlp", scale=100.0)
     before = model[4].weight.grad.clone()
-    C.adaptive_clip_grad_(model.parameters(), exclude=[model[4].weight])
+    adaptive_clip_grad_(model.parameters(), exclude=[model[4].weight])
     assert torch.equal(model[4].weight.grad, before)
     with pytest.raises(ValueError, match="names"):
-        C.adaptive_clip_grad_(model.parameters(), exclude=("4",))
+        adaptive_clip_grad_(model.parameters(), exclude=("4",))
     with pytest.raises(ValueError, match="clip_factor"):
-        C.adaptive_clip_grad_(model.parameters(), clip_factor=0.0)
+        adaptive_clip_grad_(model.parameters(), clip_factor=0.0)
     with pytest.raises(TypeError, match="parameters must contain"):
-        C.adaptive_clip_grad_([3])
+        adaptive_clip_grad_([3])
 
 
 def test_agc_grouped_conv_transpose():
     torch.manual_seed(SEED)
     layer = nn.ConvTranspose2d(4, 6, 3, groups=2)
     layer(torch.randn(2, 4, 5, 5)).pow(2).sum().mul(100).backward()
-    (it,) = [g for g in C.agc_param_groups(layer) if g.name == "weight"]
+    (it,) = [g for g in agc_param_groups(layer) if g.name == "weight"]
     assert (it.unit_dim, it.groups) == (1, 2)
     w, g = layer.weight.detach().double(), layer.weight.grad.double().clone()
     # output channel j of group k is the slice [k*2:(k+1)*2, j]
@@ -307,7 +336,7 @@ def test_agc_grouped_conv_transpose():
             gn = float(g[2 * k:2 * k + 2, j].norm())
             if gn / wn > 0.01:
                 g[2 * k:2 * k + 2, j] *= 0.01 * wn / gn
-    C.adaptive_clip_grad_([it])
+    adaptive_clip_grad_([it])
     torch.testing.assert_close(layer.weight.grad.double(), g, rtol=REF_RTOL, atol=0)
 
 
@@ -336,7 +365,7 @@ def _run(clipper, grads):
 @pytest.mark.parametrize("history", [None, 7])
 def test_autoclip_matches_float_reference(history):
     grads = _norm_stream(40)
-    out, totals = _run(C.AutoClip(percentile=10, history=history), grads)
+    out, totals = _run(AutoClip(percentile=10, history=history), grads)
     hist = []
     for g, got, total in zip(grads, out, totals):
         norm = math.sqrt(sum(float(v) ** 2 for v in g))
@@ -351,11 +380,11 @@ def test_autoclip_matches_float_reference(history):
 @pytest.mark.parametrize("history", [None, 7])
 def test_autoclip_resume_identical(history):
     grads = _norm_stream(30)
-    full, _ = _run(C.AutoClip(10, history), grads)
-    first = C.AutoClip(10, history)
+    full, _ = _run(AutoClip(10, history), grads)
+    first = AutoClip(10, history)
     part1, _ = _run(first, grads[:13])
     state = copy.deepcopy(first.state_dict())
-    resumed = C.AutoClip(50, None)
+    resumed = AutoClip(50, None)
     resumed.load_state_dict(state)
     part2, _ = _run(resumed, grads[13:])
     for a, b in zip(full, part1 + part2):
@@ -365,9 +394,9 @@ def test_autoclip_resume_identical(history):
 
 def test_autoclip_bad_args():
     with pytest.raises(ValueError, match="percentile"):
-        C.AutoClip(percentile=150)
+        AutoClip(percentile=150)
     with pytest.raises(ValueError, match="history"):
-        C.AutoClip(history=0)
+        AutoClip(history=0)
 
 
 # --------------------------------------------------------------------------- ZClip
@@ -403,7 +432,7 @@ def _zclip_reference(norms, alpha, z_thresh, warmup, mode, eps=1e-6):
 def test_zclip_matches_float_reference(mode):
     grads = _norm_stream(60)
     warmup = 10
-    out, totals = _run(C.ZClip(alpha=0.9, z_thresh=2.0, warmup=warmup, mode=mode), grads)
+    out, totals = _run(ZClip(alpha=0.9, z_thresh=2.0, warmup=warmup, mode=mode), grads)
     norms = [math.sqrt(sum(float(v) ** 2 for v in g)) for g in grads]
     coefs = _zclip_reference(norms, 0.9, 2.0, warmup, mode)
     assert sum(c < 1.0 for c in coefs) >= 2  # spikes were clipped
@@ -414,12 +443,12 @@ def test_zclip_matches_float_reference(mode):
 
 def test_zclip_resume_identical_and_state_dict():
     grads = _norm_stream(50)
-    full, _ = _run(C.ZClip(warmup=8), grads)
+    full, _ = _run(ZClip(warmup=8), grads)
     for k in (5, 20):  # interrupted during and after warmup
-        first = C.ZClip(warmup=8)
+        first = ZClip(warmup=8)
         part1, _ = _run(first, grads[:k])
         state = copy.deepcopy(first.state_dict())
-        resumed = C.ZClip(alpha=0.5, warmup=3, mode="mean")
+        resumed = ZClip(alpha=0.5, warmup=3, mode="mean")
         resumed.load_state_dict(state)
         assert resumed.mode == "adaptive" and resumed.warmup == 8
         part2, _ = _run(resumed, grads[k:])
@@ -428,7 +457,7 @@ def test_zclip_resume_identical_and_state_dict():
 
 
 def test_zclip_nonfinite_kept_out_of_statistics():
-    z = C.ZClip(warmup=3)
+    z = ZClip(warmup=3)
     p = nn.Parameter(torch.zeros(2))
     for v in (1.0, 1.1, 0.9, 1.0):
         p.grad = torch.tensor([v, 0.0])
@@ -441,11 +470,11 @@ def test_zclip_nonfinite_kept_out_of_statistics():
 
 def test_zclip_bad_args():
     with pytest.raises(ValueError, match="mode must be one of"):
-        C.ZClip(mode="zscore")
+        ZClip(mode="zscore")
     with pytest.raises(ValueError, match="alpha"):
-        C.ZClip(alpha=1.5)
+        ZClip(alpha=1.5)
     with pytest.raises(ValueError, match="warmup"):
-        C.ZClip(warmup=0)
+        ZClip(warmup=0)
 
 
 # ----------------------------------------------------------------------- host syncs
@@ -470,37 +499,55 @@ class SyncCounter:
         return wrapper
 
 
-def test_no_host_syncs_on_hot_path(monkeypatch):
+@pytest.mark.parametrize("listening", [False, True])
+def test_no_host_syncs_on_hot_path(monkeypatch, listening):
+    # On an accelerator nothing may read a value back. The CPU's own finite-safety check
+    # reads two numbers (free there: CPU kernels are synchronous), so run the
+    # accelerator path, float64 accumulation, on the CPU.
+    monkeypatch.setattr(N, "HOST_READ_FREE", frozenset())
     model = _make("cnn")
     params = list(model.parameters())
-    agc = C.agc_param_groups(model, exclude=("fc",))
-    auto = C.AutoClip(10, history=16)
-    zclip = C.ZClip(warmup=2)
+    agc = agc_param_groups(model, exclude=("fc",))
+    auto = AutoClip(10, history=16)
+    zclip = ZClip(warmup=2)
     zclip(params)
     zclip(params)   # warm-up done; statistics initialised
     obs_calls = []
-    C.add_norm_observer(lambda *a: obs_calls.append(a))
+    handle = N.register(lambda *a: obs_calls.append(a)) if listening else None
     try:
         counter = SyncCounter(monkeypatch)
         C.clip_grad_norm_(params, 1.0)
         C.clip_grad_norm_(params, 1.0, norm_type=math.inf)
         C.clip_grad_value_(params, 0.1)
-        C.adaptive_clip_grad_(agc)
-        C.adaptive_clip_grad_(model.parameters())
+        C.clip_grads_with_norm_(params, 1.0, C.get_total_norm([p.grad for p in params
+                                                               if p.grad is not None]))
+        adaptive_clip_grad_(agc)
+        adaptive_clip_grad_(model.parameters())
         for _ in range(3):
             auto(params)
             zclip(params)
-        C.grad_norms([p.grad for p in params if p.grad is not None])
+        N.total_norm(N.grad_norms([p.grad for p in params if p.grad is not None]))
         syncs = counter.count
         C.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
         syncs_with_check = counter.count - syncs
     finally:
-        C._norm_observers.clear()
+        if handle is not None:
+            handle.remove()
     assert syncs == 0, counter.where
     float(torch.ones(()))  # the counter does see a sync
     assert counter.count == syncs + syncs_with_check + 1
     assert syncs_with_check >= 1  # the documented exception
-    assert len(obs_calls) == 2 + 3 + 3 + 1
+    assert len(obs_calls) == (2 + 3 + 3 + 1 if listening else 0)
+
+
+def test_cpu_finite_safety_reads_only_on_the_cpu(monkeypatch):
+    grads = [torch.randn(4, 4), torch.randn(3)]
+    counter = SyncCounter(monkeypatch)
+    N.grad_norms(grads)
+    assert counter.count == 2            # lo and hi of one aminmax: the in-range case
+    monkeypatch.setattr(N, "HOST_READ_FREE", frozenset())
+    N.grad_norms(grads)
+    assert counter.count == 2
 
 
 # ------------------------------------------------------------ DTensor (FSDP2) gradients
@@ -558,11 +605,8 @@ def test_dtensor_observers_get_plain_full_values(one_rank_mesh):
     p = nn.Parameter(distribute_tensor(torch.zeros(4), one_rank_mesh, [Shard(0)]))
     p.grad = distribute_tensor(torch.full((4,), 2.0), one_rank_mesh, [Shard(0)])
     seen = []
-    fn = C.add_norm_observer(lambda g, n, t, c, q: seen.append((n, t, c)))
-    try:
+    with N.register(lambda g, n, t, c, q: seen.append((n, t, c))):
         C.clip_grad_norm_([p], 1.0)
-    finally:
-        C.remove_norm_observer(fn)
     (norms, total, coef), = seen
     assert type(total) is torch.Tensor and type(coef) is torch.Tensor
     assert float(total) == pytest.approx(4.0) and float(norms[0]) == pytest.approx(4.0)
@@ -573,7 +617,99 @@ def test_agc_exclude_pattern_matching_nothing_is_an_error():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model(torch.randn(5, 3)).sum().backward()
     with pytest.raises(ValueError, match="'fc' matches no parameter"):
-        C.adaptive_clip_grad_(model.named_parameters(), exclude=["fc"])
+        adaptive_clip_grad_(model.named_parameters(), exclude=["fc"])
     with pytest.raises(ValueError, match="matches no parameter"):
-        C.agc_param_groups(model, exclude=("head",))
-    C.adaptive_clip_grad_(model.named_parameters(), exclude=["1"])    # the last layer: fine
+        agc_param_groups(model, exclude=("head",))
+    adaptive_clip_grad_(model.named_parameters(), exclude=["1"])    # the last layer: fine
+
+
+# ------------------------------------------------ torch's split API, messages, misuse
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_split_api_matches_torch(name, norm_type, mixed, foreach):
+    ours, theirs = _make(name, mixed), _make(name, mixed)
+    g_ours = [p.grad for p in ours.parameters() if p.grad is not None]
+    g_theirs = [p.grad for p in theirs.parameters() if p.grad is not None]
+    t_ours = C.get_total_norm(g_ours, norm_type, False, foreach)
+    t_theirs = torch.nn.utils.get_total_norm(g_theirs, norm_type, False, foreach)
+    assert t_ours.dtype == t_theirs.dtype
+    torch.testing.assert_close(t_ours, t_theirs, rtol=RTOL, atol=0.0)
+    # torch's clip_grads_with_norm_ takes parameters (or one tensor) and returns None
+    assert C.clip_grads_with_norm_(ours.parameters(), 0.5, t_ours, foreach) is None
+    torch.nn.utils.clip_grads_with_norm_(theirs.parameters(), 0.5, t_theirs, foreach)
+    _assert_grads_close(_grads(ours), _grads(theirs), rtol=1e-2 if mixed else RTOL)
+
+
+def test_split_api_single_tensor_and_empty():
+    p = nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 0.0, 4.0])
+    total = C.get_total_norm(p.grad)
+    torch.testing.assert_close(total, torch.nn.utils.get_total_norm(p.grad), rtol=RTOL, atol=0)
+    C.clip_grads_with_norm_(p, 1.0, total)
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.0, 0.8]), rtol=RTOL, atol=0)
+    assert float(C.get_total_norm([])) == 0.0
+    assert C.clip_grads_with_norm_([nn.Parameter(torch.zeros(2))], 1.0, total) is None
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1])
+def test_nonfinite_message_is_torchs(norm_type):
+    def make():
+        p = nn.Parameter(torch.zeros(2))
+        p.grad = torch.tensor([1.0, math.nan])
+        return p
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_norm_([make()], 1.0, norm_type, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as ours:
+        C.clip_grad_norm_([make()], 1.0, norm_type, error_if_nonfinite=True)
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(RuntimeError) as split:
+        C.get_total_norm([make().grad], norm_type, error_if_nonfinite=True)
+    assert str(split.value) == str(theirs.value)
+
+
+def test_agc_float16_scale_applied_in_float32():
+    # target unit norm clip_factor * ||W_i|| = 1e-4 and ||G_i|| = 4000: scale 2.5e-8,
+    # which float16 rounds to 0 (its smallest subnormal is 6e-8)
+    w = nn.Parameter(torch.full((2, 4), 0.005, dtype=torch.float16))
+    w.grad = torch.full((2, 4), 2000.0, dtype=torch.float16)
+    want = _agc_reference(w, w.grad, 0, 0.01, 1e-3).half()   # float64, rounded once
+    assert torch.tensor(2.5e-8, dtype=torch.float16) == 0
+    adaptive_clip_grad_([w], clip_factor=0.01)
+    assert w.grad.dtype == torch.float16 and bool((w.grad != 0).all())
+    F16_SUBNORMAL = 6e-8   # one float16 step at these magnitudes
+    torch.testing.assert_close(w.grad, want, rtol=0, atol=F16_SUBNORMAL)
+    unit = torch.linalg.vector_norm(w.grad.float(), dim=1)
+    torch.testing.assert_close(unit, torch.full((2,), 1e-4), rtol=1e-2, atol=0)
+
+
+def test_autoclip_percentile_is_not_a_fraction():
+    with pytest.raises(ValueError, match=r"percentile, not a fraction.*percentile=90"):
+        AutoClip(percentile=0.9)
+    for bad in (0, -5, 100.5):
+        with pytest.raises(ValueError, match=r"percentile must be in \[1, 100\]"):
+            AutoClip(percentile=bad)
+    with pytest.raises(TypeError, match="percentile"):
+        AutoClip(percentile="10")
+    assert AutoClip(percentile=np.int64(10)).percentile == 10.0
+    assert AutoClip(percentile=100).percentile == 100.0
+
+
+def test_a_module_instead_of_its_parameters_names_the_fix():
+    model = _make("mlp")
+    for call in (lambda: C.clip_grad_norm_(model, 1.0), lambda: C.clip_grad_value_(model, 1.0),
+                 lambda: C.clip_grads_with_norm_(model, 1.0, torch.tensor(1.0)),
+                 lambda: C.get_total_norm(model), lambda: AutoClip()(model),
+                 lambda: ZClip()(model), lambda: C.clip_grad_norm_([model[0]], 1.0)):
+        with pytest.raises(TypeError, match=r"model\.parameters\(\)"):
+            call()
+    with pytest.raises(TypeError, match=r"named_parameters\(\)"):
+        adaptive_clip_grad_(model)
+
+
+def test_moved_names_still_import_from_clip():
+    assert C.AutoClip is AutoClip and C.adaptive_clip_grad_ is adaptive_clip_grad_
+    with pytest.raises(AttributeError):
+        C.no_such_name

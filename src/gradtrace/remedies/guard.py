@@ -9,7 +9,8 @@ bitwise unchanged -- when
   ``_foreach_norm`` per (device, dtype), is inf/nan -- as in GradScaler's inf check), or
   the loss is non-finite;
 * optionally, the loss or the total gradient norm is a *spike*: its robust z-score
-  ``(x - median) / (1.4826 * MAD)`` over the last ``window`` finite values exceeds
+  ``(x - median) / (1.4826 * MAD)`` (:func:`gradtrace.numerics.robust_z`, the one
+  diagnosis uses, with the same floor) over the last ``window`` finite values exceeds
   ``spike_zscore``. This follows the skip-step rule of OLMo-core's ``SkipStepOptimizer``
   (OLMo 2, Team OLMo 2024, "2 OLMo 2 Furious": z-score > 6 over the last 128 steps),
   with median/MAD instead of mean/std so that earlier spikes do not inflate the scale.
@@ -31,7 +32,7 @@ of the global batch for equal per-rank batches), non-finite if it is non-finite 
 rank -- so skip decisions, spike windows, counters and learning-rate backoffs are
 identical everywhere. The collective replaces the host copy (still one sync per call).
 Gradient norms of FSDP2 ``DTensor`` shards are taken over the full gradient
-(:func:`gradtrace.remedies.clip.grad_norms`). All ranks must call ``step`` together.
+(:func:`gradtrace.norms.grad_norms`). All ranks must call ``step`` together.
 
 After ``backoff_after`` consecutive skips, ``lr_backoff`` (if set) multiplies every param
 group's learning rate by that factor (and the count restarts), for runs whose instability
@@ -43,35 +44,15 @@ import math
 from collections import deque
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from gradtrace.remedies.clip import _publish, _state_dtype, grad_norms
+from .. import norms as N
+from ..numerics import robust_z
 
 __all__ = ["Guard"]
 
 _SPIKE_SIGNALS = ("loss", "grad_norm")
-#: Consistency constant turning a median absolute deviation into a Gaussian sigma.
-MAD_TO_SIGMA = 1.4826
-
-
-def robust_zscore(value: float, window: Iterable[float]) -> float:
-    """One-sided robust z-score of ``value`` against ``window``.
-
-    ``(value - median) / scale`` with ``scale = 1.4826 * MAD``; if the window is so flat
-    that the MAD vanishes, the scale is floored at ``1e-3 * |median|`` (plus 1e-12) so a
-    perfectly constant history does not turn every tiny change into a spike.
-
-    Example:
-        >>> round(robust_zscore(10.0, [1.0, 2.0, 3.0]), 2)
-        5.4
-    """
-    arr = np.asarray(list(window), dtype=np.float64)
-    med = float(np.median(arr))
-    mad = float(np.median(np.abs(arr - med)))
-    scale = max(MAD_TO_SIGMA * mad, 1e-3 * abs(med) + 1e-12)
-    return (value - med) / scale
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -111,9 +92,10 @@ class Guard:
     Skip reasons: ``"nonfinite_grad"``, ``"nonfinite_loss"``, ``"loss_spike"``,
     ``"grad_norm_spike"``. Steps are numbered from 0 by calls to :meth:`step`.
 
-    When gradtrace computes the gradient norm here it publishes it to the norm observers of
-    :mod:`gradtrace.remedies.clip` (``clip_coef=None``). If you clip first, pass the
-    pre-clip norm the clipper returned as ``grad_norm=`` so nothing is computed twice.
+    When gradtrace computes the gradient norm here it tells the norm registry
+    (:func:`gradtrace.norms.register`, with ``coef=None``) and a monitor reuses it. If
+    you clip first, pass the pre-clip norm the clipper returned as ``grad_norm=`` so
+    nothing is computed twice.
 
     Example:
         >>> import torch
@@ -186,8 +168,9 @@ class Guard:
         if grad_norm is None and want_norm:
             grads = self._grads()
             if grads:
-                norms, grad_norm = grad_norms(grads)
-                _publish(grads, norms, grad_norm, None, 2.0)
+                norms = N.grad_norms(grads)
+                grad_norm = N.total_norm(norms)
+                N.notify_clipped(grads, norms, grad_norm, None, 2.0)
         vals = [loss if want_loss else None, grad_norm if want_norm else None]
         for i, v in enumerate(vals):
             if isinstance(v, Tensor):
@@ -207,7 +190,7 @@ class Guard:
         pending = [v for v in vals if isinstance(v, Tensor)]
         if pending:
             dev = pending[0].device
-            packed = torch.stack([t.to(dev, _state_dtype(dev)) for t in pending])
+            packed = torch.stack([t.to(dev, N.wide_dtype(dev)) for t in pending])
             values = iter(packed.tolist())  # the one host sync of this step
             vals = [next(values) if isinstance(v, Tensor) else v for v in vals]
         return vals[0], vals[1]
@@ -241,7 +224,7 @@ class Guard:
         mean over the ranks that passed one, with IEEE semantics for non-finite values.
         """
         dev = self._comm_device(dist, vals)
-        dtype = _state_dtype(dev)
+        dtype = N.wide_dtype(dev)
         rows = []
         for v in vals:
             if v is None:
@@ -300,7 +283,7 @@ class Guard:
                 if name not in self.spike_on or v is None or not math.isfinite(v):
                     continue
                 if reason is None and len(win) >= self.min_samples \
-                        and robust_zscore(v, win) > self.spike_zscore:
+                        and robust_z(v, win) > self.spike_zscore:
                     reason, value = f"{name}_spike", v
                 win.append(v)  # finite values only; spikes included so level shifts adapt
         if reason is None:
