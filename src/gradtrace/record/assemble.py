@@ -1,0 +1,211 @@
+"""Record building: one step's host values and bookkeeping become the trace's record dict.
+
+Input: ``host`` maps each part name of the step's flat buffer to its numpy slice (already
+reduced across ranks), and a :class:`StepInfo` says what the hooks saw. Output: the record
+``{"step", "time", "exec_order"?, "scalars", "param", "module", "vectors"?}`` (see
+``docs/trace-format.md``) and, when something was non-finite, the ``nonfinite`` event.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .collectors import PARAM_FIGURES
+from .selection import SATURATION_BOUNDS
+
+
+@dataclass
+class StepInfo:
+    """Host-side facts of one step, gathered while it ran (no tensors).
+
+    Example:
+        >>> StepInfo(step=0, time=0.0, idx=[0]).counts
+        {}
+    """
+
+    step: int
+    time: float
+    idx: list[int]                             # watched parameters with a gradient
+    losses: list[float] = field(default_factory=list)   # losses noted as Python numbers
+    lr: float | None = None
+    call_idx: list[int] = field(default_factory=list)
+    acts: list[tuple[int, int, int]] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    bwd: list[int] = field(default_factory=list)
+    bwd_order: list[int] = field(default_factory=list)
+    mask_ids: list[int] = field(default_factory=list)
+    time_ids: list[int] = field(default_factory=list)
+    exact: dict[int, float] = field(default_factory=dict)   # position -> exact squared norm
+    counts: dict[int, int] = field(default_factory=dict)    # position -> non-finite entries
+    counted: bool = False                      # counts were taken (else: at least one)
+    replayed: str | None = None                # first non-finite module found by replay
+    replay_note: str | None = None             # why no replay ran on a non-finite step
+
+
+class Assembler:
+    """Builds records for one monitor's watched names.
+
+    Example:
+        >>> a = Assembler(["w"], ["0"], [None])
+        >>> rec, ev = a.build({"gsq": np.array([4.0])}, StepInfo(step=0, time=0.0, idx=[0]))
+        >>> rec["param"]["grad_norm"], rec["scalars"]["total_grad_norm"], ev
+        ([2.0], 2.0, None)
+    """
+
+    def __init__(self, param_names: list[str], module_names: list[str], kinds: list[str | None]):
+        self.param_names, self.module_names, self.kinds = param_names, module_names, kinds
+
+    def build(self, host: dict[str, np.ndarray], info: StepInfo,
+              dist_info: dict | None = None) -> tuple[dict, dict | None]:
+        n_p, n_m = len(self.param_names), len(self.module_names)
+        idx = info.idx
+        rec: dict[str, Any] = {"step": info.step, "time": info.time}
+        scalars: dict[str, Any] = {}
+        param: dict[str, Any] = {}
+        module: dict[str, Any] = {}
+        vectors: dict[str, dict] = {}
+
+        def scatter(values, where) -> list:
+            if len(where) == n_p:  # every parameter had a gradient: one C-level conversion
+                return np.asarray(values, dtype=np.float64).tolist()
+            col: list = [None] * n_p
+            for j, v in zip(where, values):
+                col[j] = float(v)
+            return col
+
+        bad_params: list[str] = []
+        if "gsq" in host:
+            gsq = host["gsq"].astype(np.float64).copy()
+            for k, v in info.exact.items():     # float32 over- or underflow, measured again
+                gsq[k] = v
+            for fig in PARAM_FIGURES:
+                if fig.part in host:
+                    param[fig.stat] = scatter(fig.decode(gsq if fig.part == "gsq" else host[fig.part]), idx)
+            broken = [k for k, v in enumerate(gsq) if not math.isfinite(v)]
+            nonfinite = [0] * len(idx)
+            for k in broken:
+                nonfinite[k] = info.counts.get(k, 1)
+            bad_params = [self.param_names[idx[k]] for k in broken if nonfinite[k] > 0]
+            param["grad_nonfinite"] = scatter(nonfinite, idx)
+            total_sq = float(np.sum(gsq))
+            scalars["total_grad_norm"] = math.sqrt(total_sq) if total_sq >= 0 else float("nan")
+            if "dsq" in host and "psq" in host:
+                pn = np.sqrt(host["psq"].astype(np.float64))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.sqrt(host["dsq"].astype(np.float64)) / pn
+                col = scatter(ratio, idx)
+                for k in np.flatnonzero(pn == 0):
+                    col[idx[k]] = None  # a zero weight (zero-initialised bias) has no relative update
+                param["update_ratio"] = col
+            if "post" in host:
+                # The gradients changed between backward and the step (someone clipped or
+                # scaled them): the optimizer saw this total.
+                post = math.sqrt(max(float(host["post"][0]), 0.0)) if math.isfinite(host["post"][0]) \
+                    else float(host["post"][0])
+                scalars["total_grad_norm_post_clip"] = post
+                pre = scalars["total_grad_norm"]
+                scalars["grad_changed_ratio"] = post / pre if pre > 0 else (1.0 if post == 0 else math.inf)
+        if "clip" in host:                          # a gradtrace clipper's own coefficient
+            scalars["clip_coef"] = float(host["clip"][1])
+        loss_vals = [float(v) for v in host.get("loss", [])] + list(info.losses)
+        if loss_vals:
+            scalars["loss"] = float(np.mean(loss_vals))
+        if info.lr is not None:
+            scalars["lr"] = info.lr
+
+        first_fwd = None
+        if "flag" in host:
+            flags = host["flag"]
+            nonfinite_mod = np.zeros(n_m, dtype=bool)
+            nonfinite_mod[[i for i, f in zip(info.call_idx, flags) if not math.isfinite(f)]] = True
+            module["out_flag_nonfinite"] = [1.0 if nonfinite_mod[i] else 0.0 if i in info.seen else None
+                                            for i in range(n_m)]
+            first_fwd = next((self.module_names[i] for i in info.order if nonfinite_mod[i]), None)
+            if info.acts:
+                self._activations(host, flags, info, module, vectors)
+        if first_fwd is None:
+            first_fwd = info.replayed
+        first_bwd = None
+        if "bwd" in host:
+            sq = np.zeros(n_m)
+            for i, v in zip(info.bwd, host["bwd"]):
+                sq[i] += float(v) ** 2
+            got = set(info.bwd)
+            module["outgrad_norm"] = [math.sqrt(sq[i]) if i in got else None for i in range(n_m)]
+            first_bwd = next((self.module_names[i] for i in info.bwd_order if not math.isfinite(sq[i])), None)
+        for i in info.time_ids:
+            vectors.setdefault("time_grad_norm", {})[self.module_names[i]] = [float(v) for v in host[f"time{i}"]]
+
+        rec["scalars"], rec["param"], rec["module"] = scalars, param, module
+        if vectors:
+            rec["vectors"] = vectors
+        loss_bad = "loss" in scalars and not math.isfinite(scalars["loss"])
+        dist_info = dist_info or {}
+        event = None
+        if first_fwd or first_bwd or bad_params or loss_bad or dist_info:
+            event = {"event": "nonfinite", "step": info.step, "forward": first_fwd, "backward": first_bwd,
+                     "params": bad_params, "loss_nonfinite": loss_bad, **dist_info}
+            if info.replay_note and first_fwd is None:
+                event["localisation"] = info.replay_note
+        return rec, event
+
+    def _activations(self, host: dict, flags: np.ndarray, info: StepInfo, module: dict,
+                     vectors: dict) -> None:
+        """Combine per-call figures into per-module ones (a module may run many times)."""
+        n_m = len(self.module_names)
+        acc: dict[int, list[float]] = {}
+        rows = zip(*(host[k] for k in ("a_min", "a_max", "a_norm", "a_bad", "a_extra")))
+        for (pos, i, n), row in zip(info.acts, rows):
+            mn, mx, norm, bad, extra = (float(v) for v in row)
+            total = flags[pos]
+            s = acc.setdefault(i, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+            # Combine (entries, mean, sum of squared deviations) across calls (Chan et al.).
+            mean_c, m2_c = float(total) / n, norm * norm
+            if s[0] == 0:
+                s[1], s[2] = mean_c, m2_c
+            else:
+                delta = mean_c - s[1]
+                s[2] += m2_c + delta * delta * s[0] * n / (s[0] + n)
+                s[1] += delta * n / (s[0] + n)
+            s[0] += n                          # entries
+            s[3] += bad                        # non-finite entries
+            s[4] += extra                      # ReLU: active entries; sigmoid/tanh: saturated
+            big = max(abs(mn), abs(mx))
+            s[5] = math.nan if math.isnan(big) or math.isnan(s[5]) else max(s[5], big)
+        cols: dict[str, list] = {k: [None] * n_m for k in
+                                 ("out_mean", "out_std", "out_maxabs", "out_nonfinite")}
+        relu = {k: [None] * n_m for k in ("zero_frac", "dead_units", "units", "unit_samples")}
+        sat: list = [None] * n_m
+        broken = set()
+        for i, (n, mean, m2, bad, extra, maxabs) in acc.items():
+            cols["out_mean"][i] = mean
+            cols["out_std"][i] = math.sqrt(m2 / n) if math.isfinite(m2) else math.nan
+            cols["out_maxabs"][i] = maxabs
+            cols["out_nonfinite"][i] = bad
+            if bad > 0:
+                # nan > 0 is false: a non-finite output would read as dead or saturated units
+                broken.add(i)
+                continue
+            kind = self.kinds[i]
+            if kind == "relu":
+                relu["zero_frac"][i] = 1.0 - extra / n
+            elif kind in SATURATION_BOUNDS:
+                sat[i] = extra / n
+        module.update(cols)
+        from ..trace import pack_mask
+        for i in info.mask_ids:
+            if i in broken:
+                continue
+            active = host[f"mask{i}"] > 0.5
+            relu["dead_units"][i] = float(active.size - active.sum())
+            relu["units"][i] = float(active.size)
+            relu["unit_samples"][i] = acc[i][0] / active.size   # rows each unit saw this step
+            vectors.setdefault("active_mask", {})[self.module_names[i]] = pack_mask(active)
+        if any(v is not None for v in relu["zero_frac"]):
+            module.update(relu)
+        if any(v is not None for v in sat):
+            module["saturated_frac"] = sat
