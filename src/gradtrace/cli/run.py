@@ -18,7 +18,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", help="run directory (default: runs/<script>-<date>-<time>)")
     p.add_argument("--preset", help="economy, default or full (see gt.watch)")
     p.add_argument("--every", type=int, help="record every N optimizer steps")
-    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module, like python -m")
+    # like python -m: the module name and everything after it belong to the module
+    p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE [args...]",
+                   help="run a library module as a script, like python -m")
     p.add_argument("target", nargs=argparse.REMAINDER, metavar="script.py [args...]",
                    help="the script and its own arguments")
 
@@ -33,7 +35,9 @@ def main(args: Any) -> int:
             raise UsageError("gradtrace run: name a script (gradtrace run train.py ...) or -m MODULE")
         script, rest = target[0], target[1:]
     else:
-        script, rest = args.module, target
+        if not args.module:
+            raise UsageError("gradtrace run: -m needs a module name (gradtrace run -m pkg.train ...)")
+        script, rest = args.module[0], args.module[1:] + target
     if args.every is not None and args.every < 1:
         raise UsageError(f"--every must be >= 1, got {args.every}")
     kw = {k: v for k, v in (("preset", args.preset), ("every", args.every)) if v is not None}

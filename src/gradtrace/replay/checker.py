@@ -151,7 +151,8 @@ class _Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         chk = self.chk
         kwargs = kwargs or {}
-        if chk.first is not None:
+        # once found, or an allocation (uninitialised memory may hold any bit pattern)
+        if chk.first is not None or "empty" in func.__name__:
             return func(*args, **kwargs)
         ins = _floats((args, kwargs))
         finite_in = _all_finite(ins)

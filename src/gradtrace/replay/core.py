@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -162,18 +164,26 @@ def _rebuild_model(bundle: dict, factory: Any) -> tuple[nn.Module, str]:
         raise UsageError(f"the model of this bundle ({bundle.get('model_class')}) did not pickle; "
                          "rebuild it with --factory PKG.MODULE:FACTORY")
     source = bundle.get("source") or {}
-    main = None
-    if b"__main__" in blob:
-        script = _script_of(source)
-        if script is None or not os.path.isfile(script):
-            raise UsageError("the model's classes were defined in a script that cannot be found "
-                             f"({script or 'unknown'}); pass --factory PKG.MODULE:FACTORY")
-        main = _definitions(script)
+    script = _script_of(source)
+    # The script's own imports (model.py beside it; -m: the directory it ran from).
+    roots = [p for p in (os.path.dirname(script) if script and source.get("script") else None,
+                         source.get("cwd")) if p and p not in sys.path]
+    sys.path[:0] = roots
     try:
-        return unpickle_model(blob, main), "pickle"
-    except Exception as e:
-        raise UsageError(f"cannot rebuild {bundle.get('model_class')}: {type(e).__name__}: {e}; "
-                         "pass --factory PKG.MODULE:FACTORY") from None
+        main = None
+        if b"__main__" in blob:
+            if script is None or not os.path.isfile(script):
+                raise UsageError("the model's classes were defined in a script that cannot be found "
+                                 f"({script or 'unknown'}); pass --factory PKG.MODULE:FACTORY")
+            main = _definitions(script)
+        try:
+            return unpickle_model(blob, main), "pickle"
+        except Exception as e:
+            raise UsageError(f"cannot rebuild {bundle.get('model_class')}: {type(e).__name__}: {e}; "
+                             "pass --factory PKG.MODULE:FACTORY") from None
+    finally:
+        for p in roots:
+            sys.path.remove(p)
 
 
 def _rebuild_optimizer(bundle: dict, model: nn.Module) -> torch.optim.Optimizer | None:
