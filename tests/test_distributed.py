@@ -102,7 +102,7 @@ def test_figures_equal_single_process(job, reference, mode):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_one_trace_by_rank0_and_collectives_only_on_recorded_steps(job, mode):
     out, ranks = job
-    assert (out / mode / "records.jsonl").exists()
+    assert (out / mode / "meta.json").exists() and (out / mode / "tables.jsonl").exists()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
         ["ddp", "fsdp2", "ddp_nan", "fsdp2_nan"])         # nothing else written anywhere
     recorded = (W.STEPS + 1) // 2                           # every=2 -> steps 0 and 2

@@ -56,13 +56,18 @@ def test_unknown_names_raise_keyerror_with_close_matches(tmp_path):
         t.series("loss", "0.weight")
 
 
-def test_torn_last_line_is_a_warning(tmp_path):
+def test_torn_row_and_torn_json_line_are_warnings(tmp_path):
     _write_run(tmp_path / "run")
-    with open(tmp_path / "run" / "records.jsonl", "a") as f:
-        f.write('{"step": 4, "scalars": {"lo')
+    with open(tmp_path / "run" / "t0.bin", "ab") as f:
+        f.write(b"\x01\x02\x03")                 # a row cut short by a kill
+    with open(tmp_path / "run" / "events.jsonl", "a") as f:
+        f.write('{"event": "guard_sk')
     with pytest.warns(TraceWarning, match="torn"):
         t = gt.load(tmp_path / "run")
-    assert len(t) == 4 and t.warnings
+    assert len(t) == 4 and len(t.warnings) == 1      # events are parsed on first use
+    with pytest.warns(TraceWarning, match="line .* is torn"):
+        assert t.events() == []
+    assert len(t.warnings) == 2
 
 
 def test_corrupt_or_foreign_directories_are_valueerrors(tmp_path):
@@ -80,10 +85,9 @@ def test_corrupt_or_foreign_directories_are_valueerrors(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         gt.load(tmp_path / "bad")
     _write_run(tmp_path / "mid")
-    lines = (tmp_path / "mid" / "records.jsonl").read_text().splitlines()
-    lines[1] = "garbage"
-    (tmp_path / "mid" / "records.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match="line 2 is corrupt"):
+    lines = (tmp_path / "mid" / "tables.jsonl").read_text().splitlines()
+    (tmp_path / "mid" / "tables.jsonl").write_text("\n".join(["garbage"] + lines) + "\n")
+    with pytest.raises(ValueError, match="line 1 is corrupt"):
         gt.load(tmp_path / "mid")
 
 

@@ -98,7 +98,7 @@ def test_upto_is_a_view_of_the_past():
     np.testing.assert_array_equal(v.scalar("loss"), [3.0, math.nan])
     assert v.matrix("grad_norm").steps.tolist() == [0, 1]
     assert v.upto(5).steps.tolist() == [0, 1]               # a view never sees past its end
-    assert v._records is t._records                          # shares data, no copy
+    assert v._store is t._store                              # shares data, no copy
     assert len(t) == 3                                       # the original is untouched
     with pytest.raises(TypeError, match="step"):
         t.upto("3")
