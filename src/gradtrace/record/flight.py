@@ -243,7 +243,11 @@ def load_bundle(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(str(path))
-    bundle = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a gradtrace flight-recorder bundle ({FORMAT}): "
+                         f"{type(e).__name__}") from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise ValueError(f"{path} is not a gradtrace flight-recorder bundle ({FORMAT})")
     return bundle
