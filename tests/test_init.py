@@ -1,4 +1,4 @@
-"""Tests for gradtrace.remedies.init: measured effects of the initialisation remedies."""
+"""Tests for the initialisation remedies (remedies.init, .lsuv, .residual): measured effects."""
 from __future__ import annotations
 
 import math

@@ -7,8 +7,9 @@
   threshold follows the run.
 * :mod:`gradtrace.remedies.guard` -- :class:`Guard`, which skips optimizer steps with
   non-finite gradients or loss/grad-norm spikes.
-* :mod:`gradtrace.remedies.init` -- activation-aware initialisation, LSUV and residual
-  branch scaling.
+* :mod:`gradtrace.remedies.init` -- initialisation for the activation that follows each
+  layer; :mod:`gradtrace.remedies.lsuv` -- LSUV; :mod:`gradtrace.remedies.residual` --
+  residual-branch scaling (GPT-2, Fixup). Their report rows: ``_report``.
 
 All norms come from :mod:`gradtrace.norms` (the one norm engine), which also lets a
 monitor reuse the norms a clipper computed. Nothing is imported here so that
