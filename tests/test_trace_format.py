@@ -1,0 +1,139 @@
+"""Format v2 on disk: tables inferred from records, MISSING vs nan, widths, numpy-only reading, v1 loading."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gradtrace as gt
+from gradtrace.trace import MISSING, MemoryWriter, TraceWriter, is_missing, pack_mask
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "trace-format.md"
+META = {"modules": [{"name": "a", "type": "Linear"}, {"name": "b", "type": "ReLU", "activation": "relu"},
+                    {"name": "c", "type": "Linear"}],
+        "params": [{"name": "a.weight", "shape": [2, 2], "module": "a"},
+                   {"name": "c.weight", "shape": [1, 2], "module": "c"}]}
+F32 = np.float32
+
+
+def _records(n=6, seed=0):
+    """Every-step records plus an activation record every third step (own statistics,
+    a module statistic only for the ReLU, numpy-array input with MISSING, a recorded nan)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(n):
+        g = rng.uniform(0.1, 2.0, size=2)
+        rec = {"step": s, "time": 1.7e9 + s * 0.123456, "scalars": {"loss": float(rng.uniform()), "lr": 0.1},
+               "param": {"grad_norm": g.tolist()}, "module": {"out_flag_nonfinite": [0, 0, 0]}}
+        if s % 3 == 0:
+            rec["param"]["update_ratio"] = np.array([rng.uniform(), MISSING])
+            rec["module"]["zero_frac"] = [None, float(rng.uniform()), None]
+            rec["module"]["out_std"] = [float("nan"), 1.0, 2.0]
+            rec["vectors"] = {"active_mask": {"b": pack_mask(rng.uniform(size=5) > 0.5)}}
+        if s == 2:
+            rec["exec_order"] = ["c", "a", "b"]
+        out.append(rec)
+    return out
+
+
+def _write(path, records, meta=META):
+    w = TraceWriter(path, meta)
+    for r in records:
+        w.write(r)
+    w.close()
+    return gt.load(path)
+
+
+def test_values_round_trip_at_their_documented_widths(tmp_path):
+    recs = _records()
+    t = _write(tmp_path / "r", recs)
+    steps, g = t.series("grad_norm", "c.weight", with_steps=True)
+    assert steps.tolist() == list(range(6))
+    # float32 per-name figures: exactly the float32 rounding of what was written
+    np.testing.assert_array_equal(g, [F32(r["param"]["grad_norm"][1]) for r in recs])
+    # float64 scalars and time: exact
+    assert t.series("lr").tolist() == [0.1] * 6
+    assert t.series("loss").tolist() == [r["scalars"]["loss"] for r in recs]
+    m = t.matrix("update_ratio")
+    assert m.steps.tolist() == [0, 3] and m.recorded[:, 1].tolist() == [False, False]
+    np.testing.assert_array_equal(m.values[:, 0], [F32(r["param"]["update_ratio"][0]) for r in recs[::3]])
+    std = t.matrix("out_std")                      # a recorded nan stays a recorded nan
+    assert std.recorded.all() and np.isnan(std.values[:, 0]).all()
+    zf = t.matrix("zero_frac")
+    assert zf.recorded.tolist() == [[False, True, False]] * 2
+    assert t.exec_order(step=1) == ["c", "a", "b"] and t.exec_order() == ["c", "a", "b"]
+    assert t.series("active_mask", "b").shape == (2, 5)
+    mem = MemoryWriter(META)                        # the in-memory trace answers alike
+    for r in recs:
+        mem.write(r)
+    np.testing.assert_allclose(mem.trace.matrix("grad_norm").values, t.matrix("grad_norm").values, rtol=1e-7)
+
+
+def test_tables_follow_the_statistics_and_cover_late_names(tmp_path):
+    recs = _records(6)
+    recs[4]["scalars"]["clip_coef"] = 0.5                       # a statistic appearing mid-run
+    recs[5]["module"]["zero_frac"] = [0.25, 0.5, None]        # a name the table lacks ...
+    recs[5]["param"]["update_ratio"] = [0.1, None]
+    recs[5]["module"]["out_std"] = [1.0, 1.0, 1.0]
+    recs[5]["vectors"] = {}
+    t = _write(tmp_path / "r", recs)
+    tables = [json.loads(x) for x in (tmp_path / "r" / "tables.jsonl").read_text().splitlines()]
+    layouts = [(d["scalars"], [(c[1], c[2]) for c in d["columns"]]) for d in tables if "table" in d]
+    assert len(layouts) == 4                       # activation, every-step, +clip_coef, activation ∪ {a}
+    assert ("zero_frac", [0, 1]) in layouts[3][1] and ("zero_frac", [1]) in layouts[0][1]
+    assert t.series("clip_coef").tolist() == [0.5]
+    assert t.steps.tolist() == list(range(6))
+    zf = t.matrix("zero_frac")
+    assert zf.steps.tolist() == [0, 3, 5]
+    assert zf.recorded.tolist() == [[False, True, False], [False, True, False], [True, True, False]]
+    assert zf.values[2, 0] == 0.25
+
+
+def test_numpy_only_reading_example_in_the_doc_runs(tmp_path, monkeypatch):
+    code = re.search(r"\*\*Reading with numpy alone\*\*.*?```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    recs = _records()
+    t = _write(tmp_path / "runs" / "exp1", recs)
+    monkeypatch.chdir(tmp_path)
+    printed: list = []
+    exec(compile(code, "trace-format.md", "exec"), {"print": lambda *a: printed.append(a)})
+    assert [p[2] for p in printed] == [["a.weight", "c.weight"]] * 2     # both tables hold it
+    # the doc's reading gives the same numbers as gt.load
+    got = {int(s): v for _, steps, _, vals in printed for s, v in zip(steps, vals[:, 0])}
+    want = dict(zip(*t.series("grad_norm", "a.weight", with_steps=True)))
+    assert got == {int(k): F32(v) for k, v in want.items()}
+
+
+def test_bad_per_name_values_are_errors(tmp_path):
+    w = TraceWriter(tmp_path / "r", META)
+    with pytest.raises(ValueError, match="1-D"):
+        w.write({"step": 0, "param": {"grad_norm": np.zeros((2, 1))}})
+    w.close()
+    assert is_missing(np.array([MISSING, math.nan], dtype=np.float32)).tolist() == [True, False]
+    with pytest.raises(TypeError, match="float32 or float64"):
+        is_missing(np.array([1]))
+
+
+def test_version_1_traces_still_load(tmp_path):
+    run = tmp_path / "v1"
+    run.mkdir()
+    (run / "meta.json").write_text(json.dumps({"format": "gradtrace-trace", "format_version": 1, **META}))
+    lines = [{"step": 0, "time": 1.0, "exec_order": ["a", "b", "c"], "scalars": {"loss": 2.0},
+              "param": {"grad_norm": [0.5, None]}, "module": {"zero_frac": [None, 0.25, None]},
+              "vectors": {"active_mask": {"b": "3:05"}}},
+             {"event": "guard_skip", "step": 1, "value": "nan"},
+             {"step": 1, "scalars": {"loss": "nan"}, "param": {"grad_norm": ["inf", 0.75]}}]
+    text = "\n".join(json.dumps(x) for x in lines) + '\n{"step": 2, "sca'
+    (run / "records.jsonl").write_text(text)
+    with pytest.warns(gt.TraceWarning, match="torn"):
+        t = gt.load(run)
+    assert len(t) == 2 and t.steps.tolist() == [0, 1]
+    m = t.matrix("grad_norm")
+    assert m.values[0, 0] == 0.5 and m.values[1, 0] == math.inf and m.values[1, 1] == 0.75
+    assert m.recorded.tolist() == [[True, False], [True, True]]
+    assert np.isnan(t.series("loss")[1]) and t.events("guard_skip")[0]["value"] == "nan"
+    assert t.names("zero_frac") == ["b"] and t.series("active_mask", "b").tolist() == [[True, False, True]]
+    assert t.exec_order() == ["a", "b", "c"]
