@@ -99,10 +99,15 @@ def _assert_grads_close(a, b, rtol=RTOL):
 
 # -------------------------------------------------------------- torch equivalence
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
-@pytest.mark.parametrize("mixed", [False, True])
-@pytest.mark.parametrize("foreach", [None, False])
+def torch_grid(test):
+    """Every model, norm type, dtype mix and foreach setting torch is compared on."""
+    for argname, values in (("name", sorted(MODELS)), ("norm_type", [1.0, 2.0, math.inf]),
+                            ("mixed", [False, True]), ("foreach", [None, False])):
+        test = pytest.mark.parametrize(argname, values)(test)
+    return test
+
+
+@torch_grid
 def test_clip_grad_norm_matches_torch(name, norm_type, mixed, foreach):
     ours, theirs = _make(name, mixed), _make(name, mixed)
     max_norm = 0.5
@@ -625,10 +630,7 @@ def test_agc_exclude_pattern_matching_nothing_is_an_error():
 
 # ------------------------------------------------ torch's split API, messages, misuse
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
-@pytest.mark.parametrize("mixed", [False, True])
-@pytest.mark.parametrize("foreach", [None, False])
+@torch_grid
 def test_split_api_matches_torch(name, norm_type, mixed, foreach):
     ours, theirs = _make(name, mixed), _make(name, mixed)
     g_ours = [p.grad for p in ours.parameters() if p.grad is not None]
