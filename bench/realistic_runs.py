@@ -49,7 +49,7 @@ def lm_batch(data: torch.Tensor, batch: int, seq: int, g: torch.Generator) -> tu
 
 def code_vs_prose(batch: int, seq: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte snippets labelled 0 (prose) or 1 (Python source)."""
-    code, prose = _CACHE.setdefault("code", text_bytes()), _CACHE.setdefault("prose", prose_bytes())
+    code, prose = cached("code"), cached("prose")
     y = torch.randint(0, 2, (batch,), generator=g)
     rows = []
     for lab in y.tolist():
@@ -60,6 +60,13 @@ def code_vs_prose(batch: int, seq: int, g: torch.Generator) -> tuple[torch.Tenso
 
 
 _CACHE: dict[str, torch.Tensor] = {}
+
+
+def cached(which: str) -> torch.Tensor:
+    """The byte corpora, read once (``"code"`` or ``"prose"``)."""
+    if which not in _CACHE:
+        _CACHE[which] = text_bytes() if which == "code" else prose_bytes()
+    return _CACHE[which]
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +251,7 @@ def run_mlp_bn_cancer(watch, steps=300):
 
 def _gpt2_lm(watch, steps, lr, warm, dtype=torch.float32, eps=1e-8, layers=2):
     g = _seed()
-    data = _CACHE.setdefault("code", text_bytes())
+    data = cached("code")
     model = gpt2(layers).to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, weight_decay=0.01)
 
@@ -281,7 +288,7 @@ def run_bert_healthy(watch, steps=120):
 
 def run_lstm_clip(watch, steps=150):
     g = _seed()
-    data = _CACHE.setdefault("code", text_bytes())
+    data = cached("code")
     model = CharLSTM()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
@@ -293,7 +300,7 @@ def run_lstm_clip(watch, steps=150):
 
 def run_char_lstm_noclip(watch, steps=60):
     g = _seed()
-    data = _CACHE.setdefault("code", text_bytes())
+    data = cached("code")
     model = CharLSTM()
     opt = torch.optim.SGD(model.parameters(), lr=20.0)
 

@@ -164,10 +164,19 @@ def test_loss_spike_and_override():
     meta = mlp_meta(3)
     loss = noisy(40, 2.0, 0.02, 3)
     loss[25] = 9.0
-    tr = Trace(meta, [rec(meta, s, loss=float(l)) for s, l in enumerate(loss)])
+    # A spike that comes with a gradient norm 10x its usual level is corroborated ...
+    tr = Trace(meta, [rec(meta, s, loss=float(l), total=1.0 if s == 25 else 0.1) for s, l in enumerate(loss)])
     f = [x for x in diagnose(tr) if x.kind == "loss_spike"]
     assert f and f[0].first_step == 25 and f[0].severity == "warning"
-    assert f[0].evidence["robust_z"] > 8
+    assert f[0].evidence["robust_z"] > 8 and f[0].evidence["corroborated_by"] == {25: "gradient"}
+    # ... a lone high loss on one batch with an ordinary gradient is not (issue 11) ...
+    lone = Trace(meta, [rec(meta, s, loss=float(l), total=0.1) for s, l in enumerate(loss)])
+    assert "loss_spike" not in kinds(diagnose(lone))
+    # ... unless it persists.
+    loss[26:29] = [8.0, 8.5, 9.0]
+    kept = Trace(meta, [rec(meta, s, loss=float(l), total=0.1) for s, l in enumerate(loss)])
+    (g,) = [x for x in diagnose(kept) if x.kind == "loss_spike"]
+    assert g.evidence["corroborated_by"][25] == "persists"
     assert "loss_spike" not in kinds(diagnose(tr, Thresholds(spike_z=1e6)))
     assert "loss_spike" not in kinds(diagnose(tr, {"spike_min_fold": 10.0}))
 
@@ -376,7 +385,8 @@ def test_ranked_root_cause_first():
     loss = list(noisy(30, 2.0, 0.02, 5))
     loss[12] = 20.0
     loss[25:] = ["nan"] * 5
-    recs = [rec(meta, s, loss=l if isinstance(l, str) else float(l), exec_order=(s == 0)) for s, l in enumerate(loss)]
+    recs = [rec(meta, s, loss=l if isinstance(l, str) else float(l), exec_order=(s == 0),
+                total=1.0 if s == 12 else 0.1) for s, l in enumerate(loss)]
     events = [{"event": "nonfinite", "step": 25, "forward": None, "backward": None, "params": [],
                "loss_nonfinite": True}]
     f = diagnose(Trace(meta, recs + events))
@@ -496,7 +506,9 @@ def test_late_wobble_of_a_tiny_loss_is_not_a_spike():
     wobble[80] = 0.006                  # 3x, z huge, but 0.2% of the starting loss
     spike = loss.copy()
     spike[80] = 1.5                     # back to most of the starting loss: an event
-    find = lambda l: [f for f in diagnose(Trace(meta, [rec(meta, s, loss=float(v)) for s, v in enumerate(l)]))
+    # both come with a gradient 10x its usual norm (corroborated); only the rise differs
+    find = lambda l: [f for f in diagnose(Trace(meta, [rec(meta, s, loss=float(v), total=1.0 if s == 80 else 0.1)
+                                                       for s, v in enumerate(l)]))
                       if f.kind == "loss_spike"]
     assert find(wobble) == []
     assert [f.first_step for f in find(spike)] == [80]

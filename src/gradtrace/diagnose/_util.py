@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..trace import Trace
+from .thresholds import Thresholds
 
 #: Scale turning a median absolute deviation into a standard deviation for normal data.
 MAD_TO_SD = 1.4826
@@ -109,6 +110,27 @@ def trailing_spikes(values: np.ndarray, *, warmup: int, window: int, min_baselin
         z, med = robust_z(float(values[i]), base)
         if z > z_limit:
             out.append((i, z, med))
+    return out
+
+
+def persistent(hit: np.ndarray, th: Thresholds) -> np.ndarray:
+    """Causal persistence: ``out[i]`` is True when ``hit[i]`` and at least
+    ``th.persist_frac`` of the last ``th.persist_window`` judged steps up to ``i`` hit.
+
+    Each ``out[i]`` depends on steps ``<= i`` only, so a step flagged on a prefix of the run
+    stays flagged on every longer prefix (the live view and the final diagnosis agree).
+
+    Example:
+        >>> persistent(np.array([True, False, False, True, True]), Thresholds()).tolist()
+        [True, False, False, True, True]
+    """
+    hit = np.asarray(hit, dtype=bool)
+    out = np.zeros(hit.size, dtype=bool)
+    csum = np.concatenate([[0], np.cumsum(hit)])
+    w = th.persist_window
+    for i in np.flatnonzero(hit):
+        lo = max(0, i - w + 1)
+        out[i] = csum[i + 1] - csum[lo] >= math.ceil(th.persist_frac * (i + 1 - lo))
     return out
 
 

@@ -37,8 +37,8 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
     need not run to the output. Over that stretch, of at least ``th.depth_min_layers``
     layers, the least-squares slope gives the forward gain per layer. Shrinking: gain
     below ``th.act_shrink_gain`` and trough/first scale below ``th.act_shrink_total``;
-    growing mirrors it with ``act_grow_*``; on at least ``th.persist_frac`` of the steps
-    before any nan. Layers: most affected (the trough or peak) first, then the ones
+    growing mirrors it with ``act_grow_*``; the rule must persist
+    (:func:`~gradtrace.diagnose._util.persistent`) before any nan. Layers: most affected (the trough or peak) first, then the ones
     before it, deepest first.
 
     Example:
@@ -57,7 +57,8 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
         shrink = kind == "shrinking_activations"
         judged = [_segment(row, shrink, th) for row in logs]
         hit = np.array([j[0] for j in judged])
-        if hit.mean() < th.persist_frac:
+        flagged = U.persistent(hit, th)
+        if not flagged.any():
             continue
         hits = [j for j in judged if j[0]]
         end = int(np.median([j[1] for j in hits]))
@@ -75,6 +76,7 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
             "out_std_median": {layers[i]: float(np.exp(med_log[i])) for i in range(len(layers))},
             "steps_flagged": int(hit.sum()),
             "steps_examined": int(hit.size),
+            "resolved": not bool(hit[-1]),
             "summary": (f"each layer multiplies the activation scale by about {U.sci(gain)}; from "
                         f"{layers[0]} to {layers[end]} the output std goes from "
                         f"{U.sci(float(np.exp(med_log[0])))} to {U.sci(float(np.exp(med_log[end])))} "
@@ -94,6 +96,6 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
                     "the logits and, through the same large Jacobians, the gradients; in low precision "
                     "they overflow. Initialisation at too large a scale, or a learning rate that let "
                     "the weights grow, are the usual causes.")
-        out.append(Finding(kind, "warning", affected, int(steps[hit][0]), int(steps[hit][-1]),
-                           evidence, expl, []))
+        out.append(Finding(kind, "warning", affected, int(steps[flagged][0]), int(steps[hit][-1]),
+                           evidence, expl))
     return out

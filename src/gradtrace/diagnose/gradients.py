@@ -69,7 +69,7 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
     gain the backward pass applies per layer. A step qualifies as vanishing when that gain
     is below ``th.vanish_gain`` and the first layer's output gradient is below
     ``th.vanish_total`` times the last layer's (``explode_*`` mirror this); a finding needs
-    ``th.persist_frac`` of the steps to qualify. Layers are listed earliest first (under a
+    the rule to persist (:func:`~gradtrace.diagnose._util.persistent`). Layers are listed earliest first (under a
     steady per-layer gain the earliest is the most affected), those at least
     ``sqrt(vanish_total)`` (or ``sqrt(explode_total)``) away from the last layer. Vanishing
     is an error once the ratio is below ``vanish_total ** 2``, else a warning.
@@ -90,7 +90,8 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
     gn = _grad_norm_ends(trace, layers)
     for kind, hit in (("vanishing_gradients", (gains < th.vanish_gain) & (totals < th.vanish_total)),
                       ("exploding_gradients", (gains > th.explode_gain) & (totals > th.explode_total))):
-        if hit.mean() < th.persist_frac:
+        flagged = U.persistent(hit, th)
+        if not flagged.any():
             continue
         med_log = np.median(logs[hit], axis=0)
         gain = float(np.median(gains[hit]))
@@ -114,6 +115,7 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
             "steps_examined": int(hit.size),
         }
         evidence.update(gn)
+        evidence["resolved"] = not bool(hit[-1])
         if kind == "vanishing_gradients":
             expl = ("The backward pass multiplies the gradient by one layer Jacobian after another. "
                     f"Here that product shrinks by about {U.sci(gain)} per layer, so by the time the "
@@ -129,8 +131,8 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
                     "the loss jumps and the numbers can overflow to inf/nan. Weights initialised "
                     "with too large a scale (Jacobian singular values above one) are the usual cause.")
             sev = "error"
-        out.append(Finding(kind, sev, affected, int(steps[hit][0]), int(steps[hit][-1]),
-                           evidence, expl, []))
+        out.append(Finding(kind, sev, affected, int(steps[flagged][0]), int(steps[hit][-1]),
+                           evidence, expl))
     return out
 
 
@@ -158,11 +160,11 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
 
     Two baselines, both robust (median and MAD of ``log(norm)``): the trailing
     ``th.baseline_window`` records (a sudden spike) and the first window after
-    ``th.warmup_steps`` (a steady climb, which a trailing window would follow). A spike
+    ``th.warmup_steps`` (a climb, which a trailing window would follow). A spike
     is a record whose z-score against the trailing window exceeds ``th.explode_z`` and
-    which is at least ``th.explode_fold`` times that window's median; a climb is a run
-    whose latest quarter sits ``th.explode_fold`` times above its first quarter after
-    warm-up, with a positive trend. Layers are the modules whose parameter
+    which is at least ``th.explode_fold`` times that window's median; a climb is a record
+    that, with the median of the ``th.min_baseline`` records up to it, sits
+    ``th.explode_fold`` times above the early window. Both use only the past. Layers are the modules whose parameter
     gradients grew the most at the first flagged step, largest growth first.
 
     Example:
@@ -183,25 +185,27 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
                                        min_baseline=th.min_baseline, z_limit=th.explode_z):
         if logs[i] - med >= logfold:
             flagged[i] = (z, med)
-    # A steady climb: a trailing window follows it, so compare the latest stretch of
-    # records with the first stretch after warm-up (each a quarter of the run, between
-    # min_baseline and baseline_window records).
+    # A climb: a trailing window follows it (its baseline holds the climb), so each record
+    # is also compared with the first stretch after warm-up. A record counts when it and
+    # the median of the min_baseline records up to it are both explode_fold above that
+    # early level: causal (only the past is used) and sustained (one odd step is not).
     fin = np.nonzero(np.isfinite(logs))[0]
     fin = fin[fin >= th.warmup_steps]
-    w = max(th.min_baseline, min(th.baseline_window, fin.size // 4))
+    w = th.baseline_window
     climb = None
-    if fin.size >= 2 * w:
-        early, late = logs[fin[:w]], logs[fin[-w:]]
-        med_e = float(np.median(early))
-        if float(np.median(late)) - med_e >= logfold and U.fit_gain(logs[fin])[0] > 0:
-            over = [i for i in fin[w:] if logs[i] - med_e >= logfold]
-            if over:
-                climb = {"early_median": math.exp(med_e), "late_median": math.exp(float(np.median(late))),
-                         "growth": math.exp(float(np.median(late)) - med_e)}
-                for i in over:
-                    if i not in flagged:
-                        z, _ = U.robust_z(float(logs[i]), early)
-                        flagged[i] = (z, med_e)
+    if fin.size > th.min_baseline:
+        for k in range(th.min_baseline, fin.size):
+            early = logs[fin[:min(k, w)]]
+            med_e = float(np.median(early))
+            i = int(fin[k])
+            recent = logs[fin[max(0, k - th.min_baseline + 1): k + 1]]
+            if logs[i] - med_e >= logfold and float(np.median(recent)) - med_e >= logfold:
+                if climb is None:
+                    climb = {"early_median": math.exp(med_e), "first_step": int(steps[i])}
+                climb["latest"] = float(math.exp(logs[i]))
+                climb["growth"] = float(math.exp(logs[i] - med_e))
+                if i not in flagged:
+                    flagged[i] = (U.robust_z(float(logs[i]), early)[0], med_e)
     if not flagged:
         return []
     idx = sorted(flagged)
@@ -238,8 +242,10 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
         expl += (" Norm clipping was active on these steps, so the updates actually applied "
                  "were bounded; the spikes are contained, but their cause is still worth a look.")
     severity = "error" if (climb is not None or len(idx) >= 3 or ends_bad) and not clipped else "warning"
+    evidence["resolved"] = bool(np.isfinite(total[-1]) and idx[-1] < total.size - 1
+                                and logs[-1] - med0 < logfold)
     return [Finding("exploding_gradients", severity, layers, int(steps[i0]), int(steps[idx[-1]]),
-                    evidence, expl, [])]
+                    evidence, expl)]
 
 
 def _clipped_norms(trace: Trace, steps: list[int]) -> list[float]:

@@ -28,41 +28,128 @@ def spike_indices(loss: np.ndarray, th: Thresholds) -> list[tuple[int, float, fl
             and loss[i] - med >= th.spike_min_rise * level]
 
 
-def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
-    """``loss_spike``: a loss ``th.spike_z`` robust z-scores above the median of the
-    ``th.baseline_window`` records before it, at least ``th.spike_min_fold`` times that
-    median, and a rise of at least ``th.spike_min_rise`` of the run's early loss level.
-    The first ``th.warmup_steps`` records are never judged.
+def corroborated(steps: np.ndarray, loss: np.ndarray, hits: list[tuple[int, float, float]],
+                 trace: Trace, th: Thresholds) -> dict[int, str]:
+    """Which candidate spikes (indices into ``loss``) are corroborated, and by what:
+    ``"persists"``, ``"repeats"``, ``"gradient"`` or ``"unchecked"`` (no gradient norms
+    recorded, so nothing could refute it). See :class:`Thresholds` ``spike_persist``,
+    ``spike_grad_fold``. Each verdict uses records up to ``spike_persist`` after the spike.
 
     Example:
-        >>> detect_spike(trace, Thresholds(spike_z=6))     # doctest: +SKIP
+        >>> tr = Trace({}, [{"step": s, "scalars": {"loss": 1.0 + 0.01 * (s % 3)}} for s in range(30)])
+        >>> corroborated(np.arange(30), np.r_[np.ones(25), 50.0, np.ones(4)], [(25, 1e3, 1.0)], tr, Thresholds())
+        {25: 'unchecked'}
+    """
+    gsteps, gnorm = (trace.scalar("total_grad_norm", with_steps=True) if U.has_stat(trace, "total_grad_norm")
+                     else (np.array([]), np.array([])))
+    gpos = {int(s): k for k, s in enumerate(gsteps.tolist())}
+    out: dict[int, str] = {}
+    idx = [h[0] for h in hits]
+    for n, (i, _, med) in enumerate(hits):
+        after = loss[i + 1: i + 1 + th.spike_persist]
+        after = after[np.isfinite(after)]
+        if after.size == th.spike_persist and float(np.median(after)) >= th.spike_min_fold * med:
+            out[i] = "persists"
+            continue
+        near = [j for j in idx if j != i and abs(j - i) <= th.baseline_window]
+        if near:
+            out[i] = "repeats"
+            continue
+        if not gpos:
+            out[i] = "unchecked"
+            continue
+        k = gpos.get(int(steps[i]))
+        if k is None:
+            continue
+        base = gnorm[max(0, k - th.baseline_window): k]
+        base = base[np.isfinite(base)]
+        g = float(gnorm[k])
+        if base.size >= th.min_baseline and (not math.isfinite(g) or g >= th.spike_grad_fold * float(np.median(base))):
+            out[i] = "gradient"
+    return out
+
+
+def divergence_index(loss: np.ndarray, th: Thresholds) -> int | None:
+    """First index whose loss is ``th.diverge_fold`` times the first finite loss, among the
+    records the spike rule cannot judge yet (its warm-up plus a minimal baseline), or None.
+
+    Example:
+        >>> divergence_index(np.array([4.5, 3.9, 9.2, 12.0]), Thresholds())
+        2
+    """
+    fin = np.flatnonzero(np.isfinite(loss))
+    if fin.size < 2 or loss[fin[0]] <= 0:
+        return None
+    early = fin[1:][fin[1:] < th.warmup_steps + th.min_baseline]
+    over = early[loss[early] >= th.diverge_fold * loss[fin[0]]]
+    return int(over[0]) if over.size else None
+
+
+def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
+    """``loss_spike``: a corroborated jump of the loss, or a gross divergence.
+
+    A candidate is a loss ``th.spike_z`` robust z-scores above the median of the
+    ``th.baseline_window`` records before it, at least ``th.spike_min_fold`` times that
+    median, and a rise of at least ``th.spike_min_rise`` of the run's early loss level (the
+    first ``th.warmup_steps`` records are never candidates). It is reported only when
+    :func:`corroborated`. A loss ``th.diverge_fold`` times the run's first loss is reported
+    whatever the warm-up, as an error; so is a spike the run never came back from.
+
+    Example:
+        >>> tr = Trace({}, [{"step": s, "scalars": {"loss": v}} for s, v in enumerate([4.5, 4.4, 9.3, 9.8])])
+        >>> f = detect_spike(tr, Thresholds())[0]
+        >>> f.first_step, f.severity, f.evidence["diverged_at"]
+        (2, 'error', 2)
     """
     if not U.has_stat(trace, "loss"):
         return []
-    steps, loss = trace.series("loss", with_steps=True)
-    hits = spike_indices(loss, th)
-    if not hits:
+    steps, loss = trace.scalar("loss", with_steps=True)
+    cands = spike_indices(loss, th)
+    why = corroborated(steps, loss, cands, trace, th)
+    hits = [h for h in cands if h[0] in why]
+    div = divergence_index(loss, th)
+    if not hits and div is None:
         return []
-    i0, z0, med0 = hits[0]
-    worst = max(hits, key=lambda h: loss[h[0]] / h[2])
-    evidence = {
-        "spike_steps": [int(steps[i]) for i, _, _ in hits[:20]],
-        "loss": float(loss[i0]),
-        "baseline_median": med0,
-        "robust_z": float(z0),
-        "fold": float(loss[i0] / med0),
-        "worst_step": int(steps[worst[0]]),
-        "worst_fold": float(loss[worst[0]] / worst[2]),
-        "summary": (f"loss {U.sci(float(loss[i0]))} at step {int(steps[i0])} is "
-                    f"{U.sci(float(loss[i0] / med0))}x the median {U.sci(med0)} of the "
-                    f"{th.baseline_window} steps before (robust z = {z0:.1f})"),
-    }
+    evidence: dict = {}
+    first = min([h[0] for h in hits] + ([div] if div is not None else []))
+    fin = loss[np.isfinite(loss)]
+    last = float(fin[-1]) if fin.size else math.nan
+    severity = "warning"
+    parts = []
+    if div is not None:
+        evidence.update({"diverged_at": int(steps[div]), "first_loss": float(loss[np.isfinite(loss)][0]),
+                         "diverged_loss": float(loss[div])})
+        parts.append(f"loss {U.sci(float(loss[div]))} at step {int(steps[div])} is "
+                     f"{U.sci(float(loss[div] / evidence['first_loss']))}x the run's first loss "
+                     f"{U.sci(evidence['first_loss'])}")
+        severity = "error"
+    if hits:
+        i0, z0, med0 = hits[0]
+        worst = max(hits, key=lambda h: loss[h[0]] / h[2])
+        evidence.update({
+            "spike_steps": [int(steps[i]) for i, _, _ in hits[:20]],
+            "corroborated_by": {int(steps[i]): why[i] for i, _, _ in hits[:20]},
+            "loss": float(loss[i0]), "baseline_median": med0, "robust_z": float(z0),
+            "fold": float(loss[i0] / med0), "worst_step": int(steps[worst[0]]),
+            "worst_fold": float(loss[worst[0]] / worst[2]),
+        })
+        parts.append(f"loss {U.sci(float(loss[i0]))} at step {int(steps[i0])} is "
+                     f"{U.sci(float(loss[i0] / med0))}x the median {U.sci(med0)} of the "
+                     f"{th.baseline_window} steps before (robust z = {z0:.1f}; it {why[i0]})")
+        if math.isfinite(last) and last >= th.spike_min_fold * med0:
+            severity = "error"         # never came back
+    evidence["recovered"] = bool(math.isfinite(last) and severity == "warning")
+    evidence["summary"] = "; ".join(parts)
     expl = ("The loss jumped far above where it had been a moment before. A single oversized "
-            "update (a gradient spike on an unusual batch, a learning rate at the edge of "
-            "stability) throws the weights out of the region they had settled in; if the spikes "
-            "grow or repeat, they are the prelude to divergence and nan.")
-    return [Finding("loss_spike", "warning", [], int(steps[i0]), int(steps[hits[-1][0]]),
-                    evidence, expl, [])]
+            "update (a learning rate at the edge of stability, an update rule that overshoots) "
+            "throws the weights out of the region they had settled in; if the spikes grow or "
+            "repeat, they are the prelude to divergence and nan.")
+    if div is not None:
+        expl += (" Here the loss rose to at least twice its starting value: training is moving "
+                 "away from a solution, not towards it; a learning rate far too high for this "
+                 "model (or no warm-up) is the usual cause.")
+    last_step = int(steps[max([h[0] for h in hits] + ([div] if div is not None else []))])
+    return [Finding("loss_spike", severity, [], int(steps[first]), last_step, evidence, expl)]
 
 
 def detect_nonfinite(trace: Trace, th: Thresholds) -> list[Finding]:
@@ -95,14 +182,16 @@ def detect_nonfinite(trace: Trace, th: Thresholds) -> list[Finding]:
                 "summary": f"the loss was non-finite at {len(bad_steps)} recorded steps, first at step {first}"}
     if last_finite:
         evidence["last_finite_loss"] = {"step": last_finite[0], "value": last_finite[1]}
-    if U.has_stat(trace, "lr"):
-        lr = trace.series("lr")
-        if lr.size:
-            evidence["lr"] = float(lr[-1])
+    if U.has_stat(trace, "lr"):     # the rate in force when it failed, not the last one
+        ls, lr = trace.scalar("lr", with_steps=True)
+        at = lr[ls <= first]
+        if at.size:
+            evidence["lr"] = float(at[-1])
+            evidence["lr_step"] = int(ls[ls <= first][-1])
     expl = ("The loss became nan/inf, so every gradient computed from it is meaningless and "
             "the optimizer step spreads the damage into every weight. It is a symptom with "
             "several possible causes: a learning rate that made training diverge, values "
             "overflowing their dtype, an invalid operation (log(0), 0/0) in the model or the "
             "loss, or exploding gradients. The nonfinite finding, when present, shows where "
             "the first nan/inf came from.")
-    return [Finding("loss_nonfinite", "error", [], first, bad_steps[-1], evidence, expl, [])]
+    return [Finding("loss_nonfinite", "error", [], first, bad_steps[-1], evidence, expl)]

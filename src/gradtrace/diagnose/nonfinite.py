@@ -11,7 +11,37 @@ from ..trace import Trace
 from . import _util as U
 from .thresholds import Thresholds
 
-CAUSES = ("overflow", "divergence", "invalid_operation")
+CAUSES = ("overflow", "divergence", "invalid_operation", "optimizer_step")
+
+
+def _optimizer_step_origin(trace: Trace, step: int) -> dict | None:
+    """Evidence that the optimizer step itself wrote the first nan/inf: at ``step`` some
+    weights were already non-finite (``param_norm``, read before this step's update, i.e.
+    the weights its forward used) while the previous recorded step had finite gradients
+    and a finite loss. ``None`` when that is not the case or the figures are missing."""
+    if not U.has_stat(trace, "param_norm") or not U.has_stat(trace, "grad_norm"):
+        return None
+    m = trace.matrix("param_norm", steps=[step])
+    if m.values.shape[0] == 0:
+        return None
+    bad = [n for n, v, r in zip(m.names, m.values[0], m.recorded[0]) if r and not math.isfinite(v)]
+    if not bad:
+        return None
+    g = trace.matrix("grad_norm")
+    prev = np.flatnonzero(g.steps < step)
+    if prev.size == 0:
+        return None
+    k = prev[-1]
+    rec = g.recorded[k]
+    if not rec.any() or not np.all(np.isfinite(g.values[k][rec])):
+        return None
+    if U.has_stat(trace, "loss"):
+        ls, lv = trace.scalar("loss", with_steps=True)
+        at = lv[ls == g.steps[k]]
+        if at.size and not np.isfinite(at[0]):
+            return None
+    return {"updated_at_step": int(g.steps[k]), "params_nonfinite_after_step": len(bad),
+            "nonfinite_weights": bad[:20], "optimizer": trace.meta.get("optimizer")}
 
 
 def _first_event(trace: Trace) -> dict | None:
@@ -54,13 +84,15 @@ def _forward_param_order(trace: Trace, step: int) -> list[str]:
     return sorted(names, key=lambda p: (pos.get(owner.get(p, ""), big), names.index(p)))
 
 
-def _dtype_max(trace: Trace) -> tuple[str, float]:
-    dtypes = Counter(p.get("dtype", "float32") for p in trace.meta.get("params", []))
-    name = dtypes.most_common(1)[0][0] if dtypes else "float32"
+def _dtype_max(trace: Trace) -> tuple[str | None, float]:
+    """The parameters' most common floating dtype and its largest finite number; ``None``
+    when the trace does not say (the float32 limit is then used for the test only)."""
+    dtypes = Counter(p.get("dtype") for p in trace.meta.get("params", []) if p.get("dtype"))
+    name = dtypes.most_common(1)[0][0] if dtypes else None
     try:
         import torch
 
-        return name, float(torch.finfo(getattr(torch, name)).max)
+        return name, float(torch.finfo(getattr(torch, name or "float32")).max)
     except (AttributeError, TypeError):
         return name, float(np.finfo(np.float32).max)
 
@@ -115,17 +147,29 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
     ev["grad_norm_growth"] = growth(gtot)
     ev["param_norm_growth"] = growth(ptot)
     ev["loss_growth"] = growth(losses) if losses else 1.0
-    upd = 0.0
+    upd = None
+    bad_upd = 0
     for r in recent:
         for v in r.get("param", {}).get("update_ratio") or []:
+            if v is None:
+                continue
             x = U.finite_float(v)
-            if math.isfinite(x):   # inf is a zero-initialised parameter (0 in the denominator)
-                upd = max(upd, x)
+            if math.isnan(x):
+                bad_upd += 1     # the step wrote nan into that parameter
+            elif math.isfinite(x):   # inf is a zero-initialised parameter (0 in the denominator)
+                upd = x if upd is None else max(upd, x)
+    # Only a measured ratio is evidence: None when no update ratio was recorded.
     ev["max_update_ratio"] = upd
+    if bad_upd:
+        ev["nonfinite_update_ratios"] = bad_upd
+    opt = _optimizer_step_origin(trace, step)
+    if opt:
+        ev.update(opt)
+        return "optimizer_step", ev
     if big >= th.overflow_frac * fmax:
         return "overflow", ev
     if (max(ev["grad_norm_growth"], ev["param_norm_growth"]) >= th.divergence_fold
-            or upd >= th.divergence_update_ratio):
+            or (upd or 0.0) >= th.divergence_update_ratio):
         return "divergence", ev
     return "invalid_operation", ev
 
@@ -139,6 +183,11 @@ _EXPLAIN = {
                    "gradient larger until the numbers left the representable range. This is the "
                    "signature of a learning rate too high for this model, or of exploding gradients "
                    "that nothing clipped."),
+    "optimizer_step": ("Every gradient of step {upd_step} was finite, yet after its optimizer step "
+                       "{n_bad} weight tensors held nan/inf: the update rule itself produced them. With "
+                       "{optimizer} in {dtype}, the usual culprit is the optimizer's eps: 1e-8 rounds to 0 in "
+                       "float16, so a squared-gradient average that underflows to 0 leaves 0/0 or x/0 "
+                       "in the update."),
     "invalid_operation": ("There was no growth before it and no value near the dtype's limit: "
                           "{origin} turned finite inputs into nan/inf in one go. That points to an "
                           "invalid operation (log or sqrt of zero or a negative number, division by "
@@ -183,6 +232,12 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
         origin, phase = ev["forward"], "forward"
         evidence["localised_by"] = ("first module in execution order whose output held nan/inf "
                                     f"at step {step}")
+    elif ev.get("loss_nonfinite"):
+        # Every module output was finite and the loss was not: the loss made it. Its
+        # gradient is then non-finite everywhere, so the parameters say nothing more.
+        origin, phase = None, "loss"
+        evidence["localised_by"] = ("every module output was finite at step "
+                                    f"{step}; the loss computation itself produced nan/inf")
     elif ev.get("backward"):
         origin, phase = ev["backward"], "backward"
         order = U.exec_order_at(trace, step)
@@ -211,28 +266,40 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
                     break
             if suspects:
                 evidence["suspects"] = suspects
-    elif ev.get("loss_nonfinite"):
-        origin, phase = None, "loss"
-        evidence["localised_by"] = "every module output was finite; the loss computation itself produced nan/inf"
     else:
         return []
     evidence["phase"] = phase
     cause, cev = classify_cause(trace, step, th)
     evidence["cause"] = cause
     evidence["cause_evidence"] = cev
+    if cause == "optimizer_step":
+        phase = "optimizer_step"
+        weights = [p for p in fwd_order if p in set(cev["nonfinite_weights"])]
+        origin = owner.get(weights[0], weights[0]) if weights else origin
+        bad_sorted = weights
+        evidence["phase"] = phase
+        evidence["localised_by"] = (f"every gradient of step {cev['updated_at_step']} was finite, and "
+                                    f"{cev['params_nonfinite_after_step']} weight tensors were non-finite "
+                                    f"when step {step} began")
     layers: list[str] = [origin] if origin else []
+    if phase == "optimizer_step":
+        bad_sorted = list(reversed(bad_sorted))
     for p in reversed(bad_sorted):
         m = owner.get(p, p)
         if m not in layers:
             layers.append(m)
     where = {"forward": f"in the forward pass, first in the output of `{origin}`",
              "backward": f"in the backward pass, nearest to `{origin}`",
-             "loss": "in the loss, with every module output finite"}[phase]
+             "loss": "in the loss, with every module output finite",
+             "optimizer_step": (f"written by the optimizer step of step {cev.get('updated_at_step')} "
+                                "while every gradient was finite")}[phase]
     evidence["summary"] = f"first non-finite value at step {step}, {where}; likely cause: {cause.replace('_', ' ')}"
     expl = (f"The first nan/inf appeared at step {step} {where}. Once a nan exists it spreads: every "
             "later layer inherits it, and the optimizer step writes it into every weight, so only "
             "this first occurrence points at the origin. " +
-            _EXPLAIN[cause].format(frac=U.sci(cev["fraction_of_dtype_max"]), dtype=cev["dtype"],
+            _EXPLAIN[cause].format(frac=U.sci(cev["fraction_of_dtype_max"]), dtype=cev["dtype"] or "its dtype",
+                                   upd_step=cev.get("updated_at_step"), n_bad=cev.get("params_nonfinite_after_step"),
+                                   optimizer=cev.get("optimizer") or "the optimizer",
                                    fmax=U.sci(cev["dtype_max"]),
                                    growth=U.sci(max(cev["grad_norm_growth"], cev["param_norm_growth"])),
                                    why=_divergence_why(cev, th),
@@ -241,4 +308,4 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
                                            f"`{origin}`" if origin else "the loss")))
     steps_bad = [int(e["step"]) for e in trace.events("nonfinite")] or [step]
     evidence["steps_with_nonfinite"] = len(steps_bad)
-    return [Finding("nonfinite", "error", layers, step, max(steps_bad), evidence, expl, [])]
+    return [Finding("nonfinite", "error", layers, step, max(steps_bad), evidence, expl)]

@@ -28,6 +28,18 @@ class Thresholds:
         spike_min_rise: and the jump (loss minus baseline median) must be at least this
             fraction of the run's early loss level (median of its first baseline window):
             late in training a loss of 1e-3 doubling is a wobble, not an event.
+        spike_persist: a loss spike is corroborated when the median of the this many records
+            after it is still ``spike_min_fold`` times the baseline (the jump persists) ...
+        spike_grad_fold: ... or the total gradient norm at the spike is at least this multiple
+            of its median over the same trailing window (the update was abnormal too) ...
+            or another spike came within ``baseline_window`` records (it repeats). A lone
+            high loss on one batch (a hard example, BatchNorm batch statistics) is none of
+            these and is not reported. A trace without gradient norms cannot corroborate, so
+            there every spike is reported.
+        diverge_fold: within the records the spike rule cannot judge yet (``warmup_steps`` +
+            ``min_baseline``), a loss at least this multiple of the run's first recorded loss
+            is a gross divergence, reported at once and as an error: a run that doubles its
+            loss in its first steps is failing, not warming up.
         explode_z: robust z-score of ``log(grad norm)`` above its trailing baseline that
             counts as a gradient explosion over the steps.
         explode_fold: the gradient norm must also be at least this multiple of its
@@ -48,8 +60,10 @@ class Thresholds:
         act_grow_gain: per-layer forward gain above which activations grow across depth.
         act_grow_total: ratio last / first activation scale above which they have grown
             too far.
-        persist_frac: fraction of the activation steps on which a depth rule must hold
-            (one odd step is not a finding).
+        persist_frac: fraction of the last ``persist_window`` judged steps on which a depth,
+            activation or through-time rule must hold (one odd step is not a finding).
+        persist_window: how many of the latest judged steps ``persist_frac`` counts over
+            (a window ending at each step: a finding never depends on later steps).
         dead_window: how many of the last activation steps a ReLU unit must stay silent in
             to count as dead (its active masks are combined over these steps).
         dead_frac: fraction of a layer's units that must be dead before it is reported
@@ -87,6 +101,9 @@ class Thresholds:
     spike_z: float = 10.0
     spike_min_fold: float = 2.0
     spike_min_rise: float = 0.05
+    spike_persist: int = 3
+    spike_grad_fold: float = 3.0
+    diverge_fold: float = 2.0
     explode_z: float = 8.0
     explode_fold: float = 10.0
     depth_min_layers: int = 4
@@ -99,6 +116,7 @@ class Thresholds:
     act_grow_gain: float = 1.2
     act_grow_total: float = 1e2
     persist_frac: float = 0.5
+    persist_window: int = 5
     dead_window: int = 5
     dead_frac: float = 0.25
     dead_min_units: int = 2
@@ -128,7 +146,8 @@ class Thresholds:
             if getattr(self, name) > 1:
                 raise ValueError(f"threshold {name} must be <= 1, got {getattr(self, name)!r}")
         for name in ("explode_gain", "explode_total", "act_grow_gain", "act_grow_total",
-                     "time_explode_ratio", "explode_fold", "spike_min_fold", "divergence_fold"):
+                     "time_explode_ratio", "explode_fold", "spike_min_fold", "divergence_fold",
+                     "spike_grad_fold", "diverge_fold"):
             if getattr(self, name) < 1:
                 raise ValueError(f"threshold {name} must be >= 1, got {getattr(self, name)!r}")
 

@@ -25,8 +25,8 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
     ``gt.watch(..., time_gradients=True)``).
 
     Per step the ratio earliest / latest time-step gradient is compared with
-    ``th.time_vanish_ratio`` and ``th.time_explode_ratio``; a finding needs
-    ``th.persist_frac`` of the steps. The evidence ratio is the median over the flagged
+    ``th.time_vanish_ratio`` and ``th.time_explode_ratio``; the rule must persist
+    (:func:`~gradtrace.diagnose._util.persistent`). The evidence ratio is the median over the flagged
     steps, and the per-step gain is that ratio to the power ``1 / (T - 1)``. Only meaningful when
     the loss depends on the sequence mainly through its end (a per-step loss adds a
     local gradient at every time step and flattens the profile).
@@ -52,13 +52,14 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
         arr = np.array(logr)
         for kind, hit in (("vanishing_through_time", arr < math.log(th.time_vanish_ratio)),
                           ("exploding_through_time", arr > math.log(th.time_explode_ratio))):
-            if hit.mean() < th.persist_frac:
+            flagged = U.persistent(hit, th)
+            if not flagged.any():
                 continue
             med = float(np.median(arr[hit]))
             ratio = math.exp(med)
             gain = math.exp(med / (T - 1))
-            hs = [s for s, h in zip(steps, hit) if h]
-            ev = {"ratio": ratio, "per_step_gain": gain, "time_steps": T,
+            hs = [s for s, h in zip(steps, flagged) if h] + [s for s, h in zip(steps, hit) if h][-1:]
+            ev = {"ratio": ratio, "per_step_gain": gain, "time_steps": T, "resolved": not bool(hit[-1]),
                   "steps_flagged": int(hit.sum()), "steps_examined": int(hit.size),
                   "summary": (f"{name}: the gradient reaching time step 0 is {U.sci(ratio)} of the one "
                               f"reaching step {T - 1}; each step back multiplies it by about {U.sci(gain)}")}
@@ -69,7 +70,8 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
         ev0 = items[0][1]
         evidence = {"per_layer": {it[0]: {k: v for k, v in it[1].items() if k != "summary"} for it in items},
                     "ratio_earliest_to_latest": ev0["ratio"], "per_step_gain": ev0["per_step_gain"],
-                    "time_steps": ev0["time_steps"], "summary": "; ".join(it[1]["summary"] for it in items)}
+                    "time_steps": ev0["time_steps"], "resolved": all(it[1]["resolved"] for it in items),
+                    "summary": "; ".join(it[1]["summary"] for it in items)}
         T = ev0["time_steps"]
         if kind == "vanishing_through_time":
             expl = ("An RNN applies the same transition at every time step, so a sequence of "

@@ -1,6 +1,8 @@
 """Dead ReLU units and saturated sigmoid/tanh units."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .finding import Finding
@@ -9,70 +11,125 @@ from . import _util as U
 from .thresholds import Thresholds
 
 
-def _last_masks(trace: Trace, window: int) -> dict[str, list[tuple[int, np.ndarray, float]]]:
-    """The last ``window`` active masks of each ReLU-family module, newest first, with the
-    number of inputs each unit saw in that step (``nan`` if the trace predates it)."""
+def _mask_history(trace: Trace) -> dict[str, list[tuple[int, np.ndarray, float]]]:
+    """Every active mask of each ReLU-family module before the first non-finite step, oldest
+    first, with the number of inputs each unit saw in that step (``nan`` if the trace
+    predates it)."""
     out: dict[str, list[tuple[int, np.ndarray, float]]] = {}
     modules = trace.modules
     cut = U.first_nonfinite_step(trace)
-    for r in reversed(trace.records):
+    for r in trace.records:
         if cut is not None and r["step"] >= cut:
-            continue
+            break
         vec = r.get("vectors", {}).get("active_mask")
         if not vec:
             continue
         samples = r.get("module", {}).get("unit_samples")
         for name, packed in vec.items():
-            lst = out.setdefault(name, [])
-            if len(lst) < window:
-                n = samples[modules.index(name)] if samples and name in modules else None
-                lst.append((r["step"], _decode_vector(packed), float("nan") if n is None else float(n)))
-        if out and all(len(v) >= window for v in out.values()):
-            break
+            n = samples[modules.index(name)] if samples and name in modules else None
+            out.setdefault(name, []).append((r["step"], _decode_vector(packed),
+                                             float("nan") if n is None else float(n)))
     return out
 
 
-def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
-    """``dead_units``: ReLU-family units that never fired in any of the last
-    ``th.dead_window`` activation steps (their per-step "fired at least once" masks are
-    combined: dead = never active in any). A layer is reported when at least
-    ``th.dead_frac`` of its units, and ``th.dead_min_units`` of them, are dead; most
-    dead first.
-
-    The masks must cover at least ``th.dead_min_samples`` inputs in all.
-
-    Example:
-        >>> detect_dead(trace, Thresholds(dead_frac=0.5))    # doctest: +SKIP
-    """
-    masks = _last_masks(trace, th.dead_window)
-    counts: dict[str, tuple[int, int]] = {}
-    for name, lst in masks.items():
-        sizes = {m.size for _, m, _ in lst}
-        if len(sizes) != 1:
-            lst = [x for x in lst if x[1].size == lst[0][1].size]
-        seen = sum(n for _, _, n in lst)
+def _dead_windows(lst: list[tuple[int, np.ndarray, float]], th: Thresholds) -> list[tuple[int, int, int]]:
+    """``(step, dead, units)`` for each window of ``th.dead_window`` masks ending at a step
+    (only windows that saw ``th.dead_min_samples`` inputs and masks of one size)."""
+    out = []
+    for t in range(len(lst)):
+        win = [x for x in lst[max(0, t - th.dead_window + 1): t + 1] if x[1].size == lst[t][1].size]
+        seen = sum(n for _, _, n in win)
         if seen < th.dead_min_samples:      # nan (older traces) compares False: kept
             continue
-        ever = np.zeros(lst[0][1].size, dtype=bool)
-        for _, m, _ in lst:
+        ever = np.zeros(lst[t][1].size, dtype=bool)
+        for _, m, _ in win:
             ever |= m
-        counts[name] = (int((~ever).sum()), int(ever.size))
-    if not masks and U.has_stat(trace, "dead_units"):   # a trace without masks
+        out.append((lst[t][0], int((~ever).sum()), int(ever.size)))
+    return out
+
+
+def _feeding_bias(trace: Trace, layer: str, step: int) -> dict | None:
+    """The weight layer run just before ``layer``, its bias and that layer's output mean
+    (the pre-activation) at the first activation step at or after ``step``."""
+    order = trace.exec_order(step)
+    if layer not in order:
+        return None
+    weights = U.weight_modules(trace)
+    before = [m for m in order[: order.index(layer)] if m in weights]
+    if not before:
+        return None
+    w = before[-1]
+    bias = next((p for p in trace.params if trace.owner(p) == w and p.rsplit(".", 1)[-1] == "bias"), None)
+    info: dict = {"module": w, "bias": bias}
+    if bias and U.has_stat(trace, "param_norm"):
+        m = trace.matrix("param_norm", names=[bias])
+        rows = np.flatnonzero(m.recorded[:, 0])
+        if rows.size:
+            shape = trace.param_info(bias).get("shape") or [1]
+            info["bias_rms"] = float(m.values[rows[0], 0]) / math.sqrt(max(1, int(np.prod(shape))))
+    if U.has_stat(trace, "out_mean"):
+        m = trace.matrix("out_mean", names=[w])
+        rows = np.flatnonzero(m.recorded[:, 0])
+        if rows.size:
+            info["pre_activation_mean"] = float(m.values[rows[0], 0])
+    mean, rms = info.get("pre_activation_mean"), info.get("bias_rms")
+    # The bias did it when the pre-activations sit below zero on average and the bias
+    # alone is at least that far from zero.
+    info["bias_pushes_below_zero"] = bool(mean is not None and rms is not None and mean < 0 and rms >= 0.5 * abs(mean))
+    return info
+
+
+def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
+    """``dead_units``: ReLU-family units that never fired in a window of ``th.dead_window``
+    activation steps (their per-step "fired at least once" masks are combined: dead =
+    never active in any). A layer is reported when, in some window, at least
+    ``th.dead_frac`` of its units, and ``th.dead_min_units`` of them, are dead; most dead
+    first. Each window ends at a step and looks only back, so once reported a layer stays
+    reported (``evidence["resolved"]`` says when its units came back to life).
+
+    The masks of a window must cover at least ``th.dead_min_samples`` inputs in all. When
+    the weight layer feeding the dead units has a bias that holds its outputs below zero,
+    the evidence names it (``feeding``).
+
+    Example:
+        >>> detect_dead(gt.load("runs/exp1"), Thresholds())
+        []
+    """
+    history = _mask_history(trace)
+    counts: dict[str, tuple[int, int]] = {}
+    first_hit: dict[str, int] = {}
+    ongoing: dict[str, bool] = {}
+    def qualifies(d: int, u: int) -> bool:
+        return u > 0 and d >= th.dead_min_units and d / u >= th.dead_frac
+    for name, lst in history.items():
+        wins = _dead_windows(lst, th)
+        hits = [w for w in wins if qualifies(w[1], w[2])]
+        if not hits:
+            continue
+        first_hit[name] = hits[0][0]
+        ongoing[name] = qualifies(wins[-1][1], wins[-1][2])
+        best = wins[-1] if ongoing[name] else max(hits, key=lambda w: w[1] / w[2])
+        counts[name] = (best[1], best[2])
+    if not history and U.has_stat(trace, "dead_units"):   # a trace without masks
         steps, names, dead = trace.matrix("dead_units")
         _, _, units = trace.matrix("units")
+        keep = U.before_nonfinite(steps, trace)
         for j, n in enumerate(names):
-            rows = np.nonzero(np.isfinite(dead[:, j]))[0]
-            if rows.size:
-                counts[n] = (int(dead[rows[-1], j]), int(units[rows[-1], j]))
-    flagged = {n: c for n, c in counts.items()
-               if c[1] > 0 and c[0] >= th.dead_min_units and c[0] / c[1] >= th.dead_frac}
+            rows = np.nonzero(np.isfinite(dead[:, j]) & keep)[0]
+            hit = [r for r in rows if qualifies(int(dead[r, j]), int(units[r, j]))]
+            if hit:
+                counts[n] = (int(dead[hit[-1], j]), int(units[hit[-1], j]))
+                first_hit[n] = int(steps[hit[0]])
+                ongoing[n] = hit[-1] == rows[-1]
+    flagged = counts
     if not flagged:
         return []
-    order = U.exec_order(trace)
+    order = trace.exec_order()
     layers = sorted(flagged, key=lambda n: (-flagged[n][0] / flagged[n][1],
                                             order.index(n) if n in order else 0))
-    first_step = None
-    last_step = None
+    # The span: from the first activation step the layer had that many dead units.
+    first_step = min(first_hit.values())
+    last_step = max(first_hit.values())
     if U.has_stat(trace, "dead_units"):
         steps, names, dead = trace.matrix("dead_units")
         _, _, units = trace.matrix("units")
@@ -81,45 +138,61 @@ def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
             frac = dead / units
         frac[~U.before_nonfinite(steps, trace)] = np.nan
         for n in layers:
-            hit = np.nonzero(frac[:, col[n]] >= th.dead_frac)[0]
+            if n not in col:
+                continue
+            hit = np.nonzero((frac[:, col[n]] >= th.dead_frac) & (steps <= first_hit[n]))[0]
             if hit.size:
-                s0, s1 = int(steps[hit[0]]), int(steps[hit[-1]])
-                first_step = s0 if first_step is None else min(first_step, s0)
-                last_step = s1 if last_step is None else max(last_step, s1)
-    if first_step is None:
-        any_list = next(iter(masks.values()), [])
-        first_step = int(any_list[-1][0]) if any_list else None
-        last_step = int(any_list[0][0]) if any_list else None
-    window_steps = sorted({s for n in flagged for s, _, _ in masks.get(n, [])})
+                first_step = min(first_step, int(steps[hit[0]]))
+            later = np.nonzero(frac[:, col[n]] >= th.dead_frac)[0]
+            if later.size:
+                last_step = max(last_step, int(steps[later[-1]]))
     evidence = {
         "dead": {n: flagged[n][0] for n in layers},
         "units": {n: flagged[n][1] for n in layers},
         "dead_fraction": {n: flagged[n][0] / flagged[n][1] for n in layers},
-        "window_steps": window_steps,
+        "window": th.dead_window,
+        "resolved": not any(ongoing.get(n, True) for n in layers),
         "summary": "; ".join(f"{n}: {flagged[n][0]} of {flagged[n][1]} units never fired"
-                             for n in layers[:6]) + f" over the last {len(window_steps) or 1} activation steps",
+                             for n in layers[:6]) + f" over {th.dead_window} activation steps",
     }
+    feeding = {n: f for n in layers[:6] if (f := _feeding_bias(trace, n, first_hit[n]))}
+    if feeding:
+        evidence["feeding"] = feeding
+    killers = [f["bias"] for f in feeding.values() if f.get("bias_pushes_below_zero") and f.get("bias")]
+    if killers:
+        evidence["biases"] = killers
+        f0 = next(f for f in feeding.values() if f.get("bias") == killers[0])
+        evidence["summary"] += (f"; `{killers[0]}` (RMS {U.sci(f0['bias_rms'])}) holds the outputs of "
+                                f"`{f0['module']}` at a mean of {U.sci(f0['pre_activation_mean'])}")
+    if evidence["resolved"]:
+        evidence["summary"] += "; they have since come back to life"
     expl = ("A ReLU unit whose input is negative for every example outputs zero and has zero "
             "derivative, so no gradient reaches the weights feeding it and nothing can bring it "
             "back: it is dead, and the layer has lost that much capacity. Units die when a large "
             "update (high learning rate) or a strongly negative bias pushes their pre-activation "
             "below zero everywhere.")
     records = trace.steps_recorded
-    if first_step is not None and records.size and first_step == int(records[0]):
+    if records.size and first_step == int(records[0]):
         # Silent from the first record: nothing killed them, the network started that way.
         evidence["from_initialisation"] = True
-        expl += (" Here they were silent from the first recorded step, before any large update, so "
-                 "the network started that way: a strongly negative bias, or, deep in a stack of "
-                 "plain ReLU layers, pre-activations of different inputs that have grown alike "
-                 "with depth, leaving some units negative for the whole batch. Normalisation "
-                 "(LayerNorm/BatchNorm) or residual connections keep the inputs apart.")
-    return [Finding("dead_units", "warning", layers, first_step, last_step, evidence, expl, [])]
+        if killers:
+            expl += (f" Here they were silent from the first step, and the biases {', '.join(killers[:3])} "
+                     "hold the pre-activations below zero: the initial biases killed them, and with no "
+                     "gradient through a dead unit they cannot learn their way back.")
+        else:
+            expl += (" Here they were silent from the first recorded step, before any large update, so "
+                     "the network started that way: a strongly negative bias, or, deep in a stack of "
+                     "plain ReLU layers, pre-activations of different inputs that have grown alike "
+                     "with depth, leaving some units negative for the whole batch. Normalisation "
+                     "(LayerNorm/BatchNorm) or residual connections keep the inputs apart.")
+    return [Finding("dead_units", "warning", layers, first_step, last_step, evidence, expl)]
 
 
 def detect_saturated(trace: Trace, th: Thresholds) -> list[Finding]:
     """``saturated_units``: sigmoid/tanh layers with on average more than
-    ``th.saturated_frac`` of their outputs in the flat range over the last
-    ``th.saturated_window`` activation steps; most saturated first.
+    ``th.saturated_frac`` of their outputs in the flat range over a window of
+    ``th.saturated_window`` activation steps (ending at any step: once flagged, a layer
+    stays flagged, ``evidence["resolved"]`` when it no longer is); most saturated first.
 
     Example:
         >>> detect_saturated(trace, Thresholds())        # doctest: +SKIP
@@ -131,19 +204,24 @@ def detect_saturated(trace: Trace, th: Thresholds) -> list[Finding]:
     keep = U.before_nonfinite(steps, trace)
     steps, sat = steps[keep], sat[keep]
     flagged: dict[str, float] = {}
+    ongoing: dict[str, bool] = {}
     first_step = last_step = None
     for j, n in enumerate(names):
         rows = np.nonzero(np.isfinite(sat[:, j]))[0]
         if rows.size == 0:
             continue
-        recent = rows[-th.saturated_window:]
-        avg = float(np.mean(sat[recent, j]))
-        if avg >= th.saturated_frac:
-            flagged[n] = avg
+        # the mean over a window ending at each step: causal, so a layer once flagged stays
+        avgs = np.array([float(np.mean(sat[rows[max(0, k - th.saturated_window + 1): k + 1], j]))
+                         for k in range(rows.size)])
+        over = np.flatnonzero(avgs >= th.saturated_frac)
+        if over.size:
+            ongoing[n] = bool(avgs[-1] >= th.saturated_frac)
+            flagged[n] = float(avgs[-1] if ongoing[n] else avgs[over].max())
             hit = rows[sat[rows, j] >= th.saturated_frac]
-            if hit.size:
-                first_step = int(steps[hit[0]]) if first_step is None else min(first_step, int(steps[hit[0]]))
-                last_step = int(steps[hit[-1]]) if last_step is None else max(last_step, int(steps[hit[-1]]))
+            hit = hit[hit <= rows[over[0]]][:1] if hit.size else rows[over[:1]]
+            s0, s1 = int(steps[hit[0]]), int(steps[rows[over[-1]]])
+            first_step = s0 if first_step is None else min(first_step, s0)
+            last_step = s1 if last_step is None else max(last_step, s1)
     if not flagged:
         return []
     layers = sorted(flagged, key=lambda n: -flagged[n])
@@ -153,6 +231,7 @@ def detect_saturated(trace: Trace, th: Thresholds) -> list[Finding]:
         "saturated_fraction": {n: flagged[n] for n in layers},
         "activation": kinds,
         "saturation_bounds": bounds,
+        "resolved": not any(ongoing.values()),
         "summary": "; ".join(f"{n} ({kinds[n]}): {flagged[n]:.0%} of outputs saturated" for n in layers[:6]),
     }
     expl = ("A sigmoid or tanh output pinned near its limits (0/1 for sigmoid, -1/1 for tanh) sits "
@@ -160,4 +239,4 @@ def detect_saturated(trace: Trace, th: Thresholds) -> list[Finding]:
             "back through the layer is multiplied by almost nothing. Large pre-activations - weights "
             "or inputs at too large a scale - push units there; the layers before them then stop "
             "learning.")
-    return [Finding("saturated_units", "warning", layers, first_step, last_step, evidence, expl, [])]
+    return [Finding("saturated_units", "warning", layers, first_step, last_step, evidence, expl)]
