@@ -32,10 +32,11 @@ _EXPORTS = {
     "Finding": "findings", "Fix": "findings", "KINDS": "findings",
     "diagnose": "detect", "Thresholds": "detect", "report": "report",
     "clip_grad_norm_": "remedies.clip", "clip_grad_value_": "remedies.clip",
-    "adaptive_clip_grad_": "remedies.clip", "AutoClip": "remedies.clip", "ZClip": "remedies.clip",
+    "get_total_norm": "remedies.clip", "clip_grads_with_norm_": "remedies.clip",
+    "adaptive_clip_grad_": "remedies.agc", "AutoClip": "remedies.adaptive", "ZClip": "remedies.adaptive",
     "Guard": "remedies.guard",
-    "init_for_activation": "remedies.init", "lsuv_": "remedies.init",
-    "scale_residual_branches_": "remedies.init",
+    "init_for_activation": "remedies.init", "lsuv_": "remedies.lsuv",
+    "scale_residual_branches_": "remedies.residual",
     "spectrum": "preflight", "Spectrum": "preflight", "preflight": "preflight",
 }
 
