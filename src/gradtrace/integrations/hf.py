@@ -1,11 +1,11 @@
 """Hugging Face Transformers: a ``TrainerCallback`` that records gradtrace statistics.
 
-The ``Trainer`` clips gradients *before* any optimizer callback runs, so this callback
-takes the gradient figures at the end of each backward pass (a callback queued on the
-autograd engine from a gradient hook), which makes ``total_grad_norm`` the pre-clip norm
--- the same number the Trainer logs as ``grad_norm``. In ``on_pre_optimizer_step`` (after
-clipping) it measures the post-clip norm (``total_grad_norm_post_clip``, ``clip_coef``),
-and the step closes in ``on_optimizer_step``. The loss is read from the model output's
+The ``Trainer`` clips gradients *before* any optimizer callback runs; the monitor takes
+the gradient figures at the end of each backward pass anyway, so ``total_grad_norm`` is
+the pre-clip norm -- the same number the Trainer logs as ``grad_norm``. In
+``on_pre_optimizer_step`` (after clipping) the monitor sees that the gradients changed
+and records what the optimizer gets (``total_grad_norm_post_clip``,
+``grad_changed_ratio``); the step closes in ``on_optimizer_step``. The loss is read from the model output's
 ``loss`` (rank 0 writes the trace under DDP).
 
 Example:
@@ -48,8 +48,6 @@ class GradTraceCallback(_tf.TrainerCallback):
         self.watch_kwargs = watch_kwargs
         self.monitor: Any = None
         self._handles: list[Any] = []
-        self._queued = False
-        self._collected = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         from ..monitor import Monitor
@@ -62,8 +60,6 @@ class GradTraceCallback(_tf.TrainerCallback):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("GradTraceCallback: the model has no trainable parameters")
-        # One gradient hook is enough: from it, queue work for the end of the backward pass.
-        self._handles.append(params[0].register_post_accumulate_grad_hook(self._during_backward))
         self._handles.append(model.register_forward_hook(self._on_output))
 
     def _on_output(self, module, inputs, output) -> None:
@@ -73,29 +69,14 @@ class GradTraceCallback(_tf.TrainerCallback):
         if isinstance(loss, torch.Tensor) and module.training and self.monitor is not None:
             self.monitor.record_loss(loss)
 
-    def _during_backward(self, param) -> None:
-        if not self._queued and self.monitor is not None and self.monitor.recording:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
-
-    def _after_backward(self) -> None:
-        self._queued = False
-        mon = self.monitor
-        if mon is not None:
-            mon.collect()                      # pre-clip; the last micro-batch wins
-            self._collected = True
-
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.monitor is not None and args.max_grad_norm and args.max_grad_norm > 0:
+        if self.monitor is not None:
             self.monitor.note_clipped()        # the Trainer has clipped by now
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         mon = self.monitor
         if mon is None:
             return
-        if not self._collected:
-            mon.collect()                      # no backward seen (unusual): take them now
-        self._collected = False
         mon.finish()
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -1,12 +1,12 @@
 """Lightning: a ``Callback`` that records gradtrace statistics of the LightningModule.
 
 Lightning runs the training step *inside* ``optimizer.step(closure)``, so an
-optimizer's own pre-step hook fires before the gradients exist. This callback
-therefore takes the gradient figures in ``on_before_optimizer_step`` (after
-``backward``, **before** Lightning's gradient clipping), measures the post-clip norm
-when ``gradient_clip_val`` is set (``total_grad_norm`` is pre-clip,
-``total_grad_norm_post_clip`` and ``clip_coef`` after), and closes the step after the
-optimizer step. Scalars go to every logger of the trainer under ``gradtrace/``; the
+optimizer's own pre-step hook fires before the gradients exist. The monitor takes the
+gradient figures at the end of backward (pre-clip); this callback looks at them in
+``on_before_optimizer_step`` (before the update: a non-finite step is replayed there)
+and closes the step after the optimizer step, when the monitor also notices that
+Lightning clipped (``total_grad_norm_post_clip`` and ``grad_changed_ratio``; torch's
+optimizers never write ``.grad`` in place, so the change seen then is the clip). Scalars go to every logger of the trainer under ``gradtrace/``; the
 trace goes to ``out`` (rank 0 only under DDP).
 
 Example:
@@ -32,7 +32,7 @@ except ImportError:
                           "pip install gradtrace[lightning]") from None
 
 #: scalars forwarded to the trainer's loggers
-LOGGED_SCALARS = ("total_grad_norm", "total_grad_norm_post_clip", "clip_coef", "loss", "lr")
+LOGGED_SCALARS = ("total_grad_norm", "total_grad_norm_post_clip", "grad_changed_ratio", "loss", "lr")
 
 
 class GradTraceCallback(_pl.Callback):
@@ -41,7 +41,7 @@ class GradTraceCallback(_pl.Callback):
     Args:
         out: trace directory (``None``: keep it in memory as ``callback.trace``).
         log_scalars: send ``total_grad_norm`` (pre-clip), ``total_grad_norm_post_clip``,
-            ``clip_coef``, ``loss`` and ``lr`` to the trainer's loggers.
+            ``grad_changed_ratio``, ``loss`` and ``lr`` to the trainer's loggers.
         log_layers: also send per-parameter gradient norms (``gradtrace/grad_norm/<name>``).
         **watch_kwargs: anything :func:`gradtrace.watch` takes (``every``,
             ``activations_every``, ``layers``, ``preset``, ``sinks``...).
@@ -93,7 +93,7 @@ class GradTraceCallback(_pl.Callback):
         mon = self.monitor
         if mon is None or optimizer is not mon.optimizer:
             return
-        mon.collect()                                  # gradient figures, pre-clip
+        mon.collect()                                  # pre-clip figures, before the update
         self._collected = True
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -101,9 +101,7 @@ class GradTraceCallback(_pl.Callback):
         if mon is None or not self._collected:
             return
         self._collected = False
-        if getattr(self._trainer, "gradient_clip_val", None):
-            mon.note_clipped()                         # post-clip total, still on device
-        mon.finish()                                   # one record; the step closes
+        mon.finish()                                   # notices a clip; one record                                   # one record; the step closes
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         mon = self.monitor

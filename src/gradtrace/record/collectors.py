@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .reduce import max_abs, squared_norms
+from ..norms import grad_norms
+from .reduce import max_abs
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,27 @@ class ParamFigure:
     decode: Callable[[np.ndarray], np.ndarray]                     # host values -> figure
 
 
+def squares(tensors: list, dev: torch.device) -> torch.Tensor:
+    """Squared L2 norms (float64, on ``dev``) from the one norm engine, :mod:`gradtrace.norms`:
+    grouped foreach kernels, finite-safe, and shared with clippers within the step.
+
+    Example:
+        >>> v = squares([torch.full((4,), 1e20), torch.full((1,), 1e-25)], torch.device("cpu"))
+        >>> [f"{x:.3g}" for x in v.tolist()]
+        ['4e+40', '1e-50']
+    """
+    if not tensors:
+        return torch.empty(0, dtype=torch.float64, device=dev)
+    got = grad_norms(tensors)
+    try:
+        v = torch.stack(got)
+    except RuntimeError:                 # tensors on several devices: one copy each
+        v = torch.stack([n.to(dev) for n in got])
+    return v.to(dev, torch.float64).square()
+
+
 def _grad_sq(grads: list, params: list, dev: torch.device) -> torch.Tensor:
-    return squared_norms(grads, dev)
+    return squares(grads, dev)
 
 
 def _grad_max(grads: list, params: list, dev: torch.device) -> torch.Tensor:
@@ -54,7 +74,7 @@ def _grad_max(grads: list, params: list, dev: torch.device) -> torch.Tensor:
 
 
 def _param_sq(grads: list, params: list, dev: torch.device) -> torch.Tensor:
-    return squared_norms(params, dev)
+    return squares(params, dev)
 
 
 def _sqrt(v: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ from ..trace import MemoryWriter, Trace, TraceWriter, load
 from . import distributed
 from .assemble import Assembler, StepInfo
 from .capture import StepCapture, first_nonfinite_module, rng_state
-from .collectors import PARAM_FIGURES
+from .collectors import PARAM_FIGURES, squares
 from .hooks import StepHooks
 from .reduce import nonfinite_counts
 from .selection import SATURATION_BOUNDS, activation_kind, floating_tensors, select
@@ -492,7 +492,7 @@ class Monitor:
         if self._old is not None and self._old:
             new = [distributed.local(self._params[i].detach()) for i in b["idx"]]
             torch._foreach_sub_(self._old, new)          # old - new, in the snapshot buffer
-            parts.append(("dsq", torch.stack([n.to(dev, F64) for n in norms.grad_norms(self._old)]).square()))
+            parts.append(("dsq", squares(self._old, dev)))
         if self._post is not None:
             parts.append(("post", self._post))
         if self._clip is not None:
@@ -580,7 +580,11 @@ class Monitor:
         framework clipped), record the total the optimizer sees (on the device).
 
         Example:
-            >>> mon.note_clipped()
+            >>> net = torch.nn.Linear(2, 1); mon = Monitor(net)
+            >>> net(torch.ones(1, 2)).sum().backward(); _ = net.weight.grad.mul_(0.5)
+            >>> mon.note_clipped(); mon.finish()
+            >>> float(mon.trace.series("grad_changed_ratio")[0]) < 1
+            True
         """
         self._before_update()
 
@@ -588,7 +592,9 @@ class Monitor:
         """Close the step after the optimizer stepped: one record (if this step records).
 
         Example:
-            >>> mon.finish()
+            >>> net = torch.nn.Linear(2, 1); mon = Monitor(net)
+            >>> net(torch.ones(1, 2)).sum().backward(); mon.finish(); len(mon.trace)
+            1
         """
         self._on_post_step(self.optimizer, (), {})
 
@@ -600,7 +606,9 @@ class Monitor:
         batch starts a fresh step, and the event carries this step's number.
 
         Example:
-            >>> mon.skip_step("guard_skip", reason="nonfinite_grad")
+            >>> mon = Monitor(torch.nn.Linear(2, 1))
+            >>> mon.skip_step("guard_skip", reason="nonfinite_grad"); mon.step_count
+            1
         """
         if self._closed:
             return
@@ -638,7 +646,9 @@ class Monitor:
         """Write an event (a guard skip, a note) into the trace at this step.
 
         Example:
-            >>> mon.log_event("note", text="lr lowered")
+            >>> mon = Monitor(torch.nn.Linear(2, 1)); mon.log_event("note", text="lr lowered")
+            >>> mon.trace.events("note")[0]["text"]
+            'lr lowered'
         """
         if self._closed:
             return

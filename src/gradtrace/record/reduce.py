@@ -116,8 +116,8 @@ def exact_squares(tensors: list[torch.Tensor]) -> list[float]:
     the host: call only for the few tensors whose float32 norm came out inf, nan or 0.
 
     Example:
-        >>> exact_squares([torch.full((4,), 1e20)])
-        [4.0000000000000006e+40]
+        >>> [f"{v:.3g}" for v in exact_squares([torch.full((4,), 1e20), torch.full((1,), 1e-25)])]
+        ['4e+40', '1e-50']
     """
     out = []
     for t in tensors:

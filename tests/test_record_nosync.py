@@ -1,0 +1,66 @@
+"""No step, recorded or not, reads a tensor value on the host or waits on a device.
+
+On CPU nothing can be timed as a sync, so the test counts every way Python code turns a
+tensor into a host value (``item``, ``tolist``, ``__bool__``, ``__float__``, ``numpy``...)
+and every explicit wait (``torch.cuda.synchronize``, ``Event.synchronize``/``wait``), and
+names the caller. The one allowed caller is the norm engine's CPU-only range check
+(``norms._rescue``: it runs only for tensors on the CPU, where reading waits for nothing;
+on an accelerator the engine accumulates in float64 instead).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+import gradtrace as gt
+from gradtrace import norms
+
+CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "__index__")
+CPU_ONLY = {(norms.__file__, "_rescue")}
+
+
+class Counter:
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, str, str]] = []
+        for name in CONVERSIONS:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapper(t, *a, _orig=orig, _name=name, **k):
+                f = sys._getframe(1)
+                self.calls.append((_name, f.f_code.co_filename, f.f_code.co_name))
+                return _orig(t, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+        for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"),
+                            (torch.cuda.Event, "wait")):
+            def waiter(*a, _name=name, **k):
+                self.calls.append((_name, "", ""))
+            monkeypatch.setattr(owner, name, waiter)
+
+    def syncs(self):
+        return [c for c in self.calls if (c[1], c[2]) not in CPU_ONLY]
+
+
+def test_no_host_read_on_any_step_recorded_or_not(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(16, 8, generator=g) for _ in range(14)]
+    with gt.watch(model, opt, activations_every=5) as mon:
+        counter = None
+        for step, x in enumerate(xs):
+            if step == 2:           # host buffers for both kinds of step exist by now
+                counter = Counter(monkeypatch)
+            loss = model(x).pow(2).mean()
+            mon.record_loss(loss)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)   # a change to notice
+            opt.step()
+            opt.zero_grad()
+        assert counter.syncs() == [], counter.syncs()
+        monkeypatch.undo()
+    t = mon.trace
+    assert list(t.steps_recorded) == list(range(14))
+    assert "out_mean" in t.stats() and "total_grad_norm_post_clip" in t.stats()  # both kinds ran
