@@ -145,6 +145,16 @@ def _plain(tmp_path, *argv):        # `python train.py argv...`, in this process
         sys.modules.pop("model", None)
 
 
+def _plain_script(tmp_path, script, *argv):     # `python script argv...`, in this process
+    import runpy
+    saved = sys.argv[:]
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(str(tmp_path / script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
 def test_same_figures_as_explicit_watch_and_bitwise_identical_training(tmp_path, inproc):
     _write(tmp_path, {"model.py": MODEL_PY, "train.py": TRAIN_PY})
     _plain(tmp_path, "plain.pt", "1.0")
@@ -292,3 +302,73 @@ def test_cli_usage_errors(tmp_path):
     assert main(["run", "--every", "0", "x.py"]) == 2
     assert main(["run", "--preset", "nope", "x.py"]) == 2
     assert main(["run", "-m", "no_such_module_xyz"]) == 2
+
+
+LIT_PY = '''\
+import sys, torch, lightning as L
+from torch import nn
+
+class Lit(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    def training_step(self, batch, i):
+        x, y = batch
+        return nn.functional.mse_loss(self.model(x), y)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+torch.manual_seed(0)
+ds = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+callbacks = []
+if len(sys.argv) > 1:
+    from gradtrace.integrations.lightning import GradTraceCallback
+    callbacks = [GradTraceCallback(out=sys.argv[1], log_scalars=False)]
+trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, callbacks=callbacks,
+                    enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+trainer.fit(Lit(), torch.utils.data.DataLoader(ds, batch_size=8))
+'''
+
+
+def test_lightning_script_matches_the_explicit_callback_from_step_0(tmp_path, inproc):
+    pytest.importorskip("lightning")
+    _write(tmp_path, {"lit.py": LIT_PY})
+    assert inproc("run", "--out", "runs/auto", "lit.py")[0] == 0
+    _plain_script(tmp_path, "lit.py", "runs/explicit")
+    a, e = gt.load(tmp_path / "runs/auto/Lit"), gt.load(tmp_path / "runs/explicit")
+    drop = lambda r: {k: v for k, v in r.items() if k != "time"}   # noqa: E731
+    # Lightning steps inside optimizer.step(closure): attached before step 0's closure,
+    # the callback records step 0 whole, with the right step's gradients
+    assert [drop(r) for r in a.records] == [drop(r) for r in e.records]
+    assert len(a.records) == 4 and "loss" in a.records[0]["scalars"]
+
+
+HF_PY = '''\
+import json, sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+torch.manual_seed(0)
+cfg = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=8, bos_token_id=0, eos_token_id=0)
+model = GPT2LMHeadModel(cfg)
+ids = torch.randint(0, 40, (12, 8))
+args = TrainingArguments(output_dir="hf_out", per_device_train_batch_size=4, max_steps=3,
+                         report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+                         max_grad_norm=1e-3, disable_tqdm=True)
+trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+trainer.train()
+json.dump(trainer.state.log_history, open("history.json", "w"))
+'''
+
+
+def test_transformers_trainer_script_records_pre_clip_norms(tmp_path, inproc):
+    pytest.importorskip("transformers")
+    _write(tmp_path, {"hf.py": HF_PY})
+    assert inproc("run", "--out", "runs/hf", "hf.py")[0] == 0
+    t = gt.load(tmp_path / "runs/hf/GPT2LMHeadModel")
+    assert list(t.steps_recorded) == [0, 1, 2]
+    # the Trainer's own pre-clip norm (clip_grad_norm_'s return value) is the reference;
+    # step 0 is read at the optimizer step, after the Trainer clipped (see autowatch)
+    ref = [h["grad_norm"] for h in json.loads((tmp_path / "history.json").read_text()) if "grad_norm" in h]
+    got = t.series("total_grad_norm")
+    assert len(ref) == 3 and all(r > 1e-3 for r in ref)
+    assert got[1:] == pytest.approx(ref[1:], rel=1e-5)
+    assert got[0] == pytest.approx(1e-3, rel=1e-2)        # step 0: the clipped norm (documented)

@@ -20,6 +20,9 @@ attached inside step 0's ``optimizer.step()``, after its forward and backward, s
 has parameter and gradient figures but no activation figures, and its gradients are read
 as the optimizer sees them (after any clipping the script did). From step 1 on, every
 figure is the one an explicit ``gt.watch`` placed before the loop would record.
+Transformers' ``Trainer`` steps as a plain loop does. Lightning runs forward and backward
+inside ``optimizer.step(closure)``: there gradtrace's Lightning callback joins the
+trainer before step 0's closure, so step 0 is recorded whole, as with the explicit callback.
 
 Example:
     >>> import pathlib, tempfile
@@ -97,6 +100,20 @@ def find_root(candidates: list[nn.Module], optimizer: torch.optim.Optimizer) -> 
         if held <= ids and len(ids) < size:
             smallest, size = m, len(ids)
     return smallest
+
+
+def _lightning_module(optimizer: torch.optim.Optimizer) -> nn.Module | None:
+    """The LightningModule (attached to a trainer) holding the optimizer's parameters."""
+    if not any(n in sys.modules for n in ("lightning.pytorch", "pytorch_lightning")):
+        return None
+    wanted = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for o in gc.get_objects():
+        t = type(o)
+        if (issubclass(t, nn.Module) and any(c.__name__ == "LightningModule" for c in t.__mro__)
+                and getattr(o, "_trainer", None) is not None
+                and wanted <= {id(p) for p in o.parameters()}):
+            return o
+    return None
 
 
 class AutoWatch:
@@ -184,10 +201,13 @@ class AutoWatch:
 
         tops = [m for m in (r() for r in self._top.values()) if m is not None]
         root = find_root(tops, optimizer)
+        lit = _lightning_module(optimizer)
+        if lit is not None:
+            root = lit
         if root is None:
             # Called outside a module call (functional_call, a compiled graph): look at
-            # every live module once.
-            root = find_root([o for o in gc.get_objects() if isinstance(o, nn.Module)], optimizer)
+            # every live module once (type(), not isinstance: no lazy attribute is touched).
+            root = find_root([o for o in gc.get_objects() if issubclass(type(o), nn.Module)], optimizer)
         if root is None:
             self._note(f"{type(optimizer).__name__}: no module holds the parameters it updates; not watched")
             return
@@ -202,13 +222,35 @@ class AutoWatch:
         while name in taken:
             name, n = f"{type(root).__name__}-{n}", n + 1
         path = self.out / name
-        mon = gt.watch(root, optimizer, out=str(path), **self.watch_kwargs)
+        if lit is not None:
+            mon = self._lightning(lit, optimizer, path)
+            if mon is None:
+                return
+        else:
+            mon = gt.watch(root, optimizer, out=str(path), **self.watch_kwargs)
         self.monitors.append((path, mon))
         self._write_run_json()
         self._flight_step0(root, optimizer, path, mon)
         if self.echo and _is_writer():
             print(f"gradtrace: watching {type(root).__name__} with {type(optimizer).__name__} "
                   f"from its first step -> {path}", file=sys.stderr)
+
+    def _lightning(self, lit: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> Any:
+        # Lightning runs forward and backward inside optimizer.step(closure): this hook
+        # fires before them, so optimizer hooks would read the previous step's gradients.
+        # gradtrace's Lightning callback takes the figures at the right moments; it joins
+        # the trainer's callbacks here, before step 0's closure, so step 0 is complete.
+        from gradtrace.integrations.lightning import GradTraceCallback
+
+        trainer = lit._trainer
+        if not trainer.optimizers or trainer.optimizers[0] is not optimizer:
+            self._note(f"{type(optimizer).__name__} is not the first optimizer of the Lightning "
+                       "trainer; only that one is watched")
+            return None
+        cb = GradTraceCallback(out=str(path), log_scalars=False, **self.watch_kwargs)
+        trainer.callbacks.append(cb)
+        cb.on_train_start(trainer, lit)
+        return cb.monitor
 
     def _flight_step0(self, root: nn.Module, optimizer: torch.optim.Optimizer, path: Path, mon: Any) -> None:
         # The monitor was attached after step 0's backward, so it cannot see that step go
