@@ -372,3 +372,40 @@ def test_transformers_trainer_script_records_pre_clip_norms(tmp_path, inproc):
     assert len(ref) == 3 and all(r > 1e-3 for r in ref)
     assert got[1:] == pytest.approx(ref[1:], rel=1e-5)
     assert got[0] == pytest.approx(1e-3, rel=1e-2)        # step 0: the clipped norm (documented)
+
+
+DDP_PY = '''\
+import torch, torch.distributed as dist
+from torch import nn
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+g = torch.Generator().manual_seed(1 + rank)
+for step in range(3):
+    opt.zero_grad()
+    model(torch.randn(4, 4, generator=g)).pow(2).mean().backward()
+    opt.step()
+print("rank", rank, "done")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow          # two fresh interpreters with gloo: ~10-25 s
+def test_torchrun_two_ranks_one_trace_by_rank_0(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _write(tmp_path, {"ddp.py": DDP_PY})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(port), "-m", "gradtrace", "run", "--out", "runs/ddp", "ddp.py"],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(r.stdout.split("\n")) == ["", "rank 0 done", "rank 1 done"]
+    assert r.stderr.count("gradtrace doctor ·") == 1          # the summary: rank 0 only
+    traces = [p.name for p in (tmp_path / "runs/ddp").iterdir() if p.is_dir()]
+    assert traces == ["Sequential"]                            # named after the user's module
+    t = gt.load(tmp_path / "runs/ddp/Sequential")
+    assert list(t.steps_recorded) == [0, 1, 2] and t.params[0] == "0.weight"

@@ -66,6 +66,16 @@ def _is_writer() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _unwrap(m: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / torch.compile wrappers (for naming)."""
+    while True:
+        inner = getattr(m, "_orig_mod", None) or (
+            getattr(m, "module", None) if type(m).__name__ in ("DistributedDataParallel", "DataParallel") else None)
+        if not isinstance(inner, nn.Module):
+            return m
+        m = inner
+
+
 def _trainable_ids(module: nn.Module) -> set[int]:
     return {id(p) for p in module.parameters() if p.requires_grad}
 
@@ -216,11 +226,11 @@ class AutoWatch:
                 self._note(f"{type(optimizer).__name__} updates {type(root).__name__}, already "
                            f"watched with {type(mon.optimizer).__name__}; its steps are not recorded")
                 return
-        name = type(root).__name__
+        base = type(_unwrap(root)).__name__
         taken = {p.name for p, _ in self.monitors}
-        n = 2
+        name, n = base, 2
         while name in taken:
-            name, n = f"{type(root).__name__}-{n}", n + 1
+            name, n = f"{base}-{n}", n + 1
         path = self.out / name
         if lit is not None:
             mon = self._lightning(lit, optimizer, path)
@@ -232,7 +242,7 @@ class AutoWatch:
         self._write_run_json()
         self._flight_step0(root, optimizer, path, mon)
         if self.echo and _is_writer():
-            print(f"gradtrace: watching {type(root).__name__} with {type(optimizer).__name__} "
+            print(f"gradtrace: watching {base} with {type(optimizer).__name__} "
                   f"from its first step -> {path}", file=sys.stderr)
 
     def _lightning(self, lit: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> Any:
@@ -273,7 +283,7 @@ class AutoWatch:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         info = {**self.source, "created": time.time(),
-                "traces": [{"dir": p.name, "model": type(m.model).__name__,
+                "traces": [{"dir": p.name, "model": type(_unwrap(m.model)).__name__,
                             "optimizer": type(m.optimizer).__name__, "first_step": 0}
                            for p, m in self.monitors]}
         (self.out / "run.json").write_text(json.dumps(info, indent=2, default=str))
