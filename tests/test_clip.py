@@ -715,3 +715,21 @@ def test_moved_names_still_import_from_clip():
     assert C.AutoClip is AutoClip and C.adaptive_clip_grad_ is adaptive_clip_grad_
     with pytest.raises(AttributeError):
         C.no_such_name
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_float16_gradients_match_torch(norm_type):
+    def make():
+        gen = torch.Generator().manual_seed(SEED)
+        ps = [nn.Parameter(torch.zeros(s, dtype=torch.float16)) for s in ((5, 4), (7,))]
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=gen) * 30).half()
+        return ps
+    ours, theirs = make(), make()
+    t_ours = C.clip_grad_norm_(ours, 1.0, norm_type)
+    t_theirs = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    assert t_ours.dtype == t_theirs.dtype == torch.float16
+    torch.testing.assert_close(t_ours, t_theirs, rtol=RTOL, atol=0.0)   # same rounding
+    F16_RTOL = 1e-3   # the coefficient is multiplied into float16 values
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=F16_RTOL, atol=0.0)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import norms as N
+from ..norms import _PLAIN
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_",
            "clip_with_norms_", "CLIP_EPS"]
@@ -51,30 +52,39 @@ def _grads_of(parameters: Any) -> list[Tensor]:
     return [p.grad for p in N.tensor_list(parameters, "parameters") if p.grad is not None]
 
 
+def _locals(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shards (DTensor gradients) or the tensors themselves (the usual case)."""
+    if all(type(t) in _PLAIN for t in tensors):
+        return tensors
+    return [N.local(t) for t in tensors]
+
+
 def _total(tensors: list[Tensor], p: float, foreach: bool | None
-           ) -> tuple[list[Tensor], Tensor]:
-    """Per-tensor norms (engine precision) and the total as torch computes it: each norm
-    rounded to its tensor's dtype, combined, returned in the promoted dtype."""
-    norms = N.grad_norms(tensors, p, foreach=foreach)
+           ) -> tuple[list[Tensor], Tensor, dict]:
+    """Per-tensor norms (engine precision), the total as torch computes it (each norm
+    rounded to its tensor's dtype, combined, in the promoted dtype) and the grouping of
+    the local tensors by (device, dtype), for scaling them afterwards."""
+    locs = _locals(tensors)
+    grouped = N.groups(locs)
+    norms = N._grad_norms(tensors, p, foreach, grouped if locs is tensors else None)
     if not norms:
-        return norms, torch.tensor(0.0)
+        return norms, torch.tensor(0.0), grouped
     first = tensors[0].device
     wide = N.wide_dtype(first)
-    locs = [N.local(t) for t in tensors]
     with torch.no_grad():
         parts, dtypes = [], set()
-        grouped = N.groups(locs)
-        loose = set(range(len(locs))).difference(*grouped.values())   # sparse ones
-        for dtype, idx in [(k[1], v) for k, v in grouped.items()] + \
-                [(locs[i].dtype, [i]) for i in sorted(loose)]:
-            v = torch.stack([norms[i] for i in idx]).to(first)
+        items = [(key[1], idx) for key, idx in grouped.items()]
+        if sum(len(idx) for idx in grouped.values()) < len(locs):      # sparse ones, rare
+            items += [(t.dtype, [i]) for i, t in enumerate(locs) if t.layout != torch.strided]
+        for dtype, idx in items:
+            v = torch.stack(norms if len(idx) == len(norms) else [norms[i] for i in idx])
             if dtype.is_floating_point and dtype.itemsize < 4:
                 v = v.to(dtype)          # bfloat16/float16 norms, rounded as torch's are
-            parts.append(v.to(wide))
+            parts.append(v.to(first, wide))
             dtypes.add(dtype)
         out = functools.reduce(torch.promote_types, dtypes)
-        total = torch.linalg.vector_norm(torch.cat(parts), p).to(out)
-    return norms, total
+        total = torch.linalg.vector_norm(parts[0] if len(parts) == 1 else torch.cat(parts), p)
+    return norms, total.to(out), grouped
 
 
 def _replicated_like(total: Tensor, grads: list[Tensor]) -> Tensor:
@@ -101,31 +111,35 @@ def get_total_norm(tensors: Tensor | Iterable[Tensor], norm_type: float = 2.0,
     """
     ts = N.tensor_list(tensors, "tensors")
     p = N.check_norm_type(norm_type)
-    _, total = _total(ts, p, foreach)
+    _, total, _ = _total(ts, p, foreach)
     if ts and error_if_nonfinite and not bool(torch.isfinite(total)):
         raise _nonfinite_error(p)
     return _replicated_like(total, ts)
 
 
-def _scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
+def _scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None = None,
+            grouped: dict | None = None) -> None:
     """Multiply every gradient in place by the 0-d ``coef`` (DTensors through their local
-    shards, which every rank scales by the same coefficient). No host sync."""
-    locs = [N.local(g) for g in grads]
-    for (device, _), idx in N.groups(locs).items():
-        group = [locs[i] for i in idx]
+    shards, which every rank scales by the same coefficient). No host sync. ``grouped``:
+    the local tensors' (device, dtype) groups, if the caller has them."""
+    locs = _locals(grads)
+    for (device, _), idx in (N.groups(locs) if grouped is None else grouped).items():
+        group = locs if len(idx) == len(locs) else [locs[i] for i in idx]
         c = coef.to(device)
         if N.use_foreach(group, device, foreach):
             torch._foreach_mul_(group, c)
         else:
             for g in group:
                 g.mul_(c)
-    for g in locs:
-        if g.layout != torch.strided:
-            g.mul_(coef.to(g.device))
+    if sum(len(idx) for idx in (grouped or {}).values()) != len(locs):
+        for g in locs:
+            if g.layout != torch.strided:
+                g.mul_(coef.to(g.device))
 
 
 def clip_with_norms_(grads: Tensor | Iterable[Tensor], total_norm: Tensor,
-                     max_norm: float | Tensor, foreach: bool | None = None) -> Tensor:
+                     max_norm: float | Tensor, foreach: bool | None = None,
+                     _grouped: dict | None = None) -> Tensor:
     """Scale the gradient tensors ``grads`` in place given their total norm; return the
     0-d coefficient ``clamp(max_norm / (total_norm + 1e-6), max=1)`` that was applied.
 
@@ -149,7 +163,7 @@ def clip_with_norms_(grads: Tensor | Iterable[Tensor], total_norm: Tensor,
             raise ValueError(f"max_norm must be >= 0, got {max_norm}")
     with torch.no_grad():
         coef = torch.clamp(max_norm / (total_norm + CLIP_EPS), max=1.0)
-        _scale_(tensors, coef, foreach)
+        _scale_(tensors, coef, foreach, _grouped)
     return coef
 
 
@@ -192,12 +206,12 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
     """
     grads = _grads_of(parameters)
     p = N.check_norm_type(norm_type)
-    norms, total = _total(grads, p, foreach)
+    norms, total, grouped = _total(grads, p, foreach)
     if not grads:
         return total
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise _nonfinite_error(p)
-    coef = clip_with_norms_(grads, total, max_norm, foreach)
+    coef = clip_with_norms_(grads, total, max_norm, foreach, grouped)
     N.notify_clipped(grads, norms, total, coef, p)
     return _replicated_like(total, grads)
 
