@@ -17,53 +17,51 @@ parts (``exec_order``, ``vectors``, anything else). Tables are inferred from the
 from __future__ import annotations
 
 import math
+import operator
+import struct
 from typing import Any
 
 import numpy as np
 
 from .format import MISSING, Schema, is_missing
 
+_HEAD = struct.Struct("<qd")          # step int64, time float64
 #: Record keys the tables hold; any other key goes to the JSON side file untouched.
 TABLE_KEYS = frozenset(("step", "time", "scalars", "param", "module", "vectors"))
 
 
-def _values(v: Any, n: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-name values as ``(array of length n, present mask or None when all present)``;
-    absent cells hold MISSING."""
-    if isinstance(v, np.ndarray):
-        if v.ndim != 1:
-            raise ValueError(f"per-name values must be 1-D, got shape {v.shape}")
-        a = v.astype(dtype)          # float64 -> float32 keeps MISSING's payload
-        missing = is_missing(a)
-        present = ~missing if missing.any() else None
-    else:
-        a = np.array(v, dtype=dtype)           # None -> nan, "nan"/"inf" strings parsed
-        nan = np.flatnonzero(np.isnan(a))
-        present = None
-        if nan.size:                            # tell a recorded nan from a None
-            gone = [i for i in nan.tolist() if v[i] is None]
-            if gone:
-                present = np.ones(a.size, dtype=bool)
-                present[gone] = False
-                a[gone] = MISSING
-    if a.size != n:                             # shorter lists: the rest not recorded
-        full = np.full(n, MISSING, dtype=dtype)
-        m = min(n, a.size)
-        full[:m] = a[:m]
-        p = np.zeros(n, dtype=bool)
-        p[:m] = True if present is None else present[:m]
-        a, present = full, p
-    return a, present
+def _flatten(secs: dict[str, dict], n: dict[str, int]) -> list:
+    """Every per-name value of a record in one list (statistic after statistic, each
+    padded to its section's name count with None); arrays become lists (MISSING kept)."""
+    big: list = []
+    for sec in ("param", "module"):
+        n_sec = n[sec]
+        for v in secs[sec].values():
+            if type(v) is list and len(v) == n_sec:      # the recorder's usual shape
+                big += v
+                continue
+            if isinstance(v, np.ndarray):
+                if v.ndim != 1:
+                    raise ValueError(f"per-name values must be 1-D, got shape {v.shape}")
+                v = v.tolist()
+            else:
+                v = list(v)
+            big += (v + [None] * n_sec)[:n_sec]
+    return big
 
 
 class Encoder:
     """Keeps the tables' schemas and encodes records into rows of them.
 
+    All per-name values of a record are converted in one numpy call; which of the NaNs
+    are ``None`` (not recorded) is checked once per record layout and then only
+    confirmed, since a recorder leaves the same names out step after step.
+
     Example:
         >>> enc = Encoder(n_params=2, n_modules=0, value_dtype="<f8")
         >>> schema, new, row = enc.encode({"step": 0, "scalars": {"loss": 1.5},
         ...                                "param": {"grad_norm": [0.5, None]}})
-        >>> new, schema.columns, row["values"].tolist()
+        >>> new, schema.columns, np.frombuffer(row, schema.dtype("<f8"))["values"].tolist()
         (True, [('param', 'grad_norm', (0,))], [[0.5]])
     """
 
@@ -73,60 +71,75 @@ class Encoder:
         self.value_dtype = np.dtype(value_dtype)
         self.schemas: list[Schema] = list(schemas)
         self.current: dict[tuple, Schema] = {}
-        self._rows: dict[int, np.ndarray] = {}
+        self._sel: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._nones: dict[tuple, tuple[np.ndarray, Any]] = {}
         for s in self.schemas:          # resuming: the last table of each set continues
             self.current[s.key] = s
 
     def encode(self, rec: dict[str, Any]) -> tuple[Schema, bool, np.ndarray]:
-        """``(schema, is_new_schema, row)``: ``row`` is a 1-element structured array owned
-        by the encoder (reused; write or copy it before the next call)."""
+        """``(schema, is_new_schema, row)``: ``row`` is the row's bytes (``schema.dtype()``)."""
         scal = rec.get("scalars") or {}
         secs = {"param": rec.get("param") or {}, "module": rec.get("module") or {}}
         key = (tuple(scal), tuple(secs["param"]), tuple(secs["module"]))
-        cols: list[tuple[str, str, np.ndarray, np.ndarray | None]] = []
-        for sec in ("param", "module"):
-            for stat, v in secs[sec].items():
-                a, present = _values(v, self.n[sec], self.value_dtype)
-                cols.append((sec, stat, a, present))
+        big = _flatten(secs, self.n)
+        a = np.array(big, dtype=self.value_dtype)        # None -> nan; "nan"/"inf" parsed
+        gone = is_missing(a)
+        nan = np.isnan(a)
+        nan &= ~gone
+        if nan.any():
+            gone |= self._none_mask(key, big, np.flatnonzero(nan), a.size)
+            a[gone] = MISSING
         schema = self.current.get(key)
-        new = schema is None or not self._fits(schema, cols)
+        new = schema is None or bool((~gone[self._layout(schema)[1]]).any())
         if new:
-            schema = self._new_schema(list(scal), cols, schema)
-        row = self._rows.get(schema.k)
-        if row is None:
-            row = self._rows[schema.k] = np.zeros(1, dtype=schema.dtype(self.value_dtype.str))
-        row["step"] = int(rec["step"])
+            schema = self._new_schema(key, scal, secs, gone, schema)
         t = rec.get("time")
-        row["time"] = math.nan if t is None else float(t)
+        head = _HEAD.pack(int(rec["step"]), math.nan if t is None else float(t))
         if schema.scalars:
-            row["scalars"][0] = [MISSING if scal.get(s) is None else float(scal[s]) for s in schema.scalars]
-        vals = row["values"][0]
-        for sec, stat, a, _ in cols:
-            idx = schema.columns[schema.col_pos[(sec, stat)]][2]
-            off = schema.offsets[(sec, stat)]
-            vals[off:off + len(idx)] = a if len(idx) == a.size else a[list(idx)]
-        return schema, new, row
+            head += struct.pack(f"<{len(schema.scalars)}d",
+                                *[MISSING if scal.get(s) is None else float(scal[s]) for s in schema.scalars])
+        sel = self._layout(schema)[0]
+        values = a if sel.size == a.size else a[sel]      # a full table takes every value
+        return schema, new, head + values.tobytes()
 
-    @staticmethod
-    def _fits(schema: Schema, cols) -> bool:
-        for sec, stat, a, present in cols:
-            idx = schema.columns[schema.col_pos[(sec, stat)]][2]
-            if len(idx) == a.size:
-                continue
-            outside = np.ones(a.size, dtype=bool)
-            outside[list(idx)] = False
-            if present is None or present[outside].any():
-                return False
-        return True
+    def _none_mask(self, key: tuple, big: list, nanpos: np.ndarray, size: int) -> np.ndarray:
+        """Which NaN positions of ``big`` are ``None`` (not recorded), not a recorded nan."""
+        mask = np.zeros(size, dtype=bool)
+        cached = self._nones.get(key)
+        if cached is not None and np.array_equal(cached[0], nanpos) and cached[1](big).count(None) == nanpos.size:
+            mask[nanpos] = True          # the same names left out as last time
+            return mask
+        nones = [i for i in nanpos.tolist() if big[i] is None]
+        mask[nones] = True
+        if len(nones) == nanpos.size:
+            get = operator.itemgetter(*nones)
+            self._nones[key] = (nanpos, get if len(nones) > 1 else (lambda b, g=get: (g(b),)))
+        return mask
 
-    def _new_schema(self, scalars: list[str], cols, old: Schema | None) -> Schema:
-        columns = []
-        for sec, stat, a, present in cols:
-            keep = set(range(a.size)) if present is None else set(np.flatnonzero(present).tolist())
-            if old is not None:
-                keep |= set(old.columns[old.col_pos[(sec, stat)]][2])
-            columns.append((sec, stat, tuple(sorted(keep))))
-        schema = Schema(len(self.schemas), scalars, columns)
+    def _layout(self, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+        """Positions, in a record's flattened values, of the table's columns and of the
+        values the table has no column for."""
+        got = self._sel.get(schema.k)
+        if got is None:
+            sel, start = [], 0
+            for sec, _, idx in schema.columns:
+                sel.extend(start + i for i in idx)
+                start += self.n[sec]
+            inside = np.zeros(start, dtype=bool)
+            inside[sel] = True
+            got = self._sel[schema.k] = (np.asarray(sel, dtype=np.intp), np.flatnonzero(~inside))
+        return got
+
+    def _new_schema(self, key: tuple, scal: dict, secs: dict, gone: np.ndarray, old: Schema | None) -> Schema:
+        columns, start = [], 0
+        for sec in ("param", "module"):
+            for stat in secs[sec]:
+                keep = set(np.flatnonzero(~gone[start:start + self.n[sec]]).tolist())
+                if old is not None:
+                    keep |= set(old.columns[old.col_pos[(sec, stat)]][2])
+                columns.append((sec, stat, tuple(sorted(keep))))
+                start += self.n[sec]
+        schema = Schema(len(self.schemas), list(scal), columns)
         self.schemas.append(schema)
-        self.current[schema.key] = schema
+        self.current[key] = schema
         return schema

@@ -24,7 +24,7 @@ class Table:
 
     Example:
         >>> t = Table(Schema(0, ["loss"], []), "<f8")
-        >>> row = np.zeros(1, t.dtype); row["step"] = 7; t.append(row)
+        >>> row = np.zeros(1, t.dtype); row["step"] = 7; t.append(row.tobytes())
         >>> t.steps().tolist()
         [7]
     """
@@ -37,12 +37,13 @@ class Table:
         self._fixed = data is not None
         self._steps: np.ndarray | None = None
 
-    def append(self, row: np.ndarray) -> None:
+    def append(self, row: bytes) -> None:
+        """Add one row given as its bytes (``self.dtype``)."""
         if self._n == len(self._data):       # doubling keeps appends amortised O(1)
             grown = np.zeros(max(16, 2 * len(self._data)), dtype=self.dtype)
             grown[: self._n] = self._data[: self._n]
             self._data = grown
-        self._data[self._n] = row[0]
+        self._data[self._n] = np.frombuffer(row, dtype=self.dtype)[0]
         self._n += 1
 
     def __len__(self) -> int:

@@ -211,7 +211,7 @@ class TraceWriter:
             f = self._bins.get(schema.k)
             if f is None:                      # a table continued after resume
                 f = self._bins[schema.k] = open(self.path / schema.file, "ab")
-            f.write(row.data)
+            f.write(row)
             f.flush()
             side = {k: v for k, v in record.items() if k not in TABLE_KEYS}
             if side:
