@@ -36,28 +36,13 @@ def module_matrix(trace: Trace, stat: str):
 
 
 def exec_order(trace: Trace) -> list[str]:
-    """Module names in forward (first-call) order: the last ``exec_order`` recorded,
-    then any watched module never seen running, in ``named_modules()`` order."""
-    order: list[str] = []
-    for r in trace.records:
-        if "exec_order" in r:
-            order = list(r["exec_order"])
-    seen = set(order)
-    return order + [m for m in trace.modules if m not in seen]
+    """Module names in forward (first-call) order (:meth:`Trace.exec_order`)."""
+    return trace.exec_order()
 
 
 def exec_order_at(trace: Trace, step: int) -> list[str]:
-    """The execution order known at ``step`` (the last one written at or before it)."""
-    order: list[str] = []
-    for r in trace.records:
-        if r["step"] > step:
-            break
-        if "exec_order" in r:
-            order = list(r["exec_order"])
-    if not order:
-        return exec_order(trace)
-    seen = set(order)
-    return order + [m for m in trace.modules if m not in seen]
+    """The execution order known at ``step`` (:meth:`Trace.exec_order`)."""
+    return trace.exec_order(step)
 
 
 def weight_modules(trace: Trace) -> set[str]:
@@ -115,22 +100,24 @@ def trailing_spikes(values: np.ndarray, *, warmup: int, window: int, min_baselin
 
 def persistent(hit: np.ndarray, th: Thresholds) -> np.ndarray:
     """Causal persistence: ``out[i]`` is True when ``hit[i]`` and at least
-    ``th.persist_frac`` of the last ``th.persist_window`` judged steps up to ``i`` hit.
+    ``ceil(th.persist_frac * th.persist_window)`` of the last ``th.persist_window`` judged
+    steps up to ``i`` hit (so a condition seen on fewer steps than that is not a finding:
+    a network at initialisation is not yet the network that trains).
 
     Each ``out[i]`` depends on steps ``<= i`` only, so a step flagged on a prefix of the run
     stays flagged on every longer prefix (the live view and the final diagnosis agree).
 
     Example:
-        >>> persistent(np.array([True, False, False, True, True]), Thresholds()).tolist()
-        [True, False, False, True, True]
+        >>> persistent(np.array([True, False, True, True, False, True]), Thresholds()).tolist()
+        [False, False, False, True, False, True]
     """
     hit = np.asarray(hit, dtype=bool)
     out = np.zeros(hit.size, dtype=bool)
     csum = np.concatenate([[0], np.cumsum(hit)])
     w = th.persist_window
+    need = max(1, math.ceil(th.persist_frac * w))
     for i in np.flatnonzero(hit):
-        lo = max(0, i - w + 1)
-        out[i] = csum[i + 1] - csum[lo] >= math.ceil(th.persist_frac * (i + 1 - lo))
+        out[i] = csum[i + 1] - csum[max(0, i - w + 1)] >= need
     return out
 
 

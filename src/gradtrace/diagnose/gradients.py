@@ -189,6 +189,7 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     # is also compared with the first stretch after warm-up. A record counts when it and
     # the median of the min_baseline records up to it are both explode_fold above that
     # early level: causal (only the past is used) and sustained (one odd step is not).
+    # (The median is over the baseline_window records up to it.)
     fin = np.nonzero(np.isfinite(logs))[0]
     fin = fin[fin >= th.warmup_steps]
     w = th.baseline_window
@@ -198,7 +199,9 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
             early = logs[fin[:min(k, w)]]
             med_e = float(np.median(early))
             i = int(fin[k])
-            recent = logs[fin[max(0, k - th.min_baseline + 1): k + 1]]
+            if k + 1 < th.baseline_window:
+                continue        # a sustained climb needs a full window of records
+            recent = logs[fin[k - th.baseline_window + 1: k + 1]]
             if logs[i] - med_e >= logfold and float(np.median(recent)) - med_e >= logfold:
                 if climb is None:
                     climb = {"early_median": math.exp(med_e), "first_step": int(steps[i])}
@@ -206,6 +209,15 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
                 climb["growth"] = float(math.exp(logs[i] - med_e))
                 if i not in flagged:
                     flagged[i] = (U.robust_z(float(logs[i]), early)[0], med_e)
+    # Within the warm-up no baseline exists yet, but a norm explode_fold above the run's
+    # first one is no warm-up: the first updates are blowing the model up.
+    first = np.flatnonzero(np.isfinite(logs))
+    if first.size:
+        for i in first[(first > first[0]) & (first < th.warmup_steps + th.min_baseline)]:
+            if logs[i] - logs[first[0]] >= logfold and i not in flagged:
+                flagged[int(i)] = (math.inf, float(logs[first[0]]))
+                climb = climb or {"early_median": math.exp(logs[first[0]]), "first_step": int(steps[i]),
+                                  "growth": math.exp(logs[i] - logs[first[0]]), "in_warmup": True}
     if not flagged:
         return []
     idx = sorted(flagged)
@@ -217,14 +229,15 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
         "total_grad_norm": float(total[i0]),
         "baseline_grad_norm": float(math.exp(med0)),
         "fold_over_baseline": float(math.exp(logs[i0] - med0)),
-        "robust_z_log_norm": float(z0),
+        "robust_z_log_norm": float(z0) if math.isfinite(z0) else None,
         "steps_flagged": [int(steps[i]) for i in idx[:20]],
         "max_total_grad_norm": float(np.nanmax(np.where(np.isfinite(total), total, np.nan))),
         "layer_growth": growth,
         "steady_climb": climb,
         "summary": (f"total gradient norm {U.sci(float(total[i0]))} at step {int(steps[i0])} is "
                     f"{U.sci(math.exp(logs[i0] - med0))}x its robust baseline "
-                    f"{U.sci(math.exp(med0))} (z = {z0:.1f} on log scale)"),
+                    f"{U.sci(math.exp(med0))} " + (f"(z = {z0:.1f} on log scale)" if math.isfinite(z0)
+                                                    else "(the run's first norm: it exploded in its first steps)")),
     }
     expl = ("The gradient norm rose far above its own earlier level. A step taken with a gradient "
             "that large moves the weights much further than the steps before it, which usually shows "

@@ -49,30 +49,36 @@ def _first_event(trace: Trace) -> dict | None:
     events = sorted(trace.events("nonfinite"), key=lambda e: e["step"])
     if events:
         return events[0]
-    names_p, names_m = trace.params, trace.modules
-    order = U.exec_order(trace)
-    for r in trace.records:
-        bad_p = []
-        for stat in ("grad_nonfinite", "grad_norm"):
-            col = r.get("param", {}).get(stat)
-            if col is None:
-                continue
-            for name, v in zip(names_p, col):
-                if v is None:
-                    continue
-                x = U.finite_float(v)
-                if (stat == "grad_nonfinite" and x > 0) or (stat == "grad_norm" and not math.isfinite(x)):
-                    if name not in bad_p:
-                        bad_p.append(name)
-        flags = r.get("module", {}).get("out_flag_nonfinite") or []
-        bad_m = {n for n, v in zip(names_m, flags) if v is not None and U.finite_float(v) > 0}
-        loss = r.get("scalars", {}).get("loss")
-        loss_bad = loss is not None and not math.isfinite(U.finite_float(loss))
-        if bad_p or bad_m:  # a bad loss alone is loss_nonfinite's; the recorder's event says more
-            fwd = next((m for m in order if m in bad_m), None)
-            return {"event": "nonfinite", "step": r["step"], "forward": fwd, "backward": None,
-                    "params": bad_p, "loss_nonfinite": loss_bad, "_rebuilt": True}
-    return None
+    steps = trace.steps_recorded
+    bad_p: dict[int, list[str]] = {}
+    for stat in ("grad_nonfinite", "grad_norm"):
+        if not U.has_stat(trace, stat):
+            continue
+        m = trace.matrix(stat)
+        bad = (m.values > 0) if stat == "grad_nonfinite" else ~np.isfinite(m.values)
+        bad &= m.recorded
+        for r, j in zip(*np.nonzero(bad)):
+            lst = bad_p.setdefault(int(m.steps[r]), [])
+            if m.names[j] not in lst:
+                lst.append(m.names[j])
+    bad_m: dict[int, set[str]] = {}
+    if U.has_stat(trace, "out_flag_nonfinite"):
+        m = trace.matrix("out_flag_nonfinite")
+        for r, j in zip(*np.nonzero(m.recorded & (np.nan_to_num(m.values) > 0))):
+            bad_m.setdefault(int(m.steps[r]), set()).add(m.names[j])
+    # a bad loss alone is loss_nonfinite's; the recorder's event says more
+    hit = sorted(set(bad_p) | set(bad_m))
+    if not hit:
+        return None
+    step = hit[0]
+    loss_bad = False
+    if U.has_stat(trace, "loss"):
+        ls, lv = trace.scalar("loss", with_steps=True)
+        at = lv[ls == step]
+        loss_bad = bool(at.size and not np.isfinite(at[0]))
+    fwd = next((m for m in trace.exec_order(step) if m in bad_m.get(step, ())), None)
+    return {"event": "nonfinite", "step": step, "forward": fwd, "backward": None,
+            "params": bad_p.get(step, []), "loss_nonfinite": loss_bad, "_rebuilt": True}
 
 
 def _forward_param_order(trace: Trace, step: int) -> list[str]:
@@ -106,29 +112,31 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
         >>> classify_cause(trace, 17, Thresholds())[0]       # doctest: +SKIP
         'divergence'
     """
-    prior = [r for r in trace.records if r["step"] < step]
-    recent = prior[-th.divergence_window:]
     dtype, fmax = _dtype_max(trace)
     ev: dict = {"dtype": dtype, "dtype_max": fmax}
-    # Largest finite magnitude seen just before (and at) the step.
+    before = trace.steps_recorded
+    before = before[before < step]
+    recent = before[-th.divergence_window:].tolist()
+    # Largest finite magnitude seen just before the step (at the step itself a diverging
+    # run is huge too: only look before).
     big = 0.0
     where = None
-    for r in recent:  # at the step itself a diverging run is huge too: only look before
-        for section, stat in (("module", "out_maxabs"), ("param", "grad_maxabs")):
-            col = r.get(section, {}).get(stat) or []
-            names = trace.modules if section == "module" else trace.params
-            for n, v in zip(names, col):
-                x = U.finite_float(v)
-                if math.isfinite(x) and abs(x) > big:
-                    big, where = abs(x), (n, stat, r["step"])
+    for stat in ("out_maxabs", "grad_maxabs"):
+        if not U.has_stat(trace, stat) or not recent:
+            continue
+        m = trace.matrix(stat, steps=recent)
+        vals = np.where(m.recorded & np.isfinite(m.values), np.abs(m.values), 0.0)
+        if vals.size and vals.max() > big:
+            r, j = np.unravel_index(int(np.argmax(vals)), vals.shape)
+            big, where = float(vals[r, j]), (m.names[j], stat, int(m.steps[r]))
     ev["largest_finite_value"] = big
     if where:
         ev["largest_value_at"] = {"name": where[0], "stat": where[1], "step": where[2]}
     ev["fraction_of_dtype_max"] = big / fmax
 
     # Growth of gradient / parameter norms over the steps before.
-    def growth(values: list[float]) -> float:
-        vals = np.array(values, dtype=np.float64)
+    def growth(values) -> float:
+        vals = np.asarray(values, dtype=np.float64)
         vals = vals[np.isfinite(vals)]
         if vals.size < 3:
             return 1.0
@@ -136,28 +144,29 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
         base = float(np.median(vals[:cut])) if vals.size > th.divergence_window else float(vals[0])
         return float(np.max(vals[-th.divergence_window:]) / max(base, th.floor))
 
-    gtot = [U.finite_float(r.get("scalars", {}).get("total_grad_norm")) for r in prior]
-    ptot = []
-    for r in prior:
-        col = r.get("param", {}).get("param_norm")
-        if col:
-            xs = np.array([U.finite_float(v) for v in col if v is not None])
-            ptot.append(float(np.sqrt(np.sum(xs ** 2))) if xs.size else math.nan)
-    losses = [U.finite_float(r.get("scalars", {}).get("loss")) for r in prior if "loss" in r.get("scalars", {})]
-    ev["grad_norm_growth"] = growth(gtot)
+    def scalar_before(stat: str) -> np.ndarray:
+        if not U.has_stat(trace, stat):
+            return np.array([])
+        st, v = trace.scalar(stat, with_steps=True)
+        return v[st < step]
+
+    ptot = np.array([])
+    if U.has_stat(trace, "param_norm") and before.size:
+        m = trace.matrix("param_norm", steps=before.tolist())
+        sq = np.where(m.recorded, m.values, 0.0) ** 2
+        ptot = np.where(m.recorded.any(axis=1), np.sqrt(sq.sum(axis=1)), np.nan)
+    losses = scalar_before("loss")
+    ev["grad_norm_growth"] = growth(scalar_before("total_grad_norm"))
     ev["param_norm_growth"] = growth(ptot)
-    ev["loss_growth"] = growth(losses) if losses else 1.0
+    ev["loss_growth"] = growth(losses) if losses.size else 1.0
     upd = None
     bad_upd = 0
-    for r in recent:
-        for v in r.get("param", {}).get("update_ratio") or []:
-            if v is None:
-                continue
-            x = U.finite_float(v)
-            if math.isnan(x):
-                bad_upd += 1     # the step wrote nan into that parameter
-            elif math.isfinite(x):   # inf is a zero-initialised parameter (0 in the denominator)
-                upd = x if upd is None else max(upd, x)
+    if U.has_stat(trace, "update_ratio") and recent:
+        m = trace.matrix("update_ratio", steps=recent)
+        vals = m.values[m.recorded]
+        bad_upd = int(np.isnan(vals).sum())          # the step wrote nan into that parameter
+        ok = vals[np.isfinite(vals)]     # inf is a zero-initialised parameter (0 in the denominator)
+        upd = float(ok.max()) if ok.size else None
     # Only a measured ratio is evidence: None when no update ratio was recorded.
     ev["max_update_ratio"] = upd
     if bad_upd:

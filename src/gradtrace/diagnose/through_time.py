@@ -6,16 +6,18 @@ import math
 import numpy as np
 
 from .finding import Finding
-from ..trace import Trace, _decode_vector
+from ..trace import Trace
 from . import _util as U
 from .thresholds import Thresholds
 
 
 def _time_profiles(trace: Trace) -> dict[str, list[tuple[int, np.ndarray]]]:
+    if not U.has_stat(trace, "time_grad_norm"):
+        return {}
     out: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for r in trace.records:
-        for name, vec in r.get("vectors", {}).get("time_grad_norm", {}).items():
-            out.setdefault(name, []).append((r["step"], _decode_vector(vec)))
+    for name in trace.names("time_grad_norm"):
+        steps, arr = trace.series("time_grad_norm", name, with_steps=True)
+        out[name] = [(int(s), np.asarray(v, dtype=np.float64)) for s, v in zip(steps.tolist(), arr)]
     return out
 
 

@@ -6,45 +6,55 @@ import math
 import numpy as np
 
 from .finding import Finding
-from ..trace import Trace, _decode_vector
+from ..trace import Trace
 from . import _util as U
 from .thresholds import Thresholds
 
 
-def _mask_history(trace: Trace) -> dict[str, list[tuple[int, np.ndarray, float]]]:
-    """Every active mask of each ReLU-family module before the first non-finite step, oldest
-    first, with the number of inputs each unit saw in that step (``nan`` if the trace
-    predates it)."""
-    out: dict[str, list[tuple[int, np.ndarray, float]]] = {}
-    modules = trace.modules
+def _mask_history(trace: Trace) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per ReLU-family module, before the first non-finite step: ``(steps, masks, samples)``
+    with ``masks`` shaped (activation steps, units) ("fired at least once" per unit) and
+    ``samples`` the inputs each unit saw per step (``nan`` if the trace predates it)."""
+    if not U.has_stat(trace, "active_mask"):
+        return {}
+    out = {}
     cut = U.first_nonfinite_step(trace)
-    for r in trace.records:
-        if cut is not None and r["step"] >= cut:
-            break
-        vec = r.get("vectors", {}).get("active_mask")
-        if not vec:
+    samples = trace.matrix("unit_samples") if U.has_stat(trace, "unit_samples") else None
+    for name in trace.names("active_mask"):
+        try:
+            steps, masks = trace.series("active_mask", name, with_steps=True)
+        except (KeyError, ValueError):
             continue
-        samples = r.get("module", {}).get("unit_samples")
-        for name, packed in vec.items():
-            n = samples[modules.index(name)] if samples and name in modules else None
-            out.setdefault(name, []).append((r["step"], _decode_vector(packed),
-                                             float("nan") if n is None else float(n)))
+        if masks.dtype == object or masks.ndim != 2:    # unit count changed: keep the last shape
+            continue
+        keep = steps < cut if cut is not None else np.ones(steps.size, dtype=bool)
+        steps, masks = steps[keep], masks[keep].astype(bool)
+        n = np.full(steps.size, np.nan)
+        if samples is not None and name in samples.names:
+            j = samples.names.index(name)
+            by_step = dict(zip(samples.steps.tolist(), samples.values[:, j].tolist()))
+            n = np.array([by_step.get(int(t), np.nan) for t in steps])
+        if steps.size:
+            out[name] = (steps, masks, n)
     return out
 
 
-def _dead_windows(lst: list[tuple[int, np.ndarray, float]], th: Thresholds) -> list[tuple[int, int, int]]:
-    """``(step, dead, units)`` for each window of ``th.dead_window`` masks ending at a step
-    (only windows that saw ``th.dead_min_samples`` inputs and masks of one size)."""
+def _dead_windows(steps: np.ndarray, masks: np.ndarray, samples: np.ndarray,
+                  th: Thresholds) -> list[tuple[int, int, int]]:
+    """``(step, dead, units)`` for each full window of ``th.dead_window`` masks ending at a
+    step (only windows that saw ``th.dead_min_samples`` inputs; ``nan`` counts pass)."""
+    w = th.dead_window
+    if steps.size < w:
+        return []
+    csum = np.concatenate([np.zeros((1, masks.shape[1]), dtype=np.int64), np.cumsum(masks, axis=0)])
+    active = (csum[w:] - csum[:-w]) > 0                      # row t: window ending at t + w - 1
+    s = np.concatenate([[0.0], np.cumsum(samples)])
+    seen = s[w:] - s[:-w]
     out = []
-    for t in range(len(lst)):
-        win = [x for x in lst[max(0, t - th.dead_window + 1): t + 1] if x[1].size == lst[t][1].size]
-        seen = sum(n for _, _, n in win)
-        if seen < th.dead_min_samples:      # nan (older traces) compares False: kept
+    for k in range(active.shape[0]):
+        if seen[k] < th.dead_min_samples:      # nan (older traces) compares False: kept
             continue
-        ever = np.zeros(lst[t][1].size, dtype=bool)
-        for _, m, _ in win:
-            ever |= m
-        out.append((lst[t][0], int((~ever).sum()), int(ever.size)))
+        out.append((int(steps[k + w - 1]), int((~active[k]).sum()), int(active.shape[1])))
     return out
 
 
@@ -101,8 +111,8 @@ def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
     ongoing: dict[str, bool] = {}
     def qualifies(d: int, u: int) -> bool:
         return u > 0 and d >= th.dead_min_units and d / u >= th.dead_frac
-    for name, lst in history.items():
-        wins = _dead_windows(lst, th)
+    for name, (st, mk, sm) in history.items():
+        wins = _dead_windows(st, mk, sm, th)
         hits = [w for w in wins if qualifies(w[1], w[2])]
         if not hits:
             continue
