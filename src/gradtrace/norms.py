@@ -307,9 +307,11 @@ def _sharded_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> lis
 
 # ------------------------------------------------------------------ sharing within a step
 
-#: (id(tensor), norm_type) -> (weak reference, _version, norm). Filled only while someone
-#: listens; bounded by pruning dead or changed entries when it outgrows the live set.
-_cache: dict[tuple[int, float], tuple[Any, int, Tensor]] = {}
+#: norm_type -> {id(tensor): (weak reference, _version, source, index)}: the norm is
+#: ``source[index]`` (a list of computed norms) or ``source.norms()[index]`` (a clipper's
+#: scaled norms, multiplied out only if someone asks). Filled only while someone listens;
+#: bounded by pruning dead or changed entries when it outgrows the live set.
+_cache: dict[float, dict[int, tuple[Any, int, Any, int]]] = {}
 _cache_limit = 256
 
 NormObserver = Callable[[list, list, Tensor, Union[Tensor, None], float], Any]
@@ -317,25 +319,52 @@ NormObserver = Callable[[list, list, Tensor, Union[Tensor, None], float], Any]
 _observers: "OrderedDict[int, Any]" = OrderedDict()
 
 
-def _remember(tensors: list[Tensor], norms: list[Tensor], p: float) -> None:
+class _Scaled:
+    """Post-clip norms ``pre * coef``, computed (one foreach op) on first use only: a
+    monitor told the coefficient by its observer never needs them."""
+
+    __slots__ = ("pre", "coef", "_post")
+
+    def __init__(self, pre: list[Tensor], coef: Tensor) -> None:
+        self.pre, self.coef, self._post = pre, coef, None
+
+    def norms(self) -> list[Tensor]:
+        if self._post is None:
+            with torch.no_grad():
+                if len({n.device for n in self.pre}) > 1:
+                    self._post = [n * self.coef.to(n.device, n.dtype) for n in self.pre]
+                else:
+                    self._post = list(torch._foreach_mul(self.pre, self.coef.to(self.pre[0].device)))
+        return self._post
+
+
+def _remember(tensors: list[Tensor], source: Any, p: float) -> None:
     global _cache_limit
-    for t, n in zip(tensors, norms):
-        if not is_dtensor(t):
-            _cache[(id(t), p)] = (weakref.ref(t), t._version, n)
-    if len(_cache) > _cache_limit:
-        for key, (ref, version, _) in list(_cache.items()):
-            t = ref()
+    ref = weakref.ref
+    table = _cache.setdefault(p, {})
+    for i, t in enumerate(tensors):
+        if type(t) in _PLAIN or not is_dtensor(t):
+            table[id(t)] = (ref(t), t._version, source, i)
+    if len(table) > _cache_limit:
+        for key, (r, version, _, _) in list(table.items()):
+            t = r()
             if t is None or t._version != version:
-                del _cache[key]
-        _cache_limit = max(256, 2 * len(_cache))
+                del table[key]
+        _cache_limit = max(256, 2 * len(table))
 
 
 def _recall(tensors: list[Tensor], p: float) -> list[Tensor | None]:
+    table = _cache.get(p)
+    if table is None:
+        return [None] * len(tensors)
     found: list[Tensor | None] = []
     for t in tensors:
-        hit = _cache.get((id(t), p))
-        found.append(hit[2] if hit is not None and hit[1] == t._version and hit[0]() is t
-                     else None)
+        hit = table.get(id(t))
+        if hit is None or hit[1] != t._version or hit[0]() is not t:
+            found.append(None)
+        else:
+            src = hit[2]
+            found.append(src[hit[3]] if type(src) is list else src.norms()[hit[3]])
     return found
 
 
@@ -349,9 +378,9 @@ def forget(tensors: Iterable[Tensor] | None = None) -> None:
     if tensors is None:
         _cache.clear()
         return
-    ids = {id(t) for t in tensor_list(tensors, "tensors")}
-    for key in [k for k in _cache if k[0] in ids]:
-        del _cache[key]
+    for t in tensor_list(tensors, "tensors"):
+        for table in _cache.values():
+            table.pop(id(t), None)
 
 
 def register(fn: NormObserver) -> RemovableHandle:
@@ -411,10 +440,7 @@ def notify_clipped(grads: list[Tensor], norms: list[Tensor], total: Tensor,
     if not observers:
         return
     if coef is not None:
-        with torch.no_grad():
-            post = [n * coef.to(n.device, n.dtype) for n in norms] if len({n.device for n in norms}) > 1 \
-                else list(torch._foreach_mul(norms, coef.to(norms[0].device)))
-        _remember(grads, post, float(norm_type))
+        _remember(grads, _Scaled(list(norms), coef), float(norm_type))
     for fn in observers:
         fn(grads, norms, total, coef, float(norm_type))
 
@@ -472,7 +498,7 @@ def _grad_norms(ts: list[Tensor], p: float, foreach: bool | None,
             for i, n in zip(todo, got):
                 norms[i] = n
         if _observers:
-            _remember(sub, got, p)  # type: ignore[arg-type]
+            _remember(sub, got if type(got) is list else list(got), p)
     return norms  # type: ignore[return-value]
 
 
