@@ -733,3 +733,16 @@ def test_float16_gradients_match_torch(norm_type):
     F16_RTOL = 1e-3   # the coefficient is multiplied into float16 values
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=F16_RTOL, atol=0.0)
+
+
+def test_finite_gradients_clip_to_a_finite_total():
+    # squares of 1e20 leave float32's range: torch's total reads inf and its coefficient
+    # zeroes the gradients; the norm engine keeps the total finite and the clip correct
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([1e20, -1e20, 1e20, 3.0])
+    want = float(torch.linalg.vector_norm(p.grad.double()))
+    total = C.clip_grad_norm_([p], max_norm=2.0)
+    assert total.dtype == torch.float32 and float(total) == pytest.approx(want, rel=RTOL)
+    assert float(torch.linalg.vector_norm(p.grad.double())) == pytest.approx(2.0, rel=RTOL)
+    tiny = [torch.full((9,), 1e-25)]
+    assert float(C.get_total_norm(tiny)) == pytest.approx(3e-25, rel=RTOL)
