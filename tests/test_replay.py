@@ -145,6 +145,26 @@ def test_nan_from_an_earlier_update_is_named_as_such(tmp_path):
     assert any(n.startswith("weight:") for n in r.nonfinite)
     assert "eps=1e-08 rounds to 0 in float16" in r.cause
     assert "previous optimizer update" in r.headline
+    assert not any(n.startswith("optimizer state") for n in r.nonfinite)   # Adam's moments stay finite
+
+
+def test_nonfinite_input_is_the_datas_and_torch_modules_are_named_by_module(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)                # 4 x 3e38 overflows float32 in the first Linear
+    x = torch.randn(3, 4)
+    for name, value, phase in (("inf", float("inf"), "input"), ("big", 3e38, "forward")):
+        x[0, :] = value
+        cap = SimpleNamespace(args=(x,), kwargs={}, rng_state=flight.rng_state())
+        path = flight.save_bundle(tmp_path / name, model=model, optimizer=None, capture=cap,
+                                  step=2, reason="t")
+        r = replay(path)
+        assert r.phase == phase, r
+    assert r.nonfinite == [] and r.origin.module == "0 (Linear)"
+    assert r.origin.location is None              # torch's own Linear: no user line to show
+    assert (r.origin.op, r.origin.aten) == ("torch.nn.functional.linear", "aten.addmm.default")
+    assert max(i["max"] for i in r.origin.inputs) == float(torch.tensor(3e38))
 
 
 def test_replay_restores_the_rng_of_the_step(tmp_path):

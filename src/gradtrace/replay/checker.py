@@ -34,10 +34,8 @@ from torch.utils._pytree import tree_leaves
 
 __all__ = ["OpChecker", "OpOrigin", "tensor_range"]
 
-_SKIP_DIRS = tuple(os.path.dirname(p) + os.sep for p in (torch.__file__,)) + (
-    os.path.dirname(os.path.dirname(__file__)) + os.sep,        # gradtrace itself
-    sysconfig.get_paths()["stdlib"] + os.sep,
-)
+_TORCH_DIRS = (os.path.dirname(torch.__file__) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep)
+_OWN_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep          # gradtrace itself
 _TAG = "gradtrace_forward"
 
 
@@ -73,16 +71,22 @@ def _all_finite(ts: list[torch.Tensor]) -> bool:
 
 
 def user_frame() -> tuple[str, int, str] | None:
-    """``(file, line, qualified function)`` of the innermost frame in the user's code.
+    """``(file, line, qualified function)`` of the innermost frame in the user's code, or
+    ``None`` when the op runs in torch's own code called from gradtrace (an ``nn.Linear``
+    the replay called: the module names it then).
 
     Example:
         >>> user_frame()[2]      # doctest: +ELLIPSIS
         '...'
     """
     f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith(_OWN_DIR):   # the checker's own
+        f = f.f_back
     while f is not None:
         path = f.f_code.co_filename
-        if not path.startswith(_SKIP_DIRS) and not path.startswith("<frozen"):
+        if path.startswith(_OWN_DIR):        # reached the replay driver: no user frame
+            return None
+        if not path.startswith(_TORCH_DIRS) and not path.startswith("<frozen"):
             return path, f.f_lineno, getattr(f.f_code, "co_qualname", f.f_code.co_name)
         f = f.f_back
     return None
@@ -95,6 +99,8 @@ def _fn_name(func: Any) -> str:
         return "Tensor." + qual.split(".", 1)[1]
     if qual.startswith("_VariableFunctionsClass."):
         return "torch." + qual.split(".", 1)[1]
+    if mod == "torch._C._nn":                # F.linear and friends are these builtins
+        return f"torch.nn.functional.{qual}"
     return f"{mod}.{qual}" if mod else qual
 
 

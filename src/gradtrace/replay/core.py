@@ -5,8 +5,9 @@ object, whose classes are re-imported from the script: only its imports, definit
 plain constant assignments are executed, never its training code), the step's state and
 RNG are restored, and the step runs again under :class:`~gradtrace.replay.checker.OpChecker`:
 
-1. If a parameter or an input is already non-finite, the previous update made it: the
-   result says so (``phase="before"``) with the tensors and any optimizer-state cause.
+1. If a parameter is already non-finite, an earlier update made it: the result says so
+   (``phase="before"``) with the tensors and any optimizer-state cause; a non-finite input
+   is the data's (``phase="input"``).
 2. The forward, then the backward of the loss: the output's own loss (a scalar output,
    Transformers' ``output.loss``), a ``loss`` factory (``loss(output) -> scalar``), else
    the sum of the float outputs (a surrogate: its gradient reaches every op, and
@@ -49,9 +50,10 @@ class ReplayResult:
     """What the replay of a bundle found.
 
     ``phase``: ``"forward"``, ``"backward"``, ``"optimizer"`` (that part of the step made
-    the first non-finite value, ``origin`` names the op), ``"before"`` (parameters or
-    inputs were already non-finite when the step began: ``nonfinite`` lists them) or
-    ``"none"`` (the step replayed finite). ``cause`` is a dtype-level explanation when one
+    the first non-finite value, ``origin`` names the op), ``"before"`` (parameters were
+    already non-finite when the step began: an earlier update made them; ``nonfinite``
+    lists them and any non-finite optimizer state), ``"input"`` (the model's input was
+    non-finite: the data) or ``"none"`` (the step replayed finite). ``cause`` is a dtype-level explanation when one
     applies (float16 overflow, an optimizer ``eps`` that rounds to 0).
 
     Example:
@@ -71,10 +73,13 @@ class ReplayResult:
     def headline(self) -> str:
         """One line: ``torch.log at model.py:42 in Attention.forward: input min 0.0 → -inf``."""
         o = self.origin
+        names = ", ".join(self.nonfinite[:4]) + (" …" if len(self.nonfinite) > 4 else "")
         if self.phase == "before":
-            names = ", ".join(self.nonfinite[:4]) + (" …" if len(self.nonfinite) > 4 else "")
-            return (f"already non-finite when step {self.step} began ({names}): the previous "
-                    f"optimizer update produced it")
+            return (f"parameters already non-finite when step {self.step} began ({names}): the "
+                    f"previous optimizer update produced them")
+        if self.phase == "input":
+            return (f"the model's input at step {self.step} is already non-finite ({names}): "
+                    f"the data, or code run before the model, produced it")
         if o is None:
             return f"step {self.step}: the replayed step stayed finite (the loss from: {self.loss_source})"
         where = ""
@@ -100,9 +105,9 @@ class ReplayResult:
                 lines.append(f"  input {i}: {r['dtype']}{r['shape']} min {fmt(r['min'])} max {fmt(r['max'])}")
         if self.cause:
             lines.append(f"  cause: {self.cause}")
-        if self.phase not in ("none", "before"):
+        if self.phase not in ("none", "before", "input"):
             lines.append(f"  loss replayed from: {self.loss_source}")
-        return "\n".join(lines) if self.phase != "none" else lines[0]
+        return "\n".join(lines) if self.phase != "none" or self.cause else lines[0]
 
 
 def _ranges(rs: list) -> str:
@@ -296,14 +301,17 @@ def replay(run: str | os.PathLike, factory: Any = None, loss: Any = None, *,
     kwargs = {k: _to(v, dev) for k, v in bundle["kwargs"].items()}
     common = dict(step=bundle["step"], reason=bundle["reason"], bundle=str(path))
 
-    # 1. already non-finite before the forward: the previous update made it
-    bad = _nonfinite(dict(model.named_parameters())) + _nonfinite(
-        {f"input {i}": t for i, t in enumerate(tree_leaves((args, kwargs)))})
+    # 1. already non-finite before the forward: the previous update, or the data
+    bad = _nonfinite(dict(model.named_parameters()))
     if bad:
-        state = {} if opt is None else {f"optimizer state {k}": v for i, s in enumerate(opt.state.values())
-                                        for k, v in s.items()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        state = {} if opt is None else {f"optimizer state {names.get(id(p), '?')}.{k}": v
+                                        for p, st in opt.state.items() for k, v in st.items()}
         return ReplayResult(phase="before", nonfinite=bad + _nonfinite(state),
                             cause=_dtype_cause(None, opt, model), **common)
+    bad = _nonfinite({f"input {i}": t for i, t in enumerate(tree_leaves((args, kwargs)))})
+    if bad:
+        return ReplayResult(phase="input", nonfinite=bad, **common)
 
     # 2. forward and backward under the check, with the step's RNG state
     rng = bundle.get("rng_state") or {}
