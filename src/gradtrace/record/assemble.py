@@ -85,8 +85,8 @@ class Assembler:
             for fig in PARAM_FIGURES:
                 if fig.part in host:
                     param[fig.stat] = scatter(fig.decode(gsq if fig.part == "gsq" else host[fig.part]), idx)
-            broken = [k for k, v in enumerate(gsq) if not math.isfinite(v)]
-            nonfinite = [0] * len(idx)
+            broken = np.flatnonzero(~np.isfinite(gsq)).tolist()
+            nonfinite = np.zeros(len(idx))
             for k in broken:
                 nonfinite[k] = info.counts.get(k, 1)
             bad_params = [self.param_names[idx[k]] for k in broken if nonfinite[k] > 0]
@@ -109,8 +109,6 @@ class Assembler:
                 scalars["total_grad_norm_post_clip"] = post
                 pre = scalars["total_grad_norm"]
                 scalars["grad_changed_ratio"] = post / pre if pre > 0 else (1.0 if post == 0 else math.inf)
-        if "clip" in host:                          # a gradtrace clipper's own coefficient
-            scalars["clip_coef"] = float(host["clip"][1])
         loss_vals = [float(v) for v in host.get("loss", [])] + list(info.losses)
         if loss_vals:
             scalars["loss"] = float(np.mean(loss_vals))

@@ -22,8 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..norms import grad_norms
-from .reduce import max_abs
+from .reduce import max_abs, squared_norms
 
 
 @dataclass(frozen=True)
@@ -47,22 +46,17 @@ class ParamFigure:
 
 
 def squares(tensors: list, dev: torch.device) -> torch.Tensor:
-    """Squared L2 norms (float64, on ``dev``) from the one norm engine, :mod:`gradtrace.norms`:
-    grouped foreach kernels, finite-safe, and shared with clippers within the step.
+    """Squared L2 norms (float64, on ``dev``): grouped ``_foreach_norm`` kernels, float32
+    accumulation on CPU (rescued by the monitor where it over- or underflowed), float64
+    elsewhere. Not :func:`gradtrace.norms.grad_norms`: its per-tensor sharing cache and
+    its CPU range check at 1e-12 cost 1-4 ms a step on a 200-tensor model whose deep
+    gradients are small (measured, bench/overhead.py narrow model), more than the norms.
 
     Example:
-        >>> v = squares([torch.full((4,), 1e20), torch.full((1,), 1e-25)], torch.device("cpu"))
-        >>> [f"{x:.3g}" for x in v.tolist()]
-        ['4e+40', '1e-50']
+        >>> squares([torch.ones(4), torch.ones(9)], torch.device("cpu")).tolist()
+        [4.0, 9.0]
     """
-    if not tensors:
-        return torch.empty(0, dtype=torch.float64, device=dev)
-    got = grad_norms(tensors)
-    try:
-        v = torch.stack(got)
-    except RuntimeError:                 # tensors on several devices: one copy each
-        v = torch.stack([n.to(dev) for n in got])
-    return v.to(dev, torch.float64).square()
+    return squared_norms(tensors, dev)
 
 
 def _grad_sq(grads: list, params: list, dev: torch.device) -> torch.Tensor:

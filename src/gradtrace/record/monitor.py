@@ -45,11 +45,14 @@ from .assemble import Assembler, StepInfo
 from .capture import StepCapture, first_nonfinite_module, rng_state
 from .collectors import PARAM_FIGURES, squares
 from .hooks import StepHooks
-from .reduce import nonfinite_counts
+from .reduce import nonfinite_counts, rescaled_squares
 from .selection import SATURATION_BOUNDS, activation_kind, floating_tensors, select
 from .transfer import HostCopies
 
 F32, F64 = torch.float32, torch.float64
+#: Squared norms above this are trusted from a float32 accumulation: a norm of 1e-17 or
+#: more, made of entries whose squares lost nothing that matters to float32's range.
+_SQ_TRUSTED_BELOW = 1e-34
 _engine = torch.autograd.Variable._execution_engine
 
 #: Named trade-offs between cost and insight (pass ``preset=`` to :func:`watch`).
@@ -157,6 +160,7 @@ class Monitor:
         self._param_names = sel.params
         self._params = [params[n] for n in sel.params]
         self._device = self._params[0].device if self._params else torch.device("cpu")
+        self._sharded = any(distributed.is_dtensor(p) for p in self._params)
         self._assembler = Assembler(self._param_names, self._mod_names, self._kinds)
         self._copies = HostCopies()
         self._hooks = StepHooks(self._modules, self._kinds, self._internal_error)
@@ -232,7 +236,6 @@ class Monitor:
         # Two hooks on what the user calls, on every step: O(1), whatever the model's size.
         self._handles.append(self.model.register_forward_pre_hook(self._on_root_input, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._on_root_output))
-        self._handles.append(norms.register(self._on_clip))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
@@ -272,7 +275,6 @@ class Monitor:
         self._losses: list[Any] = []
         self._queued = False
         self._bwd: dict[str, Any] | None = None    # end-of-backward figures
-        self._clip: dict[str, Any] | None = None   # what a gradtrace clipper reported
         self._post: torch.Tensor | None = None     # squared total after a change
         self._old: list[torch.Tensor] | None = None
         self._looked = self._checked = False
@@ -320,7 +322,7 @@ class Monitor:
             if p.grad is not None:
                 idx.append(i)
                 grads.append(p.grad)
-        local = [distributed.local(g) for g in grads]     # FSDP2: this rank's shard
+        local = [distributed.local(g) for g in grads] if self._sharded else grads  # FSDP2: shards
         params = [distributed.local(self._params[i].detach()) for i in idx] if self._act else []
         parts: dict[str, torch.Tensor] = {}
         if grads:
@@ -348,15 +350,6 @@ class Monitor:
         scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
         return None if scale is None else scale.to(self._device, F64).reciprocal()
 
-    def _on_clip(self, grads, grad_norms, total, coef, norm_type) -> None:
-        """A gradtrace clipper scaled this step's gradients by ``coef`` (all on the device)."""
-        if self._closed or not self._rec or coef is None or norm_type != 2.0 or self._bwd is None:
-            return
-        ours = self._bwd["grads"]
-        if len(ours) == len(grads) and all(a is b for a, b in zip(ours, grads)):
-            self._clip = {"total": total, "coef": coef,
-                          "versions": [distributed.local(g)._version for g in grads]}
-
     def _before_update(self, check_changes: bool = True) -> None:
         """Everything that must happen before the optimizer applies the step (idempotent)."""
         if self._closed or not self._rec:
@@ -383,19 +376,18 @@ class Monitor:
         now = [self._params[i].grad for i in b["idx"]]
         # Version counters of the local tensors (FSDP2: the shard a clipper scales).
         loc = distributed.local
-
-        def same(versions: list[int]) -> bool:
-            return all(g is h and loc(g)._version == v for g, h, v in zip(now, b["grads"], versions))
-        if same(b["versions"]):
-            return
-        c = self._clip
-        if c is not None and same(c["versions"]):
-            post = (loc(c["total"]).to(self._device, F64) * loc(c["coef"]).to(self._device, F64)).square()
+        if self._sharded:
+            same = all(g is h and loc(g)._version == v for g, h, v in zip(now, b["grads"], b["versions"]))
         else:
-            # Full norms (DTensors: one collective; every rank changed its shards alike).
-            got = [g for g in now if g is not None]
-            post = (torch.stack([loc(n).to(self._device, F64) for n in norms.grad_norms(got)]).square().sum()
-                    if got else torch.zeros((), dtype=F64, device=self._device))
+            same = all(g is h and g._version == v for g, h, v in zip(now, b["grads"], b["versions"]))
+        if same:
+            return
+        got = [g for g in now if g is not None]
+        if any(distributed.is_dtensor(g) for g in got):
+            # Full norms of the shards (one collective; every rank changed its shards alike).
+            post = torch.stack([loc(n).to(self._device, F64) for n in norms.grad_norms(got)]).square().sum()
+        else:
+            post = squares(got, self._device).sum()
         self._post = post.reshape(1)
 
     def _look(self) -> None:
@@ -413,8 +405,14 @@ class Monitor:
         gsq, loss = vals[:n], vals[n:]
         bad = np.flatnonzero(~np.isfinite(gsq))
         loss_bad = bool(loss.size and not np.isfinite(loss).all())
+        # float32 accumulation (CPU) squared an entry past its range (inf for a finite
+        # gradient above ~1e19; 0 or too little below ~1e-19): measure those again.
+        doubt = np.flatnonzero(~(gsq > _SQ_TRUSTED_BELOW) | (gsq == np.inf)) if self._device.type == "cpu" else ()
         self._copies.release(early)
         b["early"] = None
+        if len(doubt):
+            self._rescue(b, gsq, doubt)
+            bad = np.asarray([k for k in bad if not math.isfinite(info.exact.get(int(k), math.inf))], dtype=int)
         if not len(bad) and not loss_bad:
             return
         info.counted = True
@@ -433,6 +431,20 @@ class Monitor:
         if self.flight_recorder and not self._flight_done and self.out is not None and fresh:
             self._flight_done = True
             self._save_flight(cap, "nonfinite_loss" if loss_bad and not len(bad) else "nonfinite_grad")
+
+    def _rescue(self, b: dict, gsq: np.ndarray, doubt: np.ndarray) -> None:
+        """Measure again, on scaled copies, the gradients whose float32 squares left the
+        range (only while they are still what backward left). O(1) kernel launches."""
+        loc = distributed.local
+        keep = [int(k) for k in doubt if b["grads"][k] is self._params[b["idx"][k]].grad
+                and loc(b["grads"][k])._version == b["versions"][k]]
+        for exponent, pick in ((-64, [k for k in keep if gsq[k] == np.inf]),
+                               (64, [k for k in keep if gsq[k] != np.inf])):
+            if pick:
+                copy = self._copies.start(rescaled_squares([loc(b["grads"][k]) for k in pick], exponent))
+                for k, v in zip(pick, copy.values):     # on CPU: already landed
+                    self._info.exact[k] = float(v)
+                self._copies.release(copy)
 
     def _save_flight(self, cap: StepCapture, reason: str) -> None:
         try:
@@ -495,9 +507,6 @@ class Monitor:
             parts.append(("dsq", squares(self._old, dev)))
         if self._post is not None:
             parts.append(("post", self._post))
-        if self._clip is not None:
-            parts.append(("clip", torch.stack([distributed.local(self._clip["total"]).to(dev, F32).reshape(()),
-                                               self._clip["coef"].to(dev, F32).reshape(())])))
         losses = [l for l in self._losses if isinstance(l, torch.Tensor)]
         if losses:
             parts.append(("loss", torch.stack([l.reshape(()).to(dev, F32) for l in losses])))
