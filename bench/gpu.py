@@ -8,8 +8,9 @@ bf16 autocast with AdamW. Printed:
 
 1. step-time ratios, interleaved (A B A B ...): bare, gradtrace default, economy, full,
    and clip alone vs gradtrace monitor + fused clipping;
-2. the number of host syncs on non-recording steps, counted by running those steps under
-   ``torch.cuda.set_sync_debug_mode("error")`` (any sync raises): must be 0.
+2. the number of host syncs on every step (recorded, activation and plain steps, with
+   torch's clipping), each run under ``torch.cuda.set_sync_debug_mode("error")`` (any
+   sync raises): gradtrace must add 0, and every step's record must reach the trace.
 """
 from __future__ import annotations
 
@@ -126,42 +127,46 @@ def main() -> int:
         del runs
         torch.cuda.empty_cache()
 
-    # Host syncs on non-recording steps, counted in "warn" mode for the bare model and for
-    # the watched one (every=4: steps 1, 2, 3, 5, 6, 7 record nothing): gradtrace adds none.
-    def count_syncs(watched: bool) -> tuple[int, int]:
+    # Host syncs: every step (recorded or not, activation steps included, with torch's
+    # clipping so the post-clip path runs) under torch.cuda.set_sync_debug_mode("error"),
+    # where any synchronising call raises. Two warm-up steps first (lazy CUDA state).
+    def count_syncs(watched: bool) -> tuple[int, list[str], int]:
         torch.manual_seed(0)
         model = GPT().cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        mon = gt.watch(model, opt, every=4, activations_every=8) if watched else None
+        mon = gt.watch(model, opt, activations_every=4) if watched else None
         x, y = batch
-        count = 0
-        for i in range(8):
-            quiet = i % 4 != 0
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn" if quiet else "default")
-                try:
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-                    if mon is not None:
-                        mon.record_loss(loss)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            if quiet:
-                count += sum("synchroniz" in str(w.message) for w in caught)
-        recorded = len(mon.trace) if mon is not None else 0
+        errors: list[str] = []
+        for i in range(10):
+            if i >= 2:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                if mon is not None:
+                    mon.record_loss(loss)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            except RuntimeError as e:
+                errors.append(f"step {i}: {str(e).splitlines()[0][:160]}")
+                opt.zero_grad(set_to_none=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        recorded = 0
         if mon is not None:
-            mon.close()
-        return count, recorded
+            mon.close()                     # close() may wait for the last copies: allowed
+            recorded = len(mon.trace)
+        return len(errors), errors, recorded
 
-    bare_syncs, _ = count_syncs(False)
-    watched_syncs, recorded = count_syncs(True)
-    print(f"\nhost syncs on 6 non-recording steps: bare model {bare_syncs}, watched {watched_syncs} "
-          f"(gradtrace adds {watched_syncs - bare_syncs}); recorded steps: {recorded}")
-    return 1 if watched_syncs > bare_syncs else 0
+    bare_syncs, bare_err, _ = count_syncs(False)
+    watched_syncs, watched_err, recorded = count_syncs(True)
+    print(f"\nhost syncs on 8 steps under sync-debug 'error': bare model {bare_syncs}, watched "
+          f"{watched_syncs} (gradtrace adds {watched_syncs - bare_syncs}); records written: {recorded}")
+    for line in watched_err[:5]:
+        print("  ", line)
+    return 1 if watched_syncs > bare_syncs or recorded != 10 else 0
 
 
 if __name__ == "__main__":
