@@ -26,15 +26,16 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "watch": "monitor", "Monitor": "monitor", "PRESETS": "monitor",
+    "watch": "api", "Monitor": "record", "PRESETS": "record",
     "UsageError": "errors", "NonFiniteError": "errors",
-    "load": "trace", "Trace": "trace", "TraceWarning": "errors",
-    "Finding": "findings", "Fix": "findings", "KINDS": "findings",
-    "diagnose": "detect", "Thresholds": "detect", "report": "report",
+    "load": "trace", "Trace": "trace", "TraceWarning": "errors", "next_run_dir": "trace",
+    "Finding": "diagnose", "Fix": "diagnose", "KINDS": "diagnose",
+    "diagnose": "api", "advise": "advise", "Thresholds": "diagnose", "report": "report",
     "clip_grad_norm_": "remedies.clip", "clip_grad_value_": "remedies.clip",
     "get_total_norm": "remedies.clip", "clip_grads_with_norm_": "remedies.clip",
     "adaptive_clip_grad_": "remedies.agc", "AutoClip": "remedies.adaptive", "ZClip": "remedies.adaptive",
     "Guard": "remedies.guard",
+    "replay": "replay", "ReplayResult": "replay",
     "init_for_activation": "remedies.init", "lsuv_": "remedies.lsuv",
     "scale_residual_branches_": "remedies.residual",
     "spectrum": "preflight", "Spectrum": "preflight", "preflight": "preflight",
@@ -47,6 +48,9 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 # once bound here, a later `import gradtrace.spectrum` no longer touches the attribute.
 from .preflight import preflight, spectrum  # noqa: E402,F401
 from .report import report  # noqa: E402,F401
+from .replay import replay  # noqa: E402,F401
+from .api import diagnose  # noqa: E402,F401
+from .advise import advise  # noqa: E402,F401
 
 
 def __getattr__(name: str) -> Any:
