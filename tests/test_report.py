@@ -146,3 +146,55 @@ def test_spectrum_section_included_when_available(traces, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "gradtrace.report.spectrum_section", mod)
     out = gt.report(gt.load(traces[0]), tmp_path / "s.html", findings=[], spectrum={"blocks": []})
     assert "spectrum-test" in Path(out).read_text()
+
+
+def _long_trace(n_steps: int, spike_at: int):
+    """A synthetic long run in memory: 4 layers, a loss spike and one exploding gradient step."""
+    from gradtrace.trace import MemoryWriter
+
+    meta = {"modules": [{"name": str(i), "type": "Linear", "params": [f"{i}.weight"]} for i in range(4)],
+            "params": [{"name": f"{i}.weight", "module": str(i)} for i in range(4)]}
+    w = MemoryWriter(meta)
+    rng = np.random.default_rng(0)
+    for s in range(n_steps):
+        g = rng.uniform(0.5, 1.5, size=4) * np.array([1e-3, 1e-2, 1e-1, 1.0])
+        if s == spike_at:
+            g[0] = 1e4
+        rec = {"step": s, "scalars": {"loss": 100.0 if s == spike_at else 1.0 + 0.01 * rng.standard_normal(),
+                                      "total_grad_norm": float(np.sqrt((g ** 2).sum()))},
+               "param": {"grad_norm": g.tolist()}}
+        if s == 0:
+            rec["exec_order"] = ["0", "1", "2", "3"]
+        w.write(rec)
+    return w.trace
+
+
+def test_long_runs_are_downsampled_keeping_spikes(tmp_path):
+    from gradtrace.report import figdata, svg
+
+    n, spike = 30_000, 17_771
+    trace = _long_trace(n, spike)
+    steps, loss = trace.series("loss", with_steps=True)
+    xs, ys = figdata.downsample(steps, loss, 1000)
+    assert len(xs) <= 1000 and 100.0 in ys.tolist() and int(xs[np.argmax(ys)]) == spike
+    assert np.all(np.diff(xs) > 0)                       # still in step order
+    s, layers, g = figdata.layer_grad_norms(trace)
+    cols_steps, cols = svg._bin_columns(s, g.T, 160)
+    assert cols.shape == (4, 160) and cols[0].max() == pytest.approx(1e4, rel=1e-6)
+    page = tmp_path / "long.html"
+    gt.report(trace, page, findings=[])
+    size = page.stat().st_size
+    assert size < 600_000, size                           # 30k steps, still a small page
+    # each chart draws at most svg.MAX_POINTS points per line
+    longest = max(len(m.split()) for m in re.findall(r'points="([^"]*)"', page.read_text()))
+    assert longest <= svg.MAX_POINTS
+
+
+def test_report_reads_only_the_query_api(tmp_path, monkeypatch):
+    from gradtrace.trace import Trace
+
+    trace = gt.load(make_trace(tmp_path / "r", steps=6))
+    monkeypatch.setattr(Trace, "records", property(lambda self: pytest.fail("report read raw records")))
+    gt.report(trace, tmp_path / "page.html", findings=[])
+    from gradtrace.report.terminal import render_plain
+    assert "gradtrace" in render_plain(trace, [])

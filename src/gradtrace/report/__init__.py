@@ -2,12 +2,14 @@
 
 * :func:`report` writes one HTML page (inline SVG, no scripts, no network) for a trace.
 * :mod:`gradtrace.report.terminal` renders the ``gradtrace show`` table.
-* :mod:`gradtrace.report.plots` holds the figures (SVG here, PNG with matplotlib,
-  which is imported only when PNGs are asked for).
+* the figures: :mod:`~gradtrace.report.figdata` (their numbers, read through the Trace
+  query API), :mod:`~gradtrace.report.svg` (primitives), :mod:`~gradtrace.report.figures`
+  (the report's SVG figures) and :mod:`~gradtrace.report.png` (matplotlib, imported only
+  when PNGs are asked for).
 
 Example:
     >>> import gradtrace as gt
-    >>> gt.report(gt.load("runs/exp1"), "runs/exp1/report.html")    # doctest: +SKIP
+    >>> gt.report(gt.load("runs/exp1"), "runs/exp1/report.html", findings=[])
     PosixPath('runs/exp1/report.html')
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ def diagnose_trace(trace) -> list:
     """Findings of :func:`gradtrace.diagnose` for ``trace`` (the reports' one entry to it).
 
     Example:
-        >>> findings = diagnose_trace(gt.load("runs/exp1"))     # doctest: +SKIP
+        >>> isinstance(diagnose_trace(gt.load("runs/exp1")), list)
+        True
     """
     from gradtrace.detect import diagnose
 
@@ -35,8 +38,8 @@ def summarize(trace, findings: Sequence[Any] | None = None) -> dict[str, Any]:
     """Headline figures of a run, JSON-ready (the ``summary`` of ``gradtrace doctor --json``).
 
     Example:
-        >>> summarize(gt.load("runs/exp1"))["steps_recorded"]     # doctest: +SKIP
-        200
+        >>> summarize(gt.load("runs/exp1"))["steps_recorded"]
+        30
     """
     import numpy as np
 
@@ -110,8 +113,8 @@ def report(trace, path: str | os.PathLike | None = None, *, findings: Sequence[A
     ``report.html`` inside the trace directory.
 
     Example:
-        >>> gt.report(gt.load("runs/exp1"), "runs/exp1/report.html")   # doctest: +SKIP
-        PosixPath('runs/exp1/report.html')
+        >>> gt.report(gt.load("runs/exp1"), "out/report.html", findings=[]).stat().st_size > 10_000
+        True
     """
     from . import html as _html
 
@@ -130,7 +133,7 @@ def report(trace, path: str | os.PathLike | None = None, *, findings: Sequence[A
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     if png_dir is not None:
-        from . import plots
+        from .png import write_pngs
 
-        plots.write_pngs(trace, png_dir, findings or ())
+        write_pngs(trace, png_dir, findings or ())
     return out

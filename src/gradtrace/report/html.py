@@ -5,7 +5,8 @@ requests, so they open from disk anywhere (an air-gapped cluster, an e-mail atta
 
 Example:
     >>> from gradtrace.report.html import render_html
-    >>> page = render_html(gt.load("runs/exp1"), findings=[])     # doctest: +SKIP
+    >>> render_html(gt.load("runs/exp1"), findings=[]).startswith("<!DOCTYPE html>")
+    True
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import plots
-from .plots import fmt
+from ..numerics import fmt
+from . import figdata, figures
+from .svg import Series, line_chart
 
 CSS = """
 *{box-sizing:border-box}
@@ -190,14 +192,14 @@ def render_html(trace, findings: Sequence[Any] | None = (), *, spectrum: Any = N
     """The full report page of one run as an HTML string (see :func:`gradtrace.report.report`).
 
     Example:
-        >>> page = render_html(gt.load("runs/exp1"), findings=[])     # doctest: +SKIP
-        >>> page.startswith("<!DOCTYPE html>")                          # doctest: +SKIP
+        >>> page = render_html(gt.load("runs/exp1"), findings=[])
+        >>> page.startswith("<!DOCTYPE html>") and "Gradient flow" in page
         True
     """
     from . import summarize
 
     summary = summarize(trace, findings)
-    loss_chart, spikes = plots.loss_svg(trace, findings or ())
+    loss_chart, spikes = figures.loss_svg(trace, findings or ())
     name = title or (trace.path or "in-memory run")
     n_find = len(findings) if findings is not None else None
     badge = ('<span class="badge ok">healthy</span>' if n_find == 0 else
@@ -209,7 +211,7 @@ def render_html(trace, findings: Sequence[Any] | None = (), *, spectrum: Any = N
         f"<h1>gradtrace report {badge}</h1>",
         f'<p class="sub">{_e(name)} · model <code>{_e(trace.meta.get("model"))}</code> · optimizer '
         f'<code>{_e(trace.meta.get("optimizer"))}</code> · {len(trace.params)} parameters watched in '
-        f'{len(plots.layer_order(trace))} layers</p>',
+        f'{len(figdata.layer_order(trace))} layers</p>',
         _cards(summary, len(spikes)),
     ]
     if trace.warnings:
@@ -222,13 +224,13 @@ def render_html(trace, findings: Sequence[Any] | None = (), *, spectrum: Any = N
                  'A line falling steeply towards the input side means early layers barely learn '
                  '(vanishing); one climbing to huge values means exploding gradients.</p>')
     parts.append('<div class="grid">')
-    parts.append(f'<div class="panel">{plots.gradient_flow_svg(trace)}</div>')
-    parts.append(f'<div class="panel">{plots.grad_heatmap_svg(trace)}</div>')
+    parts.append(f'<div class="panel">{figures.gradient_flow_svg(trace)}</div>')
+    parts.append(f'<div class="panel">{figures.grad_heatmap_svg(trace)}</div>')
     parts.append("</div>")
 
     parts.append('<h2 id="loss">Loss and total gradient norm</h2><div class="grid">')
     parts.append(f'<div class="panel">{loss_chart}</div>')
-    tot = plots.total_norm_svg(trace)
+    tot = figures.total_norm_svg(trace)
     if tot:
         parts.append(f'<div class="panel">{tot}</div>')
     parts.append("</div>")
@@ -242,7 +244,7 @@ def render_html(trace, findings: Sequence[Any] | None = (), *, spectrum: Any = N
     else:
         parts.append('<p id="guard-skips" class="small">Guard skips: 0.</p>')
 
-    acts = [(s, plots.activation_heatmap_svg(trace, s)) for s in plots.ACT_STATS]
+    acts = [(s, figures.activation_heatmap_svg(trace, s)) for s in figures.ACT_STATS]
     acts = [(s, svg) for s, svg in acts if svg]
     parts.append('<h2 id="activations">Activations per layer over steps</h2>')
     if acts:
@@ -250,7 +252,7 @@ def render_html(trace, findings: Sequence[Any] | None = (), *, spectrum: Any = N
     else:
         parts.append('<p class="empty">No activation statistics recorded (watch with activations_every &gt; 0).</p>')
 
-    tg = plots.time_gradient_svg(trace)
+    tg = figures.time_gradient_svg(trace)
     if tg:
         parts.append('<h2 id="time">Gradients through time</h2>')
         parts.append(f'<div class="grid"><div class="panel">{tg}</div></div>')
@@ -276,17 +278,19 @@ def flow_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 6
     1 = output), so networks with different layer counts line up.
 
     Example:
-        >>> flow_overlay_svg([("sigmoid", t1), ("relu", t2)], "Depth")    # doctest: +SKIP
+        >>> t = gt.load("runs/exp1")
+        >>> flow_overlay_svg([("a", t), ("b", t)], "Depth").count("<polyline")
+        2
     """
     series = []
     for label, trace in runs:
-        flow = plots.gradient_flow(trace)
+        flow = figdata.gradient_flow(trace)
         n = len(flow["layers"])
         if n == 0:
             continue
         x = np.arange(n) / max(n - 1, 1)
-        series.append(plots.Series(f"{label} ({n} layers)", x, flow["mean"]))
-    return plots.line_chart(series, title=title, xlabel="relative depth (0 = input layer, 1 = output layer)",
+        series.append(Series(f"{label} ({n} layers)", x, flow["mean"]))
+    return line_chart(series, title=title, xlabel="relative depth (0 = input layer, 1 = output layer)",
                             ylabel="mean gradient norm", logy=True, width=width)
 
 
@@ -294,7 +298,9 @@ def loss_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 6
     """Loss curves of several runs on one chart (log scale when they span > 50x).
 
     Example:
-        >>> loss_overlay_svg([("sigmoid", t1), ("relu", t2)], "Loss")    # doctest: +SKIP
+        >>> t = gt.load("runs/exp1")
+        >>> "<svg" in loss_overlay_svg([("a", t), ("b", t)], "Loss")
+        True
     """
     series = []
     vals = []
@@ -302,11 +308,11 @@ def loss_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 6
         if "loss" not in trace.stats():
             continue
         s, v = trace.series("loss", with_steps=True)
-        series.append(plots.Series(label, s, v, style="line"))
+        series.append(Series(label, s, v, style="line"))
         vals.append(v[np.isfinite(v)])
     allv = np.concatenate(vals) if vals else np.zeros(0)
     logy = bool(allv.size and allv.min() > 0 and allv.max() / allv.min() > 50)
-    return plots.line_chart(series, title=title, xlabel="step", ylabel="training loss", logy=logy, width=width)
+    return line_chart(series, title=title, xlabel="step", ylabel="training loss", logy=logy, width=width)
 
 
 def total_norm_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 640) -> str:
@@ -322,8 +328,8 @@ def total_norm_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: i
     for label, trace in runs:
         if "total_grad_norm" in trace.stats():
             s, v = trace.series("total_grad_norm", with_steps=True)
-            series.append(plots.Series(label, s, v, style="line"))
-    return plots.line_chart(series, title=title, xlabel="step", ylabel="total gradient norm (pre-clip)",
+            series.append(Series(label, s, v, style="line"))
+    return line_chart(series, title=title, xlabel="step", ylabel="total gradient norm (pre-clip)",
                             logy=True, width=width)
 
 
@@ -337,11 +343,11 @@ def time_overlay_svg(runs: Sequence[tuple[str, Any]], title: str, width: int = 6
     """
     series = []
     for label, trace in runs:
-        for name, v in plots.time_gradients(trace).items():
-            series.append(plots.Series(label, np.arange(v.shape[1]), v[0], style="line"))
+        for name, v in figdata.time_gradients(trace).items():
+            series.append(Series(label, np.arange(v.shape[1]), v[0], style="line"))
     if not series:
         return None
-    return plots.line_chart(series, title=title, xlabel="input time step (loss at the last step)",
+    return line_chart(series, title=title, xlabel="input time step (loss at the last step)",
                             ylabel="gradient norm at step 0", logy=True, width=width)
 
 
