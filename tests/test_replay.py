@@ -221,3 +221,30 @@ def test_cli_replay_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a gradtrace flight-recorder bundle"):
         flight.load_bundle(tmp_path / "flight-0.pt")
     assert main(["replay", str(tmp_path)]) == 2
+
+
+class Masked(nn.Module):
+    """Attention-style masking: -inf on purpose; a row with every key masked is the bug."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        scores = self.q(x) @ x.transpose(-1, -2)
+        scores = scores.masked_fill(mask, float("-inf"))   # MASK
+        return scores.softmax(-1)  # SOFTMAX
+
+
+def test_a_chosen_minus_inf_mask_is_not_the_origin_the_all_masked_softmax_is(tmp_path):
+    torch.manual_seed(0)
+    model = Masked()
+    x = torch.randn(3, 4)
+    mask = torch.tensor([[False, True, True], [False, False, True], [False, False, False]])
+    for name, m, phase in (("ok", mask, "none"), ("bad", mask | torch.tensor([True, False, False]), "forward")):
+        cap = SimpleNamespace(args=(x, m), kwargs={}, rng_state=flight.rng_state())
+        r = replay(flight.save_bundle(tmp_path / name, model=model, optimizer=None, capture=cap,
+                                      step=0, reason="t"))
+        assert r.phase == phase, r
+    assert (r.origin.op, r.origin.location[1]) == ("Tensor.softmax", _line(Masked.forward, "# SOFTMAX"))
+    assert r.origin.inputs[0]["inf"] == 3 + 2 + 1 and r.origin.outputs[0]["nan"] == 3

@@ -8,8 +8,9 @@ Two modes run together while a step is replayed:
   running it, and tags the autograd node of the result with them, so a backward op can
   name the forward call it belongs to;
 - a ``TorchDispatchMode`` (below autograd) sees every ATen op of the forward, the backward
-  and the optimizer step with its real inputs and outputs, and keeps the first one whose
-  floating inputs were all finite and whose output is not.
+  and the optimizer step with its real inputs and outputs, and keeps the first one that made a
+  ``nan`` out of nan-free inputs, or an ``inf`` out of finite tensors (a non-finite constant
+  the code passes, such as a ``-inf`` attention mask, is taken as meant).
 
 Example:
     >>> m = torch.nn.Linear(2, 2)
@@ -20,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import sysconfig
@@ -35,6 +37,8 @@ from torch.utils._pytree import tree_leaves
 __all__ = ["OpChecker", "OpOrigin", "tensor_range"]
 
 _TORCH_DIRS = (os.path.dirname(torch.__file__) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep)
+# Library model code (transformers, timm) is the user's model code here: never skipped.
+_SITE_DIRS = tuple({sysconfig.get_paths()[k] + os.sep for k in ("purelib", "platlib")})
 _OWN_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep          # gradtrace itself
 _TAG = "gradtrace_forward"
 
@@ -86,7 +90,8 @@ def user_frame() -> tuple[str, int, str] | None:
         path = f.f_code.co_filename
         if path.startswith(_OWN_DIR):        # reached the replay driver: no user frame
             return None
-        if not path.startswith(_TORCH_DIRS) and not path.startswith("<frozen"):
+        if (not path.startswith(_TORCH_DIRS) or (path.startswith(_SITE_DIRS) and not path.startswith(
+                _TORCH_DIRS[0]))) and not path.startswith("<frozen"):
             return path, f.f_lineno, getattr(f.f_code, "co_qualname", f.f_code.co_name)
         f = f.f_back
     return None
@@ -161,15 +166,27 @@ class _Ops(TorchDispatchMode):
         if chk.first is not None or "empty" in func.__name__:
             return func(*args, **kwargs)
         ins = _floats((args, kwargs))
-        finite_in = _all_finite(ins)
+        in_nan, in_inf = _has(ins)
+        # A non-finite constant the code chose (a -inf attention mask) is no accident.
+        consts = [v for v in tree_leaves((args, kwargs)) if isinstance(v, float) and not math.isfinite(v)]
+        if in_nan or any(math.isnan(v) for v in consts) or (in_inf and consts):
+            return func(*args, **kwargs)
         # An in-place op overwrites its input: take the ranges before it runs.
-        before = [tensor_range(t) for t in ins] if finite_in and func._schema.is_mutable else None
+        before = [tensor_range(t) for t in ins] if func._schema.is_mutable else None
         out = func(*args, **kwargs)
-        if finite_in:
-            outs = _floats(out) or ([t for t in ins] if func._schema.is_mutable else [])
-            if outs and not _all_finite(outs):
-                chk._found(func, before or [tensor_range(t) for t in ins], [tensor_range(t) for t in outs])
+        outs = _floats(out) or (ins if func._schema.is_mutable else [])
+        out_nan, out_inf = _has(outs)
+        # nan is never meant; inf counts only out of finite tensors and constants
+        if out_nan or (out_inf and ins and not in_inf and not consts):
+            chk._found(func, before or [tensor_range(t) for t in ins], [tensor_range(t) for t in outs])
         return out
+
+
+def _has(ts: list[torch.Tensor]) -> tuple[bool, bool]:
+    """(any nan, any inf) over ``ts``; one kernel per tensor on the common all-finite path."""
+    if all(bool(torch.isfinite(t).all()) for t in ts):
+        return False, False
+    return any(bool(torch.isnan(t).any()) for t in ts), any(bool(torch.isinf(t).any()) for t in ts)
 
 
 class OpChecker:

@@ -111,6 +111,8 @@ class ReplayResult:
 
 
 def _ranges(rs: list) -> str:
+    if not rs:
+        return "no tensor inputs"
     if len(rs) == 1:
         return f"input min {fmt(rs[0]['min'])} max {fmt(rs[0]['max'])}"
     return "inputs " + ", ".join(f"[{fmt(r['min'])}, {fmt(r['max'])}]" for r in rs[:3])
