@@ -195,3 +195,10 @@ def test_helpers():
     assert list(N.groups(ts).values()) == [[0, 3], [1]]
     with pytest.warns(UserWarning, match="empty generator"):
         assert N.tensor_list((t for t in []), "parameters") == []
+
+
+def test_largest_float32_entries_still_give_a_finite_norm():
+    big = torch.full((4,), 1e38)               # every square overflows float32; norm 2e38
+    assert float(N.grad_norms([big])[0]) == pytest.approx(ref_norm(big, 2.0), rel=RTOL)
+    # a norm above float32's largest value (here 9.5e39) has no float32 figure
+    assert math.isinf(float(N.grad_norms([torch.full((1000,), 3e38)])[0]))
