@@ -169,7 +169,7 @@ def read_side(out: str, limit: float) -> dict:
     t0 = time.perf_counter()
     try:
         html = Path(out).parent / "report.html"
-        gt.report(trace, findings=findings, out=str(html))
+        gt.report(trace, str(html), findings=findings)
         res["report_s"] = time.perf_counter() - t0
         res["report_bytes"] = html.stat().st_size
     except _Late:

@@ -148,3 +148,17 @@ def test_next_run_dir_and_sink_protocol(tmp_path):
     with pytest.raises(UsageError, match="is a file"):
         (tmp_path / "f").write_text("x")
         TraceWriter(tmp_path / "f", META)
+
+
+def test_sinks_implement_the_protocol_and_skip_missing(tmp_path):
+    from gradtrace.integrations._extras import flatten
+    from gradtrace.integrations.csv import CSVSink
+    from gradtrace.trace import MISSING
+
+    sink = CSVSink(tmp_path / "s.csv")
+    assert isinstance(sink, Sink)
+    with pytest.raises(RuntimeError, match="before start"):
+        sink.write({"step": 0})
+    rec = {"step": 0, "param": {"grad_norm": np.array([MISSING, float("nan")])}}
+    got = list(flatten(rec, META))
+    assert [(s, n) for s, n, _ in got] == [("grad_norm", "b")] and np.isnan(got[0][2])

@@ -9,9 +9,7 @@ Events (non-finite, guard skips, AMP skips) are written as text under ``gradtrac
 
 Example:
     >>> from gradtrace.integrations.tensorboard import TensorBoardSink
-    >>> with gt.watch(model, opt, sinks=[TensorBoardSink("runs/tb")]):   # doctest: +SKIP
-    ...     ...
-    # then: tensorboard --logdir runs/tb
+    >>> sink = TensorBoardSink("runs/tb")   # gt.watch(..., sinks=[sink]); then: tensorboard --logdir runs/tb
 """
 from __future__ import annotations
 
@@ -21,10 +19,14 @@ import os
 from collections import defaultdict
 from typing import Any
 
-from ._extras import DEFAULT_LAYER_STATS, flatten, require
+from pathlib import Path  # noqa: F401  (used by the example)
+
+import numpy as np
+
+from ._extras import DEFAULT_LAYER_STATS, RecordSink, require
 
 
-class TensorBoardSink:
+class TensorBoardSink(RecordSink):
     """Writes gradtrace records to a TensorBoard log directory.
 
     Args:
@@ -37,8 +39,11 @@ class TensorBoardSink:
             (it is flushed, not closed, at the end).
 
     Example:
-        >>> sink = TensorBoardSink("runs/tb", histograms=True)      # doctest: +SKIP
-        >>> gt.watch(model, opt, sinks=[sink])                        # doctest: +SKIP
+        >>> sink = TensorBoardSink("runs/tb", histograms=True)
+        >>> with gt.watch(model, optimizer, sinks=[sink]) as mon:
+        ...     loss_fn(model(x), y).backward(); optimizer.step()
+        >>> any(p.name.startswith("events.out") for p in Path("runs/tb").iterdir())
+        True
     """
 
     def __init__(self, logdir: str | os.PathLike | None = None, *,
@@ -47,20 +52,13 @@ class TensorBoardSink:
         require("tensorboard", "tensorboard")
         if writer is None and logdir is None:
             raise ValueError("TensorBoardSink needs a logdir (or writer=SummaryWriter(...))")
+        super().__init__(stats)
         self.logdir = None if logdir is None else str(logdir)
-        self.stats = None if stats is None else tuple(stats)
         self.histograms = bool(histograms)
         self._own = writer is None
         self._writer = writer
-        self._meta: dict = {}
 
-    def start(self, meta: dict) -> None:
-        """Open the writer (called by the monitor).
-
-        Example:
-            >>> sink.start(meta)                                   # doctest: +SKIP
-        """
-        self._meta = meta
+    def _open(self, meta: dict) -> None:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(log_dir=self.logdir)
@@ -77,37 +75,23 @@ class TensorBoardSink:
         """
         return f"gradtrace/{stat}" if not name else f"{stat}/{name}"
 
-    def write(self, record: dict) -> None:
-        """Write one record's scalars (and histograms), or an event as text.
+    def _event(self, record: dict) -> None:
+        self._writer.add_text("gradtrace/events", json.dumps(record, default=str)[:4000],
+                              int(record.get("step", 0)))
 
-        Example:
-            >>> sink.write({"step": 0, "scalars": {"loss": 2.3}})  # doctest: +SKIP
-        """
-        if self._writer is None:
-            raise RuntimeError("TensorBoardSink.write() before start(): pass it to gt.watch(sinks=[...])")
-        step = int(record.get("step", 0))
-        if "event" in record:
-            self._writer.add_text("gradtrace/events", json.dumps(record, default=str)[:4000], step)
-            return
+    def _values(self, step: int, values) -> None:
         per_stat: dict[str, list[float]] = defaultdict(list)
-        for stat, name, value in flatten(record, self._meta, self.stats):
+        for stat, name, value in values:
             self._writer.add_scalar(self.tag(stat, name), value, step)
             if name:
                 per_stat[stat].append(value)
         if self.histograms:
-            import numpy as np
-            for stat, values in per_stat.items():
-                v = np.asarray([x for x in values if x > 0 and math.isfinite(x)], dtype=np.float64)
+            for stat, vals in per_stat.items():
+                v = np.asarray([x for x in vals if x > 0 and math.isfinite(x)], dtype=np.float64)
                 if v.size:
                     self._writer.add_histogram(f"hist/{stat}", np.log10(v), step)
 
-    def close(self) -> None:
-        """Flush, and close the writer if this sink opened it.
-
-        Example:
-            >>> sink.close()                                       # doctest: +SKIP
-        """
-        if self._writer is not None:
-            self._writer.flush()
-            if self._own:
-                self._writer.close()
+    def _close(self) -> None:
+        self._writer.flush()
+        if self._own:
+            self._writer.close()

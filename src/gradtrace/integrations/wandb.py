@@ -6,18 +6,18 @@ Keys follow the same layout as the TensorBoard sink (``gradtrace/loss``,
 
 Example:
     >>> from gradtrace.integrations.wandb import WandbSink
-    >>> with gt.watch(model, opt, sinks=[WandbSink(project="my-run")]):   # doctest: +SKIP
-    ...     ...
+    >>> WandbSink.key("loss", "")          # gt.watch(..., sinks=[WandbSink(project="my-run")])
+    'gradtrace/loss'
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from ._extras import DEFAULT_LAYER_STATS, flatten, require
+from ._extras import DEFAULT_LAYER_STATS, RecordSink, require
 
 
-class WandbSink:
+class WandbSink(RecordSink):
     """Logs gradtrace records to W&B.
 
     Args:
@@ -28,26 +28,21 @@ class WandbSink:
         **init_kwargs: passed to ``wandb.init`` (``project``, ``dir``, ``mode``, ...).
 
     Example:
-        >>> sink = WandbSink(project="demo", mode="offline", dir="runs/wb")   # doctest: +SKIP
+        >>> sink = WandbSink(project="demo", mode="offline", dir="wb")   # the run starts with gt.watch
+        >>> sink.run is None and sink.events == 0
+        True
     """
 
     def __init__(self, run: Any = None, *, stats: tuple[str, ...] | None = DEFAULT_LAYER_STATS,
                  **init_kwargs: Any):
         self._wandb = require("wandb", "wandb")
+        super().__init__(stats)
         self.run = run
         self._own = run is None
-        self.stats = None if stats is None else tuple(stats)
         self._init_kwargs = init_kwargs
-        self._meta: dict = {}
         self.events = 0
 
-    def start(self, meta: dict) -> None:
-        """Start (or join) the run and store the watch configuration in its config.
-
-        Example:
-            >>> sink.start(meta)                                   # doctest: +SKIP
-        """
-        self._meta = meta
+    def _open(self, meta: dict) -> None:
         if self.run is None:
             self.run = self._wandb.init(**self._init_kwargs)
         self.run.config.update({"gradtrace": meta.get("config", {})}, allow_val_change=True)
@@ -62,29 +57,17 @@ class WandbSink:
         """
         return f"gradtrace/{stat}" if not name else f"{stat}/{name}"
 
-    def write(self, record: dict) -> None:
-        """Log one record (or event) at its optimizer step.
+    def _event(self, record: dict) -> None:
+        self.events += 1
+        self.run.summary["gradtrace/events"] = self.events
+        self.run.log({"gradtrace/event": json.dumps(record, default=str)[:4000]})
 
-        Example:
-            >>> sink.write({"step": 0, "scalars": {"loss": 2.3}})  # doctest: +SKIP
-        """
-        if self.run is None:
-            raise RuntimeError("WandbSink.write() before start(): pass it to gt.watch(sinks=[...])")
-        if "event" in record:
-            self.events += 1
-            self.run.summary["gradtrace/events"] = self.events
-            self.run.log({"gradtrace/event": json.dumps(record, default=str)[:4000]})
-            return
-        data = {self.key(s, n): v for s, n, v in flatten(record, self._meta, self.stats)}
-        data["gradtrace/step"] = record["step"]
+    def _values(self, step: int, values) -> None:
+        data = {self.key(s, n): v for s, n, v in values}
+        data["gradtrace/step"] = step
         self.run.log(data)
 
-    def close(self) -> None:
-        """Finish the run if this sink started it.
-
-        Example:
-            >>> sink.close()                                       # doctest: +SKIP
-        """
-        if self.run is not None and self._own:
+    def _close(self) -> None:
+        if self._own:
             self.run.finish()
             self.run = None
