@@ -409,3 +409,48 @@ def test_torchrun_two_ranks_one_trace_by_rank_0(tmp_path):
     assert traces == ["Sequential"]                            # named after the user's module
     t = gt.load(tmp_path / "runs/ddp/Sequential")
     assert list(t.steps_recorded) == [0, 1, 2] and t.params[0] == "0.weight"
+
+
+MAIN_PY = '''\
+import torch
+from torch import nn
+
+EPS = 0.0
+open("ran.txt", "a").write("x")          # training-side code: replay must not run it again
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return torch.sqrt(self.fc(x).abs() * self.scale + EPS).sum()  # SQRT
+
+
+torch.manual_seed(0)
+model = Scaled()
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x = torch.randn(4, 3)
+for step in range(4):
+    if step == 2:
+        x[1] = 0.0
+        with torch.no_grad():
+            model.fc.bias.zero_()
+    opt.zero_grad()
+    model(x).backward()
+    opt.step()
+'''
+
+
+def test_classes_of_the_script_itself_and_a_later_step(tmp_path, inproc):
+    _write(tmp_path, {"main.py": MAIN_PY})
+    assert inproc("run", "--out", "runs/m", "main.py")[0] == 0
+    bundles = [p.name for p in (tmp_path / "runs/m").rglob("flight-*.pt")]
+    assert bundles == ["flight-2.pt"]            # written by the monitor's own recorder
+    code, out, err = inproc("replay", "runs/m")
+    line = next(i for i, t in enumerate(MAIN_PY.splitlines(), 1) if "# SQRT" in t)
+    assert code == 3, err
+    assert out.splitlines()[1].startswith(f"backward of torch.sqrt at main.py:{line} in Scaled.forward")
+    assert (tmp_path / "ran.txt").read_text() == "x"    # definitions only: no second training

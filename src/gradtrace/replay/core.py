@@ -88,9 +88,8 @@ class ReplayResult:
             where = f" at {os.path.basename(path)}:{line} in {func}"
         head = {"forward": o.op, "optimizer": f"optimizer step: {o.op}",
                 "backward": f"backward of {o.op}"}[o.phase]
-        if o.phase == "backward":
-            head += f" ({o.node}: {o.aten})"
-        return f"{head}{where}: {_ranges(o.inputs)} → {_worst(o.outputs)}"
+        node = f" ({o.node}: {o.aten})" if o.phase == "backward" else ""
+        return f"{head}{where}{node}: {_ranges(o.inputs)} → {_worst(o.outputs)}"
 
     def __str__(self) -> str:
         lines = [self.headline]
