@@ -20,7 +20,7 @@ from gradtrace.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 __all__ = ["main", "build_parser", "UsageError"]
 
 #: sub-commands, in the order ``gradtrace --help`` lists them; each is ``gradtrace.cli.<name>``
-COMMANDS = ("demo", "show", "doctor", "report", "preflight", "run", "replay")
+COMMANDS = ("demo", "show", "doctor", "report", "export", "preflight", "run", "replay")
 
 
 class _Parser(argparse.ArgumentParser):
