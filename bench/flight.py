@@ -103,7 +103,7 @@ def main() -> None:
                 ratios[v].append(got[v] / got["bare"])
         print(f"24-layer MLP, width 256, batch 128; CPU, {a.threads} thread(s); "
               f"{a.rounds} rounds x {a.steps} steps, interleaved")
-        print(f"| variant | median step | median ratio to bare |\n|---|---|---|")
+        print("| variant | median step | median ratio to bare |\n|---|---|---|")
         for v in variants:
             print(f"| {v} | {statistics.median(times[v]) * 1e3:.2f} ms | {statistics.median(ratios[v]):.3f}x |")
         print("\nflight recorder on the non-finite step (once per run)")

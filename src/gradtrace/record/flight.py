@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 

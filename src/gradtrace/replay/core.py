@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_leaves
 from gradtrace.errors import UsageError
 from gradtrace.numerics import fmt
 from gradtrace.record.flight import find_bundle, load_bundle, unpickle_model
-from gradtrace.replay.checker import OpChecker, OpOrigin, tensor_range
+from gradtrace.replay.checker import OpChecker, OpOrigin
 
 __all__ = ["replay", "ReplayResult"]
 
@@ -272,7 +272,9 @@ def replay(run: str | os.PathLike, factory: Any = None, loss: Any = None, *,
             weights are fine; default: the model object stored in the bundle.
         loss: ``"PKG.MODULE:FACTORY"`` returning ``loss_fn(output) -> scalar`` (or that
             callable); default: see the module docstring.
-        device: where to run (default: the CPU; pass ``"cuda"`` to replay a GPU run there).
+        device: where to run (default: the CPU). Replay a GPU run on the GPU
+            (``"cuda"``) to get its dropout masks and kernels: the CUDA generator's state
+            is restored only there.
 
     Example:
         >>> replay("no/such/run")       # doctest: +IGNORE_EXCEPTION_DETAIL
