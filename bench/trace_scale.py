@@ -6,7 +6,7 @@ activation figures every 10th step, is written through the real ``TraceWriter``;
 fresh process opens it and measures each figure of issue 10's table. Each detector of
 ``gt.diagnose`` is timed on its own (with a time limit) so a slow one is named.
 
-Run: ``python bench/trace_scale.py [--steps 100000] [--out DIR] [--keep]``.
+Run: ``python bench/trace_scale.py [--steps 100000] [--out DIR [--reuse]] [--keep]``.
 Not a test: numbers depend on the machine (2 CPU cores here).
 """
 from __future__ import annotations
@@ -156,13 +156,20 @@ def read_side(out: str, limit: float) -> dict:
         finally:
             signal.alarm(0)
     res["detectors"] = per
+    try:
+        from gradtrace.diagnose import diagnose
+    except ImportError:
+        from gradtrace.detect import diagnose
     signal.alarm(int(limit) * 3)
     t0 = time.perf_counter()
+    findings: list = []
     try:
-        findings = gt.diagnose(trace)
+        findings = diagnose(trace)
         res["diagnose_s"] = time.perf_counter() - t0
     except _Late:
-        res["diagnose_s"], findings = float("inf"), []
+        res["diagnose_s"] = float("inf")
+    except Exception as e:
+        res["diagnose_s"] = f"error: {type(e).__name__}: {str(e)[:120]}"
     finally:
         signal.alarm(0)
     signal.alarm(int(limit) * 3)
@@ -186,6 +193,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--out", default=None, help="trace directory (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the trace")
+    ap.add_argument("--reuse", action="store_true", help="read the trace already in --out (write costs not measured)")
     ap.add_argument("--limit", type=float, default=60.0, help="seconds allowed per detector")
     ap.add_argument("--read-only", dest="read_only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -194,9 +202,15 @@ def main() -> None:
         return
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gt-trace-scale-"))
     run = root / "run"
-    if run.exists():
-        shutil.rmtree(run)
-    w = write(run, args.steps)
+    if args.reuse and (run / "meta.json").exists():
+        size = sum(f.stat().st_size for f in run.iterdir())
+        n_fig = sum(figures(r) for r in records(min(args.steps, 1000))) / min(args.steps, 1000) * args.steps
+        w = {"bytes": size, "figures": n_fig, "steps": args.steps, "write_mean_us": float("nan"),
+             "write_every_us": float("nan"), "write_act_us": float("nan")}
+    else:
+        if run.exists():
+            shutil.rmtree(run)
+        w = write(run, args.steps)
     proc = subprocess.run([sys.executable, __file__, "--read-only", str(run), "--limit", str(args.limit)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
