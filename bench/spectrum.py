@@ -3,7 +3,9 @@
 Prints two tables (not a test):
   1. seconds per block (Linear + tanh, a few examples) for each width and method, with
      the Lanczos top singular value's relative error against the full spectrum;
-  2. gt.preflight on a 50-layer MLP of width 512, end to end.
+  2. gt.preflight on a 50-layer MLP of width 512, end to end (budget 10 s);
+  3. gt.preflight on a 12-layer d=256 transformer encoder (pre-LN, sequence 32, batch 8),
+     end to end and part by part (budget 30 s, issue 14).
 
 Run: python bench/spectrum.py [--widths 64,128,256,512,1024] [--examples 4] [--repeats 3]
 """
@@ -75,6 +77,29 @@ def main() -> None:
                       ("full spectra (full_max=512)", dict(full_max=512))):
         t, _ = timed(lambda: gt.preflight(model, x, **kw), 1)
         print(f"{label:<40}  {t:>8.2f}")
+    transformer_cost()
+
+
+TRANSFORMER_BUDGET_S = 30.0
+
+
+def transformer_cost() -> None:
+    print()
+    print("preflight, 12-layer transformer encoder, d=256, 8 heads, ff 1024, pre-LN, input 8×32×256:")
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(256, 8, 1024, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+    x = torch.randn(8, 32, 256, generator=torch.Generator().manual_seed(3))
+    print(f"{'configuration':<40}  {'seconds':>8}")
+    total = None
+    for label, fn in (("signal pass only (no spectrum)", lambda: gt.preflight(model, x, compute_spectrum=False)),
+                      ("spectrum only (12 blocks + end-to-end)", lambda: gt.spectrum(model, x, n_samples=4)),
+                      ("preflight, defaults", lambda: gt.preflight(model, x))):
+        t, r = timed(fn, 1)
+        print(f"{label:<40}  {t:>8.2f}")
+        total = t
+    print(f"budget {TRANSFORMER_BUDGET_S:.0f} s: {'met' if total <= TRANSFORMER_BUDGET_S else 'MISSED'} "
+          f"({total:.1f} s); estimates: {sorted({row.get('estimate') for row in r.summary['blocks']})}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ Public: :func:`preflight` (findings + per-block summary), :func:`spectrum` /
 shares its name with a function this package exports.)
 """
 from .blocks import default_blocks
-from .core import PREFLIGHT_FULL_MAX, PreflightResult, PreflightThresholds, preflight
+from .core import PREFLIGHT_FULL_MAX, PREFLIGHT_SPECTRUM, PreflightResult, PreflightThresholds, preflight
 from .jacobian import spectrum
 from .spectra import END_TO_END, BlockSpectrum, Spectrum
 from .theory import mean_field
 
-__all__ = ["preflight", "PreflightResult", "PreflightThresholds", "PREFLIGHT_FULL_MAX",
+__all__ = ["preflight", "PreflightResult", "PreflightThresholds", "PREFLIGHT_FULL_MAX", "PREFLIGHT_SPECTRUM",
            "spectrum", "Spectrum", "BlockSpectrum", "END_TO_END", "default_blocks", "mean_field"]

@@ -73,7 +73,8 @@ def jvp(f: Callable, x: torch.Tensor, v: torch.Tensor, used: set[str] | None = N
         pass
     try:
         with torch.enable_grad():
-            out = torch.autograd.functional.jvp(f, x, v)[1]
+            # strict: a backward that is not differentiable must raise, not give zeros
+            out = torch.autograd.functional.jvp(f, x, v, strict=True)[1]
         _note(used, "double-backward")
         return out
     except Exception:  # noqa: BLE001

@@ -19,7 +19,9 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
                    if isinstance(m, (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU,
                                      nn.ELU, nn.Softplus))})
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    return {"activations": acts, "weight_layers": linears,
+    post = next((type(m).__name__ for m in model.modules()
+                 if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not m.norm_first), None)
+    return {"activations": acts, "weight_layers": linears, "post_ln_class": post,
             "has_norm": any(isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._NormBase)) for m in model.modules())}
 
 
@@ -173,4 +175,62 @@ def findings(summary: dict[str, Any], rec_rows: list[dict[str, Any]], th: Any,
                                f"(norm {jn:.2g} after {r['steps']} steps), so gradients through time "
                                "blow up over the unroll.",
                                [_CLIP, lstm_fix, Fix("RNN training unstable", "Shorten the unroll length", "")]))
+    out.extend(_transformer_findings(summary, th, facts))
+    return out
+
+
+_WARMUP = Fix("Post-LN transformer unstable early in training",
+              "Warm the learning rate up over the first steps",
+              "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=1000)\n"
+              "# call scheduler.step() after each optimizer.step()")
+
+
+def _norm_first_fix(facts: dict[str, Any]) -> Fix:
+    cls = facts.get("post_ln_class")
+    if cls:
+        return Fix("Post-LN transformer unstable early in training",
+                   f"Put LayerNorm before each branch (pre-LN): {cls}(..., norm_first=True)",
+                   f"layer = torch.nn.{cls}(d_model, nhead, dim_feedforward, norm_first=True)")
+    return Fix("Post-LN transformer unstable early in training",
+               "Move each LayerNorm to the input of its branch (pre-LN: x + f(LN(x))) and add "
+               "a final LayerNorm after the last block", "")
+
+
+def _transformer_findings(summary: dict[str, Any], th: Any, facts: dict[str, Any]) -> list[Finding]:
+    out: list[Finding] = []
+    rows = summary["blocks"]
+    low = [r for r in rows if r.get("attention_entropy") is not None
+           and r["attention_entropy"] < th.attention_entropy_min]
+    if low:
+        low.sort(key=lambda r: r["attention_entropy"])
+        worst = low[0]["attention_entropy"]
+        out.append(Finding(
+            "saturated_units", "error" if worst < th.attention_entropy_min / 2 else "warning",
+            [r["block"] for r in low], None, None,
+            {"attention_entropy": {r["block"]: r["attention_entropy"] for r in low},
+             "low_entropy_rows": {r["block"]: r.get("attention_low_entropy_rows") for r in low},
+             "threshold": th.attention_entropy_min},
+            f"The attention softmax is already saturated at initialisation: the rows of "
+            f"{low[0]['block']} keep {worst:.2g} of the entropy of uniform attention, so each "
+            "query looks at one or two keys and the softmax passes almost no gradient to the "
+            "others (its Jacobian p_i(δ_ij − p_j) vanishes when one p_i is near 1). The query "
+            "and key weights are too large for their width.",
+            [Fix("Attention saturated", "Initialise the query/key projections smaller (std about "
+                 "d_model^-0.5 or 0.02) and keep the 1/sqrt(head_dim) score scaling", ""),
+             Fix("Attention saturated", "Normalise queries and keys (QK-norm: LayerNorm on q and "
+                 "k per head) so the logits cannot grow with the weights", "")]))
+    tr = summary.get("transformer")
+    if tr and tr["layout"] == "post-LN" and tr["output_over_median"] > th.post_ln_ratio:
+        early = sorted(rows, key=lambda r: r.get("param_grad_norm") or 0.0)
+        out.append(Finding(
+            "vanishing_gradients", "warning",
+            [r["block"] for r in early[: max(1, len(early) // 2)]], None, None,
+            {"layout": "post-LN", "param_grad_norm": {r["block"]: r.get("param_grad_norm") for r in rows},
+             "output_over_median": tr["output_over_median"], "threshold": th.post_ln_ratio},
+            f"Each block ends in a LayerNorm after the residual addition (post-LN), and the "
+            f"parameter gradients are largest near the output at initialisation: the last block's "
+            f"are {tr['output_over_median']:.3g}× the median block's. Xiong et al. (2020) show this "
+            "is why post-LN transformers diverge with a large learning rate early and need a "
+            "warm-up; pre-LN keeps the gradients level across depth.",
+            [_norm_first_fix(facts), _WARMUP]))
     return out

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import Capture, first_tensor, input_slot, model_kwargs
+from .blocks import _NORM_TYPES, Capture, first_tensor, input_slot, model_kwargs
 from .transformer import AttentionEntropy, find_branches
 
 
@@ -25,6 +25,12 @@ def rms(t: torch.Tensor | None) -> float:
     if t is None or not t.is_floating_point():
         return float("nan")
     return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) / math.sqrt(max(t.numel(), 1))
+
+
+def _named_norms(m: nn.Module) -> tuple[type, ...]:
+    # RMSNorm/LayerNorm classes of other libraries (LlamaRMSNorm, T5LayerNorm): by name
+    name = type(m).__name__.lower()
+    return (type(m),) if name.endswith("norm") and "batch" not in name else ()
 
 
 def _norm(g: torch.Tensor | None) -> float:
@@ -43,6 +49,27 @@ class SignalPass:
     attention: dict[str, dict[str, float]]
     rnn_inputs: dict[str, tuple]
     finite: bool
+    #: blocks whose output is the output of a norm layer inside them (post-LN layout)
+    ends_in_norm: dict[str, bool]
+
+
+def _branch_gains(io: dict[tuple[str, str, str], torch.Tensor]) -> dict[tuple[str, str], float]:
+    """Hutchinson gain trace(JᵀJ)/n_in of each branch from its output back to its input.
+
+    Differentiating the branch output (not the loss) follows only the path inside the
+    branch, even where its input also feeds the residual stream. One Gaussian probe over
+    the whole batch: the estimate averages thousands of coordinates.
+    """
+    out: dict[tuple[str, str], float] = {}
+    gen = torch.Generator().manual_seed(0)
+    for (k, branch, kind), y in io.items():
+        x = io.get((k, branch, "in"))
+        if kind != "out" or x is None or not (x.requires_grad and y.requires_grad):
+            continue
+        u = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.dtype)
+        (g,) = torch.autograd.grad(y, x, u, retain_graph=True, allow_unused=True)
+        out[(k, branch)] = _norm(g) ** 2 / max(x.numel(), 1) if g is not None else 0.0
+    return out
 
 
 def _block_input(captured: tuple[tuple, dict]) -> torch.Tensor | None:
@@ -66,8 +93,15 @@ def signal_pass(model: nn.Module, args: tuple, groups: list[list[str]], loss_fn,
                 rnn_inputs.setdefault(name, (a, kw))
             handles.append(m.register_forward_pre_hook(rpre, with_kwargs=True))
     single = {g[0]: mods[g[0]] for g in groups if len(g) == 1}
+    norm_out: dict[str, list[torch.Tensor]] = {}
     for key, block in single.items():
         sub = dict(block.named_modules())
+        for n, m in sub.items():
+            if n and isinstance(m, _NORM_TYPES + _named_norms(m)):
+                def npost(mod, a, out, key=key):
+                    if isinstance(out, torch.Tensor):
+                        norm_out.setdefault(key, []).append(out)
+                handles.append(m.register_forward_hook(npost))
         for branch, (first, last) in find_branches(block).items():
             def bpre(mod, a, kw, key=key, branch=branch):
                 t = _block_input((a, kw))
@@ -112,10 +146,7 @@ def signal_pass(model: nn.Module, args: tuple, groups: list[list[str]], loss_fn,
                         if t is not None and t.requires_grad:
                             targets.append(t)
                             kinds.append(("block", k, kind))
-                for (k, branch, kind), t in branch_io.items():
-                    if t.requires_grad:
-                        targets.append(t)
-                        kinds.append(("branch", k, branch, kind))
+                branch_gain = _branch_gains(branch_io)
                 members = {g[0]: g for g in groups}
                 for k in keys:
                     seen: set[int] = set()
@@ -130,25 +161,27 @@ def signal_pass(model: nn.Module, args: tuple, groups: list[list[str]], loss_fn,
         fwd = {k: (rms(_block_input(cap.inputs[k])), rms(first_tensor(cap.outputs[k]))) for k in keys}
         gnorm: dict[tuple[str, str], float] = {}
         psq: dict[str, float] = {}
-        bgrad: dict[tuple[str, str, str], float] = {}
         for kind, g in zip(kinds, grads):
             if kind[0] == "block":
                 gnorm[(kind[1], kind[2])] = _norm(g)
-            elif kind[0] == "branch":
-                bgrad[kind[1:]] = _norm(g)
             else:
                 psq[kind[1]] = psq.get(kind[1], 0.0) + _norm(g) ** 2
         branches: dict[str, dict[str, dict[str, float]]] = {}
         for (k, branch, kind), t in branch_io.items():
             if kind != "out" or k not in fwd:
                 continue
-            gi, go = bgrad.get((k, branch, "in")), bgrad.get((k, branch, "out"))
             branches.setdefault(k, {})[branch] = {
                 "forward_ratio": rms(t) / fwd[k][0] if fwd[k][0] > 0 else float("nan"),
-                "backward_gain": (gi / go) ** 2 if gi is not None and go else float("nan")}
+                "gain": branch_gain.get((k, branch), float("nan"))}
         finite = bool(torch.isfinite(y.detach()).all())
+        ends = {}
+        for k in keys:
+            if k in single:
+                o = first_tensor(cap.outputs[k])
+                ends[k] = o is not None and any(t is o or (t.shape == o.shape and t.data_ptr() == o.data_ptr())
+                                                for t in norm_out.get(k, []))
         return SignalPass(keys, fwd, gnorm, {k: math.sqrt(v) for k, v in psq.items()}, branches,
-                          probe.summary(), rnn_inputs, finite)
+                          probe.summary(), rnn_inputs, finite, ends)
     finally:
         cap.close()
         for h in handles:

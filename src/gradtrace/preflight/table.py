@@ -5,6 +5,7 @@ from typing import Any
 
 from ..numerics import fmt
 
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -14,9 +15,20 @@ def _fmt(v: Any) -> str:
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    """Per-block columns (only those some row has), then the depth-wide lines.
+
+    Example:
+        >>> print(format_table({"blocks": [{"block": "0", "forward_rms": 1.0}], "depth": 1,
+        ...     "grad_ratio_first_last": 1.0, "forward_ratio_last_first": 1.0,
+        ...     "mean_backward_gain": 1.0, "depth_scale": float("inf"), "trainable_depth": float("inf")}).splitlines()[0])
+        block  fwd rms
+    """
     cols = [("block", "block"), ("forward_rms", "fwd rms"), ("grad_norm_out", "grad norm"),
             ("backward_gain", "bwd gain"), ("chi1_mean_field", "χ₁ (MF)"),
-            ("jacobian_gain", "J gain"), ("sigma_max", "σ_max"), ("spread", "spread")]
+            ("attention_gain", "attn gain"), ("mlp_gain", "mlp gain"),
+            ("attention_entropy", "attn H"),
+            ("jacobian_gain", "J gain"), ("sigma_max", "σ_max"), ("spread", "spread"),
+            ("estimate", "estimate"), ("not_measured", "not measured because")]
     rows = summary["blocks"]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     cells = [[h for _, h in cols]] + [[_fmt(r.get(k)) for k, _ in cols] for r in rows]
@@ -36,8 +48,13 @@ def format_table(summary: dict[str, Any]) -> str:
                      f"q*={mf['q_star']:.3g}  χ₁={mf['chi1']:.4g}")
     if "end_to_end" in summary:
         e = summary["end_to_end"]
-        lines.append(f"end-to-end Jacobian: gain {_fmt(e['gain'])}, σ_max {_fmt(e['sigma_max'])}, "
-                     f"spread {_fmt(e['spread'])}")
+        lines.append(f"end-to-end Jacobian (from {e.get('from', 'input')}): gain {_fmt(e['gain'])}, "
+                     f"σ_max {_fmt(e['sigma_max'])}, spread {_fmt(e['spread'])} [{e.get('estimate', '')}]")
+    tr = summary.get("transformer")
+    if tr:
+        lines.append(f"layout: {tr['layout']}; parameter gradient last block / median block: "
+                     f"{_fmt(tr['output_over_median'])} (first {_fmt(tr['param_grad_first'])}, "
+                     f"last {_fmt(tr['param_grad_last'])})")
     for r in summary.get("recurrent", []):
         lines.append(f"recurrent {r['layer'] or '<model>'} ({r['type']}): σ_max(W_hh)={_fmt(r['sigma_max_whh'])}"
                      f", γ={_fmt(r['gamma'])}, ‖∂h_T/∂h_0‖={_fmt(r['jacobian_norm'])} over "

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -156,24 +157,29 @@ class AttentionEntropy:
         return out
 
 
-def layout_from_gains(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """How the parameter-gradient norm changes from the first block to the last.
+def layout_from_gains(rows: list[dict[str, Any]], ends_in_norm: list[bool]) -> dict[str, Any] | None:
+    """LayerNorm layout and how the parameter-gradient norm runs across the blocks.
 
-    Returns ``{"param_grad_first", "param_grad_last", "output_over_input", "per_block"}``
-    (the last a geometric mean per block), or None with fewer than two measured blocks.
+    ``layout`` is ``"post-LN"`` when every block's output is the output of a norm layer
+    inside it (measured in the signal pass), else ``"pre-LN"``. ``output_over_median`` is
+    the last block's parameter-gradient norm over the median block's: above 1 the
+    gradients are largest near the output, the post-LN signature of Xiong et al. 2020.
+    None with fewer than two measured blocks.
 
     Example:
-        >>> rows = [{"param_grad_norm": 1.0}, {"param_grad_norm": 2.0}, {"param_grad_norm": 4.0}]
-        >>> layout_from_gains(rows)["per_block"]
-        2.0
+        >>> rows = [{"param_grad_norm": v} for v in (3.0, 2.0, 2.0, 2.0, 4.0)]
+        >>> t = layout_from_gains(rows, [True] * 5)
+        >>> t["output_over_median"], t["layout"]
+        (2.0, 'post-LN')
     """
     g = [r.get("param_grad_norm") for r in rows]
     g = [v for v in g if v is not None and v > 0 and math.isfinite(v)]
     if len(g) < 2:
         return None
-    ratio = g[-1] / g[0]
-    return {"param_grad_first": g[0], "param_grad_last": g[-1], "output_over_input": ratio,
-            "per_block": ratio ** (1.0 / (len(g) - 1))}
+    med = statistics.median(g)
+    return {"layout": "post-LN" if ends_in_norm and all(ends_in_norm) else "pre-LN",
+            "param_grad_first": g[0], "param_grad_last": g[-1], "param_grad_median": med,
+            "output_over_median": g[-1] / med, "output_over_input": g[-1] / g[0]}
 
 
 def norm_first_fix_target(model: nn.Module, blocks: list[str]) -> str | None:
