@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from ..numerics import fmt  # noqa: F401  (the report's one number format, re-exported)
-
 
 def layer_order(trace) -> list[str]:
     """Modules that own watched parameters, input side first (forward order).

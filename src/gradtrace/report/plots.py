@@ -16,3 +16,9 @@ from .figures import (ACT_STATS, activation_heatmap_svg, grad_heatmap_svg,  # no
                       gradient_flow_svg, loss_svg, time_gradient_svg, total_norm_svg)
 from .png import _matplotlib, write_pngs  # noqa: F401
 from .svg import FONT, PALETTE, Marker, Series, heatmap, line_chart  # noqa: F401
+
+__all__ = ["fmt", "downsample", "gradient_flow", "layer_exec_rank", "layer_grad_norms", "layer_order",
+           "loss_spikes", "module_rows", "raw_matrix", "time_gradients", "ACT_STATS",
+           "activation_heatmap_svg", "grad_heatmap_svg", "gradient_flow_svg", "loss_svg",
+           "time_gradient_svg", "total_norm_svg", "_matplotlib", "write_pngs", "FONT", "PALETTE",
+           "Marker", "Series", "heatmap", "line_chart"]

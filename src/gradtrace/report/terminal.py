@@ -82,7 +82,6 @@ def layer_rows(trace) -> list[dict[str, Any]]:
     """
     steps, layers, g = layer_grad_norms(trace)
     stats = set(trace.stats())
-    mods = trace.modules
     info = {lay.name: {"type": lay.type, "activation": lay.activation} for lay in trace.layers()}
     mats = {}
     for stat in ("out_std", "zero_frac", "saturated_frac", "dead_units", "units"):
