@@ -136,6 +136,14 @@ def test_clip_and_guard_agree_across_ranks(job, mode, what):
     assert _rel(res[0]["clip_totals"], res[1]["clip_totals"]) < 1e-7
     assert _rel(res[0]["params"], res[1]["params"]) < 1e-7
     assert _rel(res[0]["total"], res[1]["total"]) < 1e-7
+    if what == "clip":
+        # The recorded total is that of the reduced gradient before the clip: exactly what
+        # the clipper measured (figures taken at the end of backward, after DDP's reduction).
+        got, ref = np.asarray(res[0]["total"], float), np.asarray(res[0]["clip_totals"], float)
+        ok = np.isfinite(ref)
+        assert ok.sum() >= 1 and np.allclose(got[ok], ref[ok], rtol=1e-6), (got, ref)   # nan from step 1
+        post = np.asarray(res[0]["post"], float)          # the clip scaled every step's grads
+        assert len(post) == len(ref) and np.allclose(post[ok], np.minimum(ref[ok], 0.5), rtol=1e-4), post
 
 
 def _guard_reference(case: str) -> tuple[list, list]:
