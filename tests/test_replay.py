@@ -248,3 +248,51 @@ def test_a_chosen_minus_inf_mask_is_not_the_origin_the_all_masked_softmax_is(tmp
         assert r.phase == phase, r
     assert (r.origin.op, r.origin.location[1]) == ("Tensor.softmax", _line(Masked.forward, "# SOFTMAX"))
     assert r.origin.inputs[0]["inf"] == 3 + 2 + 1 and r.origin.outputs[0]["nan"] == 3
+
+
+FACTORY_PY = '''\
+import torch
+from torch import nn
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.act = lambda t: torch.log(t)        # a lambda attribute: the model does not pickle
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+def build():
+    return Odd()
+
+
+def loss():
+    return lambda out: out.sum()
+'''
+
+
+def test_factory_and_loss_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from gradtrace.cli import main
+    (tmp_path / "oddmodels.py").write_text(FACTORY_PY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [str(tmp_path)] + __import__("sys").path)
+    import oddmodels
+    model = oddmodels.build()
+    with torch.no_grad():                     # fc is the identity: log(-1) is the nan
+        model.fc.weight.copy_(torch.eye(2))
+        model.fc.bias.zero_()
+    x = torch.tensor([[1.0, -1.0], [0.5, 0.25]])
+    cap = SimpleNamespace(args=(x,), kwargs={}, rng_state=flight.rng_state())
+    b = flight.save_bundle(tmp_path / "t", model=model, optimizer=None, capture=cap, step=0, reason="t")
+    assert flight.load_bundle(b)["model_pickle"] is None
+    assert main(["replay", "t"]) == 2
+    assert "--factory" in capsys.readouterr().err
+    assert main(["replay", "t", "--factory", "oddmodels:build", "--loss", "oddmodels:loss"]) == 3
+    out = capsys.readouterr().out
+    line = next(i for i, t in enumerate(FACTORY_PY.splitlines(), 1) if "self.act = lambda" in t)
+    assert f"torch.log at oddmodels.py:{line} in Odd.__init__.<locals>.<lambda>: input min -1 max 1 → nan" in out
+    assert "module: (root) (Odd)" in out
+    __import__("sys").modules.pop("oddmodels", None)

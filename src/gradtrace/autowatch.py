@@ -372,7 +372,7 @@ def run_script(target: str, args: list[str] | tuple = (), *, module: bool = Fals
         out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     source.update(argv=[argv0, *args], cwd=os.getcwd())
     aw = AutoWatch(out, source=source, echo=summary, **watch_kwargs)
-    saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [argv0, *args]
     # python script.py puts the script's folder first on sys.path; python -m, the cwd
     sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(target)))
@@ -402,8 +402,7 @@ def run_script(target: str, args: list[str] | tuple = (), *, module: bool = Fals
         aw.close(error)
         flight.set_source(previous)
         sys.argv = saved_argv
-        if sys.path and saved_path0 is not None:
-            sys.path.pop(0)
+        sys.path[:] = saved_path
     if summary and _is_writer():
         sys.stdout.flush()
         _print_summary(aw)
