@@ -2,8 +2,9 @@
 
     python bench/flight.py [--steps 40] [--rounds 7] [--threads 1]
 
-Step-time variants (same seeded model, rounds alternate A B C D ...; reported: median
-step time and the median over rounds of each round's ratio to ``bare``):
+Step-time variants (four copies of the same seeded model, stepped in turn, the order
+rotating every step; reported: median step time and the median over steps of each
+step's ratio to ``bare``'s step next to it):
 
   bare              plain training
   gt.watch          ``gt.watch(model, opt)`` placed before the loop (defaults)
@@ -40,28 +41,30 @@ def mlp(depth: int = 24, width: int = 256) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def train(variant: str, steps: int, out: Path) -> float:
-    torch.manual_seed(0)
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, y = torch.randn(128, 256), torch.randint(0, 10, (128,))
-    ctx = None
-    if variant == "gt.watch":
-        ctx = gt.watch(model, opt, out=str(out))
-    elif variant == "gt.watch no fr":
-        ctx = gt.watch(model, opt, out=str(out), flight_recorder=False)
-    elif variant == "gradtrace run":
-        ctx = AutoWatch(str(out)).start()
-    times = []
-    for _ in range(steps):
+class Variant:
+    """One seeded model + optimizer (+ its monitor), stepped one step at a time."""
+
+    def __init__(self, name: str, out: Path, aw: AutoWatch):
+        torch.manual_seed(0)
+        self.model = mlp()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.x, self.y = torch.randn(128, 256), torch.randint(0, 10, (128,))
+        self.mon = None
+        if name == "gt.watch":
+            self.mon = gt.watch(self.model, self.opt, out=str(out))
+        elif name == "gt.watch no fr":
+            self.mon = gt.watch(self.model, self.opt, out=str(out), flight_recorder=False)
+        if name != "gradtrace run":
+            # The AutoWatch of this run must only pick up its own variant: the others are
+            # marked as known (their steps still pay its global hook's one dict lookup).
+            aw._seen[self.opt] = True
+
+    def step(self) -> float:
         t0 = time.perf_counter()
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    if ctx is not None:
-        ctx.close()
-    return statistics.median(times[5:])          # the first steps attach and warm up
+        self.opt.zero_grad()
+        nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+        return time.perf_counter() - t0
 
 
 def bundle_cost(tmp: Path) -> list[tuple[str, str]]:
@@ -69,7 +72,9 @@ def bundle_cost(tmp: Path) -> list[tuple[str, str]]:
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(128, 256)
-    x[0, 0] = float("inf")                         # the step goes non-finite in the first Linear
+    x[0] = 3e38                                    # finite, but the first Linear overflows:
+    with torch.no_grad():
+        model[0].weight[0].fill_(1.0)              # 256 x 3e38 > float32's largest
     cap = SimpleNamespace(args=(x,), kwargs={}, rng_state=flight.rng_state())
     nn.functional.cross_entropy(model(x), torch.zeros(128, dtype=torch.long)).backward()
     t0 = time.perf_counter()
@@ -93,19 +98,27 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     variants = ["bare", "gt.watch", "gt.watch no fr", "gradtrace run"]
     times: dict[str, list[float]] = {v: [] for v in variants}
-    ratios: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as d:
-        for r in range(a.rounds):
-            order = variants[r % len(variants):] + variants[:r % len(variants)]
-            got = {v: train(v, a.steps, Path(d) / f"{v}-{r}".replace(" ", "_")) for v in order}
-            for v in variants:
-                times[v].append(got[v])
-                ratios[v].append(got[v] / got["bare"])
+        aw = AutoWatch(str(Path(d) / "auto")).start()
+        runs = {v: Variant(v, Path(d) / v.replace(" ", "_"), aw) for v in variants}
+        warm = 5                                   # attach, first loop, allocator warm-up
+        for i in range(warm + a.steps * a.rounds):
+            order = variants[i % len(variants):] + variants[:i % len(variants)]
+            got = {v: runs[v].step() for v in order}   # the variants take turns, step by step
+            if i >= warm:
+                for v in variants:
+                    times[v].append(got[v])
+        aw.close()
+        for r in runs.values():
+            if r.mon is not None:
+                r.mon.close()
+        assert len(aw.monitors) == 1, "AutoWatch must watch the gradtrace-run variant only"
         print(f"24-layer MLP, width 256, batch 128; CPU, {a.threads} thread(s); "
-              f"{a.rounds} rounds x {a.steps} steps, interleaved")
-        print("| variant | median step | median ratio to bare |\n|---|---|---|")
+              f"{a.steps * a.rounds} steps per variant, interleaved step by step")
+        print("| variant | median step | median of per-step ratios to bare |\n|---|---|---|")
         for v in variants:
-            print(f"| {v} | {statistics.median(times[v]) * 1e3:.2f} ms | {statistics.median(ratios[v]):.3f}x |")
+            ratio = statistics.median(t / b for t, b in zip(times[v], times["bare"]))
+            print(f"| {v} | {statistics.median(times[v]) * 1e3:.2f} ms | {ratio:.3f}x |")
         print("\nflight recorder on the non-finite step (once per run)")
         print("| | |\n|---|---|")
         for k, v in bundle_cost(Path(d)):
