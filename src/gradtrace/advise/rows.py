@@ -24,10 +24,11 @@ _INIT_NAME = {"relu": "Kaiming (ReLU)", "leaky": "Kaiming (leaky ReLU)", "smooth
 
 
 def _lr_fix(row: ChecklistRow, ctx: RunContext, why: str, step: int | None) -> Fix:
-    lr = ctx.lr_at(step)
+    # The rate of the update that produced step ``step``'s state: the one before it.
+    lr = ctx.lr_at(step - 1 if step else step)
     if lr:
         new = lr / LR_CUT
-        at = f" at step {step}" if step is not None and ctx.lr_at(None) != lr else ""
+        at = f" for the update before step {step}" if step is not None and ctx.lr_at(None) != lr else ""
         return Fix(row.problem, f"Lower the learning rate: it is {fmt_code(lr)} in this run{at}; try "
                    f"{fmt_code(new)} (lr/{LR_CUT:g}) {why}",
                    f"for group in optimizer.param_groups: group['lr'] = {fmt_code(new)}")

@@ -12,10 +12,8 @@ Four groups of seeded CPU runs on synthetic data, each written as a trace direct
 
 Each run's findings are printed with their fixes; ``OUT/report.html`` compares the runs.
 
-Example:
-    >>> from gradtrace.demo import run_demo
-    >>> run_demo("gradtrace-demo", quick=True)          # doctest: +SKIP
-    PosixPath('gradtrace-demo/report.html')
+Example (about a minute, so in prose): ``run_demo("gradtrace-demo", quick=True)`` trains
+every run, prints the findings and returns ``PosixPath('gradtrace-demo/report.html')``.
 """
 from __future__ import annotations
 
@@ -134,7 +132,7 @@ def _say(msg: str, bar: Any) -> None:
 def _diagnose(trace) -> tuple[list | None, str]:
     """Findings of one run, or ``(None, reason)`` when diagnosis is unavailable or failed."""
     try:
-        from gradtrace.detect import diagnose
+        from gradtrace.api import diagnose
     except ImportError as e:
         return None, f"diagnosis unavailable ({e})"
     try:
@@ -156,8 +154,10 @@ def run_demo(out: str | Path = "gradtrace-demo", quick: bool = False, progress: 
     ``"dead-relu"``). Returns the path of the comparative report.
 
     Example:
-        >>> run_demo("gradtrace-demo", quick=True, progress=False)     # doctest: +SKIP
-        PosixPath('gradtrace-demo/report.html')
+        >>> run_demo("runs/demo", config=TINY, only=["rnn-explode"], progress=False)  # doctest: +ELLIPSIS
+        gradtrace demo (test): 2 runs, 32 training steps, writing to runs/demo/
+        ...
+        PosixPath('runs/demo/report.html')
     """
     import torch
 

@@ -42,7 +42,8 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
     before it, deepest first.
 
     Example:
-        >>> detect(trace, Thresholds())              # doctest: +SKIP
+        >>> detect(gt.load("runs/exp1"), Thresholds())
+        []
     """
     prof = depth_profile(trace, "out_std", th, exclude_kinds=("norm",))
     if prof is None:

@@ -22,8 +22,10 @@ def depth_profile(trace: Trace, stat: str, th: Thresholds, exclude_kinds: tuple 
     Zeros are floored at ``th.floor``.
 
     Example:
-        >>> steps, layers, logs = depth_profile(trace, "outgrad_norm", Thresholds())  # doctest: +SKIP
-        >>> logs.shape == (len(steps), len(layers))                                     # doctest: +SKIP
+        >>> depth_profile(gt.load("runs/exp1"), "outgrad_norm", Thresholds()) is None   # 3 layers < 4
+        True
+        >>> steps, layers, logs = depth_profile(gt.load("runs/exp1"), "outgrad_norm", Thresholds(depth_min_layers=2))
+        >>> logs.shape == (len(steps), len(layers))
         True
     """
     got = U.module_matrix(trace, stat)
@@ -75,8 +77,8 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
     is an error once the ratio is below ``vanish_total ** 2``, else a warning.
 
     Example:
-        >>> detect_depth(trace, Thresholds())          # doctest: +SKIP
-        [Finding(kind='vanishing_gradients', ...)]
+        >>> detect_depth(gt.load("runs/exp1"), Thresholds())
+        []
     """
     prof = depth_profile(trace, "outgrad_norm", th)
     if prof is None:
@@ -164,11 +166,12 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     is a record whose z-score against the trailing window exceeds ``th.explode_z`` and
     which is at least ``th.explode_fold`` times that window's median; a climb is a record
     that, with the median of the ``th.min_baseline`` records up to it, sits
-    ``th.explode_fold`` times above the early window. Both use only the past. Layers are the modules whose parameter
+    ``th.explode_fold`` times above the early window while the loss over that window is
+    not falling. Both use only the past. Layers are the modules whose parameter
     gradients grew the most at the first flagged step, largest growth first.
 
     Example:
-        >>> detect_over_steps(trace, Thresholds())      # doctest: +SKIP
+        >>> detect_over_steps(gt.load("runs/exp1"), Thresholds())
         []
     """
     if not U.has_stat(trace, "total_grad_norm"):
@@ -181,10 +184,11 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     logs[~np.isfinite(total)] = np.nan
     logfold = math.log(th.explode_fold)
     flagged: dict[int, tuple[float, float]] = {}
-    for i, z, med in U.trailing_spikes(logs, warmup=th.warmup_steps, window=th.baseline_window,
-                                       min_baseline=th.min_baseline, z_limit=th.explode_z):
-        if logs[i] - med >= logfold:
-            flagged[i] = (z, med)
+    spikes = [(i, z, med) for i, z, med in U.trailing_spikes(
+        logs, warmup=th.warmup_steps, window=th.baseline_window, min_baseline=th.min_baseline,
+        z_limit=th.explode_z) if logs[i] - med >= logfold]
+    for i, z, med in spikes:
+        flagged[i] = (z, med)
     # A climb: a trailing window follows it (its baseline holds the climb), so each record
     # is also compared with the first stretch after warm-up. A record counts when it and
     # the median of the min_baseline records up to it are both explode_fold above that
@@ -194,6 +198,21 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     fin = fin[fin >= th.warmup_steps]
     w = th.baseline_window
     climb = None
+    loss_at = dict(zip(*(a.tolist() for a in trace.scalar("loss", with_steps=True)))) if U.has_stat(trace, "loss") else {}
+
+    early_loss = [v for v in loss_at.values() if math.isfinite(v)][: th.baseline_window]
+    level = float(np.median(early_loss)) if early_loss else 0.0
+
+    def loss_improving(k: int) -> bool:
+        """Did the loss not rise over the window ending at record fin[k]: the median of its
+        later half is not above that of its earlier half by ``spike_min_rise`` of the run's
+        early loss level (the spike rule's notion of a real rise)? A gradient norm that
+        grows while the loss falls or holds is training reaching sharper regions, not an
+        explosion."""
+        ls = np.array([loss_at.get(int(steps[j]), np.nan) for j in fin[k - w + 1: k + 1]])
+        ls = ls[np.isfinite(ls)]
+        return ls.size >= 4 and (float(np.median(ls[ls.size // 2:])) - float(np.median(ls[: ls.size // 2]))
+                                 < th.spike_min_rise * level)
     if fin.size > th.min_baseline:
         for k in range(th.min_baseline, fin.size):
             early = logs[fin[:min(k, w)]]
@@ -202,7 +221,8 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
             if k + 1 < th.baseline_window:
                 continue        # a sustained climb needs a full window of records
             recent = logs[fin[k - th.baseline_window + 1: k + 1]]
-            if logs[i] - med_e >= logfold and float(np.median(recent)) - med_e >= logfold:
+            if (logs[i] - med_e >= logfold and float(np.median(recent)) - med_e >= logfold
+                    and not loss_improving(k)):
                 if climb is None:
                     climb = {"early_median": math.exp(med_e), "first_step": int(steps[i])}
                 climb["latest"] = float(math.exp(logs[i]))

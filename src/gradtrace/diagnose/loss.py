@@ -33,7 +33,7 @@ def corroborated(steps: np.ndarray, loss: np.ndarray, hits: list[tuple[int, floa
     """Which candidate spikes (indices into ``loss``) are corroborated, and by what:
     ``"persists"``, ``"repeats"``, ``"gradient"`` or ``"unchecked"`` (no gradient norms
     recorded, so nothing could refute it). See :class:`Thresholds` ``spike_persist``,
-    ``spike_grad_fold``. Each verdict uses records up to ``spike_persist`` after the spike.
+    ``explode_fold``. Each verdict uses records up to ``spike_persist`` after the spike.
 
     Example:
         >>> tr = Trace({}, [{"step": s, "scalars": {"loss": 1.0 + 0.01 * (s % 3)}} for s in range(30)])
@@ -64,7 +64,7 @@ def corroborated(steps: np.ndarray, loss: np.ndarray, hits: list[tuple[int, floa
         base = gnorm[max(0, k - th.baseline_window): k]
         base = base[np.isfinite(base)]
         g = float(gnorm[k])
-        if base.size >= th.min_baseline and (not math.isfinite(g) or g >= th.spike_grad_fold * float(np.median(base))):
+        if base.size >= th.min_baseline and (not math.isfinite(g) or g >= th.explode_fold * float(np.median(base))):
             out[i] = "gradient"
     return out
 
@@ -156,7 +156,8 @@ def detect_nonfinite(trace: Trace, th: Thresholds) -> list[Finding]:
     """``loss_nonfinite``: the recorded loss (or a ``nonfinite`` event) is nan/inf.
 
     Example:
-        >>> detect_nonfinite(trace, Thresholds())[0].first_step    # doctest: +SKIP
+        >>> tr = Trace({}, [{"step": s, "scalars": {"loss": 1.0 if s < 23 else float("nan")}} for s in range(25)])
+        >>> detect_nonfinite(tr, Thresholds())[0].first_step
         23
     """
     bad_steps: list[int] = []
@@ -182,12 +183,12 @@ def detect_nonfinite(trace: Trace, th: Thresholds) -> list[Finding]:
                 "summary": f"the loss was non-finite at {len(bad_steps)} recorded steps, first at step {first}"}
     if last_finite:
         evidence["last_finite_loss"] = {"step": last_finite[0], "value": last_finite[1]}
-    if U.has_stat(trace, "lr"):     # the rate in force when it failed, not the last one
+    if U.has_stat(trace, "lr"):     # the rate of the update that led to it, not the last one
         ls, lr = trace.scalar("lr", with_steps=True)
-        at = lr[ls <= first]
-        if at.size:
-            evidence["lr"] = float(at[-1])
-            evidence["lr_step"] = int(ls[ls <= first][-1])
+        sel = (ls < first) if (ls < first).any() else (ls <= first)
+        if sel.any():
+            evidence["lr"] = float(lr[sel][-1])
+            evidence["lr_step"] = int(ls[sel][-1])
     expl = ("The loss became nan/inf, so every gradient computed from it is meaningless and "
             "the optimizer step spreads the damage into every weight. It is a symptom with "
             "several possible causes: a learning rate that made training diverge, values "

@@ -17,21 +17,27 @@ CAUSES = ("overflow", "divergence", "invalid_operation", "optimizer_step")
 def _optimizer_step_origin(trace: Trace, step: int) -> dict | None:
     """Evidence that the optimizer step itself wrote the first nan/inf: at ``step`` some
     weights were already non-finite (``param_norm``, read before this step's update, i.e.
-    the weights its forward used) while the previous recorded step had finite gradients
-    and a finite loss. ``None`` when that is not the case or the figures are missing."""
-    if not U.has_stat(trace, "param_norm") or not U.has_stat(trace, "grad_norm"):
-        return None
-    m = trace.matrix("param_norm", steps=[step])
-    if m.values.shape[0] == 0:
-        return None
-    bad = [n for n, v, r in zip(m.names, m.values[0], m.recorded[0]) if r and not math.isfinite(v)]
-    if not bad:
+    the weights its forward used), or the previous step's update ratio was nan, while that
+    previous step had finite gradients and a finite loss. ``None`` when that is not the
+    case or the figures are missing (both are recorded on activation steps only)."""
+    if not U.has_stat(trace, "grad_norm"):
         return None
     g = trace.matrix("grad_norm")
     prev = np.flatnonzero(g.steps < step)
     if prev.size == 0:
         return None
     k = prev[-1]
+    bad: list[str] = []
+    if U.has_stat(trace, "param_norm"):        # the weights this step's forward used
+        m = trace.matrix("param_norm", steps=[step])
+        if m.values.shape[0]:
+            bad = [n for n, v, r in zip(m.names, m.values[0], m.recorded[0]) if r and not math.isfinite(v)]
+    if not bad and U.has_stat(trace, "update_ratio"):   # the update of the step before: nan
+        m = trace.matrix("update_ratio", steps=[int(g.steps[k])])
+        if m.values.shape[0]:
+            bad = [n for n, v, r in zip(m.names, m.values[0], m.recorded[0]) if r and np.isnan(v)]
+    if not bad:
+        return None
     rec = g.recorded[k]
     if not rec.any() or not np.all(np.isfinite(g.values[k][rec])):
         return None
@@ -109,8 +115,8 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
     ``divergence_fold``, ``divergence_window``).
 
     Example:
-        >>> classify_cause(trace, 17, Thresholds())[0]       # doctest: +SKIP
-        'divergence'
+        >>> classify_cause(gt.load("runs/exp1"), 17, Thresholds())[0] in CAUSES
+        True
     """
     dtype, fmax = _dtype_max(trace)
     ev: dict = {"dtype": dtype, "dtype_max": fmax}
@@ -223,8 +229,8 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
     to where the backward pass broke.
 
     Example:
-        >>> detect(trace, Thresholds())[0].layers[0]     # doctest: +SKIP
-        'net.5'
+        >>> detect(gt.load("runs/exp1"), Thresholds())   # a healthy run: no nan
+        []
     """
     ev = _first_event(trace)
     if ev is None:
@@ -290,6 +296,8 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
         evidence["localised_by"] = (f"every gradient of step {cev['updated_at_step']} was finite, and "
                                     f"{cev['params_nonfinite_after_step']} weight tensors were non-finite "
                                     f"when step {step} began")
+    if phase == "loss":
+        bad_sorted = []      # every gradient is non-finite after a non-finite loss: no layer to name
     layers: list[str] = [origin] if origin else []
     if phase == "optimizer_step":
         bad_sorted = list(reversed(bad_sorted))

@@ -30,9 +30,10 @@ class Thresholds:
             late in training a loss of 1e-3 doubling is a wobble, not an event.
         spike_persist: a loss spike is corroborated when the median of the this many records
             after it is still ``spike_min_fold`` times the baseline (the jump persists) ...
-        spike_grad_fold: ... or the total gradient norm at the spike is at least this multiple
-            of its median over the same trailing window (the update was abnormal too) ...
-            or another spike came within ``baseline_window`` records (it repeats). A lone
+            ... or the total gradient norm at the spike is ``explode_fold`` times its median
+            over the same trailing window (an abnormal gradient: a hard example's larger
+            gradient is not) ... or another spike came within ``baseline_window`` records
+            (it repeats). A lone
             high loss on one batch (a hard example, BatchNorm batch statistics) is none of
             these and is not reported. A trace without gradient norms cannot corroborate, so
             there every spike is reported.
@@ -102,7 +103,6 @@ class Thresholds:
     spike_min_fold: float = 2.0
     spike_min_rise: float = 0.05
     spike_persist: int = 3
-    spike_grad_fold: float = 3.0
     diverge_fold: float = 2.0
     explode_z: float = 8.0
     explode_fold: float = 10.0
@@ -147,7 +147,7 @@ class Thresholds:
                 raise ValueError(f"threshold {name} must be <= 1, got {getattr(self, name)!r}")
         for name in ("explode_gain", "explode_total", "act_grow_gain", "act_grow_total",
                      "time_explode_ratio", "explode_fold", "spike_min_fold", "divergence_fold",
-                     "spike_grad_fold", "diverge_fold"):
+                     "diverge_fold"):
             if getattr(self, name) < 1:
                 raise ValueError(f"threshold {name} must be >= 1, got {getattr(self, name)!r}")
 

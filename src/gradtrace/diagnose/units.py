@@ -41,20 +41,22 @@ def _mask_history(trace: Trace) -> dict[str, tuple[np.ndarray, np.ndarray, np.nd
 
 def _dead_windows(steps: np.ndarray, masks: np.ndarray, samples: np.ndarray,
                   th: Thresholds) -> list[tuple[int, int, int]]:
-    """``(step, dead, units)`` for each full window of ``th.dead_window`` masks ending at a
-    step (only windows that saw ``th.dead_min_samples`` inputs; ``nan`` counts pass)."""
+    """``(step, dead, units)`` for each window of up to ``th.dead_window`` masks ending at a
+    step, from half a window on (only windows that saw ``th.dead_min_samples`` inputs;
+    ``nan`` counts pass)."""
     w = th.dead_window
-    if steps.size < w:
+    need = math.ceil(w / 2)          # at least half a window of masks: one batch is not enough
+    if steps.size < need:
         return []
     csum = np.concatenate([np.zeros((1, masks.shape[1]), dtype=np.int64), np.cumsum(masks, axis=0)])
-    active = (csum[w:] - csum[:-w]) > 0                      # row t: window ending at t + w - 1
     s = np.concatenate([[0.0], np.cumsum(samples)])
-    seen = s[w:] - s[:-w]
     out = []
-    for k in range(active.shape[0]):
-        if seen[k] < th.dead_min_samples:      # nan (older traces) compares False: kept
+    for t in range(need - 1, steps.size):
+        lo = max(0, t - w + 1)
+        if s[t + 1] - s[lo] < th.dead_min_samples:      # nan (older traces) compares False: kept
             continue
-        out.append((int(steps[k + w - 1]), int((~active[k]).sum()), int(active.shape[1])))
+        active = (csum[t + 1] - csum[lo]) > 0
+        out.append((int(steps[t]), int((~active).sum()), int(active.size)))
     return out
 
 
@@ -205,7 +207,8 @@ def detect_saturated(trace: Trace, th: Thresholds) -> list[Finding]:
     stays flagged, ``evidence["resolved"]`` when it no longer is); most saturated first.
 
     Example:
-        >>> detect_saturated(trace, Thresholds())        # doctest: +SKIP
+        >>> detect_saturated(gt.load("runs/exp1"), Thresholds())
+        []
     """
     got = U.module_matrix(trace, "saturated_frac")
     if got is None:
