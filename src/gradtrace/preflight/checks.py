@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..findings import Finding, Fix
+from ..diagnose.finding import Finding, Fix
 
 
 def model_facts(model: nn.Module) -> dict[str, Any]:

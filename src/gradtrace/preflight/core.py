@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..findings import Finding, _jsonable
+from ..diagnose.finding import Finding, _jsonable
+from ..diagnose.thresholds import Thresholds as _DiagnosisThresholds
 from .blocks import as_args, first_tensor, select_blocks
 from .checks import findings as _findings, model_facts
 from .jacobian import _one_thread, spectrum
@@ -34,6 +35,8 @@ __all__ = ["preflight", "PreflightResult", "PreflightThresholds", "PREFLIGHT_FUL
 #: Lanczos top-k/bottom-k and a Hutchinson gain (see bench/spectrum.py for the crossover).
 PREFLIGHT_FULL_MAX = 256
 
+_DIAGNOSIS = _DiagnosisThresholds()
+
 #: Spectrum settings of preflight (each overridable through ``**spectrum_kwargs``). A
 #: transformer block's Jacobian spans every token, so it is matrix-free, and its cost is
 #: Lanczos steps × (one JVP + one VJP). On a d=64 pre-LN encoder block (1024 coordinates
@@ -50,8 +53,11 @@ class PreflightThresholds:
 
     Attributes:
         vanishing_ratio: predicted gradient norm at the first block over the last block
-            below this → ``vanishing_gradients`` (error below its square).
-        exploding_ratio: the same ratio above this → ``exploding_gradients``.
+            below this → ``vanishing_gradients`` (error below its square). The default
+            is diagnosis's ``Thresholds.vanish_total``: the same ratio, judged the same
+            way at step 0 and on a recorded run.
+        exploding_ratio: the same ratio above this → ``exploding_gradients``; default
+            diagnosis's ``Thresholds.explode_total``.
         shrinking_ratio: RMS of the last block's output over the first block's below
             this → ``shrinking_activations``.
         growing_ratio: the same above this → ``growing_activations``.
@@ -72,11 +78,11 @@ class PreflightThresholds:
 
     Example:
         >>> PreflightThresholds(vanishing_ratio=1e-4).exploding_ratio
-        1000.0
+        100.0
     """
 
-    vanishing_ratio: float = 1e-3
-    exploding_ratio: float = 1e3
+    vanishing_ratio: float = _DIAGNOSIS.vanish_total
+    exploding_ratio: float = _DIAGNOSIS.explode_total
     shrinking_ratio: float = 1e-2
     growing_ratio: float = 1e2
     time_vanishing_ratio: float = 1e-3
