@@ -121,6 +121,7 @@ def test_log_zero_deep_in_a_module_ends_with_finding_bundle_and_the_exact_line(t
     # the script's stdout is its own: nothing of gradtrace's goes there
     assert r.stdout == "name __main__ argv ['w.pt', '0.0']\n"
     assert "Non-finite" in r.stderr and "gradtrace replay" in r.stderr
+    assert "report: runs/r/Net/report.html" in r.stderr and (tmp_path / "runs/r/Net/report.html").is_file()
     bundles = list((tmp_path / "runs" / "r").rglob("flight-*.pt"))
     assert [b.name for b in bundles] == ["flight-0.pt"]       # relu's zeros reach log at step 0
     line = next(i for i, t in enumerate(MODEL_PY.splitlines(), 1) if "LOG LINE" in t)

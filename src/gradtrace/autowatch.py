@@ -320,7 +320,12 @@ def _print_summary(aw: AutoWatch) -> None:
             human = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
             print(f"flight recorder: {b} ({human}); "
                   f"see which op made it: gradtrace replay {path}", file=sys.stderr)
-        print(f"report: gradtrace report {path}", file=sys.stderr)
+        try:
+            import gradtrace as gt
+            html = gt.report(gt.load(path), path / "report.html")
+            print(f"report: {html}", file=sys.stderr)
+        except Exception as e:    # the run is done; a report problem must not change its exit
+            print(f"gradtrace: no report for {path}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _user_traceback(exc: BaseException) -> None:
@@ -340,8 +345,9 @@ def run_script(target: str, args: list[str] | tuple = (), *, module: bool = Fals
     :class:`AutoWatch`; returns the script's exit code.
 
     ``out`` defaults to ``runs/<name>-<YYYYmmdd-HHMMSS>``. ``watch_kwargs`` go to
-    ``gt.watch`` (``preset``, ``every``...). With ``summary``, the doctor's findings and
-    the report command are printed to stderr at exit.
+    ``gt.watch`` (``preset``, ``every``...). With ``summary``, at exit the doctor's
+    findings are printed to stderr and each trace gets its HTML report
+    (``<trace>/report.html``), whose path is printed too.
 
     Example:
         >>> run_script("no_such_script.py", out="runs/x", summary=False)

@@ -13,8 +13,8 @@ def add_parser(sub: Any) -> None:
         description="Run a training script as `python script.py args...` would, watching every "
                     "model it trains: each optimizer and the model it updates are found at the "
                     "optimizer's first step (recorded from step 0: gradient figures only on that "
-                    "step, except under Lightning); one trace per model under --out. At exit the findings and the report "
-                    "command are printed to stderr.")
+                    "step, except under Lightning); one trace per model under --out. At exit the findings and the HTML "
+                    "report's path are printed to stderr.")
     p.add_argument("--out", help="run directory (default: runs/<script>-<date>-<time>)")
     p.add_argument("--preset", help="economy, default or full (see gt.watch)")
     p.add_argument("--every", type=int, help="record every N optimizer steps")
