@@ -105,12 +105,16 @@ def render_spectrum_section(spec_or_dict: Any, max_histograms: int = 48) -> str:
     if rows:
         parts.append("<h3>Gain across depth</h3>" + _gain_plot(rows))
     parts.append('<table class="gt-table"><thead><tr><th>block</th><th>in</th><th>out</th><th>method</th>'
-                 "<th>gain</th><th>σ_max</th><th>σ_min</th><th>spread</th></tr></thead><tbody>")
+                 "<th>gain</th><th>σ_max</th><th>σ_min</th><th>spread</th><th>estimate</th></tr></thead><tbody>")
     for r in rows + ([end] if end else []):
         parts.append("<tr>" + "".join(
             f"<td>{html.escape(str(v)) if isinstance(v, str) else (f'{_num(v):.4g}' if isinstance(v, float) else v)}</td>"
             for v in (r["block"], r["in_width"], r["out_width"], r["method"], _num(r["gain"]),
-                      _num(r["sigma_max"]), _num(r["sigma_min"]), _num(r["spread"]))) + "</tr>")
+                      _num(r["sigma_max"]), _num(r["sigma_min"]), _num(r["spread"]),
+                      r.get("estimate", "-"))) + "</tr>")
+    for name, why in d.get("skipped", {}).items():  # a block that could not be measured says why
+        parts.append(f'<tr><td>{html.escape(str(name))}</td><td colspan="8">not measured: '
+                     f"{html.escape(str(why))}</td></tr>")
     parts.append("</tbody></table>")
     names = [r["block"] for r in rows]
     if len(names) > max_histograms:
