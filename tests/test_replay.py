@@ -163,6 +163,7 @@ def test_nonfinite_input_is_the_datas_and_torch_modules_are_named_by_module(tmp_
         assert r.phase == phase, r
     assert r.nonfinite == [] and r.origin.module == "0 (Linear)"
     assert r.origin.location is None              # torch's own Linear: no user line to show
+    assert r.headline.startswith("torch.nn.functional.linear in module 0 (Linear): inputs ")
     assert (r.origin.op, r.origin.aten) == ("torch.nn.functional.linear", "aten.addmm.default")
     assert max(i["max"] for i in r.origin.inputs) == float(torch.tensor(3e38))
 

@@ -82,7 +82,7 @@ class ReplayResult:
                     f"the data, or code run before the model, produced it")
         if o is None:
             return f"step {self.step}: the replayed step stayed finite (the loss from: {self.loss_source})"
-        where = ""
+        where = f" in module {o.module}" if o.module else ""      # torch's own code: the module says where
         if o.location:
             path, line, func = o.location
             where = f" at {os.path.basename(path)}:{line} in {func}"
