@@ -20,14 +20,14 @@ from torch import nn
 __all__ = ["default_blocks"]
 
 # Modules that start a new block when grouping the children of a Sequential.
-_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                                  nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
-    _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
+    NORM_TYPES = NORM_TYPES + (nn.RMSNorm,)
 
 
 def _is_weight_layer(m: nn.Module) -> bool:
-    return any(True for _ in m.parameters()) and not isinstance(m, _NORM_TYPES)
+    return any(True for _ in m.parameters()) and not isinstance(m, NORM_TYPES)
 
 
 def _group_sequential(prefix: str, seq: nn.Module) -> list[list[str]]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from .blocks import _NORM_TYPES, Capture, first_tensor, input_slot, model_kwargs
+from .blocks import NORM_TYPES, Capture, first_tensor, input_slot, model_kwargs
 from .transformer import AttentionEntropy, find_branches
 
 
@@ -97,7 +96,7 @@ def signal_pass(model: nn.Module, args: tuple, groups: list[list[str]], loss_fn,
     for key, block in single.items():
         sub = dict(block.named_modules())
         for n, m in sub.items():
-            if n and isinstance(m, _NORM_TYPES + _named_norms(m)):
+            if n and isinstance(m, NORM_TYPES + _named_norms(m)):
                 def npost(mod, a, out, key=key):
                     if isinstance(out, torch.Tensor):
                         norm_out.setdefault(key, []).append(out)
