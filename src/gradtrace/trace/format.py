@@ -190,6 +190,29 @@ def decode_vector(v: Any) -> np.ndarray:
     return np.asarray([decode_number(x) for x in v], dtype=np.float64)
 
 
+def decode_vectors(raw: list) -> np.ndarray:
+    """Many stored vectors at once: a 2-D array when they share a length (bit masks are
+    unpacked in one call), else an object array of :func:`decode_vector` results.
+
+    Example:
+        >>> decode_vectors(["3:05", "3:02"]).tolist()
+        [[True, False, True], [False, True, False]]
+    """
+    if raw and all(isinstance(v, str) for v in raw):
+        heads = {v.partition(":")[0] for v in raw}
+        if len(heads) == 1:
+            n_bits = int(heads.pop())
+            data = bytes.fromhex("".join(v.partition(":")[2] for v in raw))
+            rows = np.frombuffer(data, dtype=np.uint8).reshape(len(raw), -1)
+            return np.unpackbits(rows, axis=1, bitorder="little")[:, :n_bits].astype(bool)
+    values = [decode_vector(v) for v in raw]
+    if len({v.shape for v in values}) == 1:
+        return np.stack(values) if values else np.zeros((0, 0))
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 def pack_mask(mask: np.ndarray) -> str:
     """Pack a boolean vector into the trace's compact ``"<n>:<hex>"`` form.
 

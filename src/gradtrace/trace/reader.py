@@ -15,7 +15,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from .format import (FORMAT, FORMAT_VERSION, META_FILE, MISSING, TABLES_FILE, V1_RECORDS_FILE,
-                     decode_vector, is_missing)
+                     decode_vectors, is_missing)
 from .store import FileStore, MemoryStore, Table, read_jsonl, warn_once
 
 
@@ -279,23 +279,16 @@ class Trace:
         return (steps, arr) if with_steps else arr
 
     def _vector_series(self, stat: str, name: str | None) -> tuple[np.ndarray, np.ndarray]:
-        known: set[str] = set()
-        steps, values = [], []
-        for r in self._store.vectors:
-            if self._upto is not None and r["step"] > self._upto:
-                break
-            vec = r["vectors"].get(stat, {})
-            known.update(vec)
-            if name in vec:
-                steps.append(r["step"])
-                values.append(decode_vector(vec[name]))
+        index = self._store.vector_index(stat)
         if name is None:
-            raise KeyError(f"statistic {stat!r} needs a name; recorded for: {sorted(known)}")
-        if not steps:
-            raise KeyError(_unknown(f"name for {stat!r}", name, sorted(known)))
-        same = len({v.shape for v in values}) == 1
-        arr = np.stack(values) if same else np.array(values, dtype=object)
-        return np.asarray(steps, dtype=np.int64), arr
+            raise KeyError(f"statistic {stat!r} needs a name; recorded for: {sorted(index)}")
+        if name not in index:
+            raise KeyError(_unknown(f"name for {stat!r}", name, sorted(index)))
+        steps, raw = index[name]
+        n = len(steps) if self._upto is None else int(np.searchsorted(steps, self._upto, side="right"))
+        if n == 0:
+            raise KeyError(_unknown(f"name for {stat!r}", name, []))
+        return steps[:n], decode_vectors(raw[:n])
 
     def scalar(self, stat: str, *, with_steps: bool = False):
         """A per-step statistic (``loss``, ``total_grad_norm``, ``lr``...) over the steps
@@ -347,24 +340,37 @@ class Trace:
             names = list(names)
             cols = [index[n] for n in names]
         wanted = None if steps is None else np.fromiter((int(s) for s in steps), dtype=np.int64)
-        parts = []
+        parts = []                     # (table, visible rows, selected rows, step of each)
         for t, n in self._tables():
-            pos = t.schema.col_pos.get((section, stat))
-            if pos is None:
+            if (section, stat) not in t.schema.col_pos:
                 continue
-            idx = t.schema.columns[pos][2]
-            where = {i: k for k, i in enumerate(idx)}
-            off = t.schema.offsets[(section, stat)]
             s = t.steps()[:n]
             rows = slice(None) if wanted is None else np.isin(s, wanted)
-            block = np.full((n if wanted is None else int(rows.sum()), len(cols)), MISSING)
+            parts.append((t, n, rows, s[rows]))
+        all_steps = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        # Rows are written once, straight to their place in step order (no concatenated copy).
+        order = np.argsort(all_steps, kind="stable")
+        target = np.empty_like(order)
+        target[order] = np.arange(order.size)
+        values = np.full((order.size, len(cols)), MISSING)
+        start = 0
+        for t, n, rows, s in parts:
+            sch = t.schema
+            idx = sch.columns[sch.col_pos[(section, stat)]][2]
+            where = {i: k for k, i in enumerate(idx)}
+            off = sch.offsets[(section, stat)]
             out_c = [c for c, i in enumerate(cols) if i in where]
-            if out_c:
-                got = t.rows()["values"][:n, off:off + len(idx)][rows][:, [where[cols[c]] for c in out_c]]
-                block[:, out_c] = got
-            parts.append((s[rows], block))
-        step_arr, values = _merge(parts)
-        values = values.reshape(len(step_arr), len(cols))
+            dest = target[start:start + s.size]
+            start += s.size
+            if not out_c:
+                continue
+            block = np.asarray(t.rows()["values"][:n, off:off + len(idx)])[rows]
+            src_c = [where[cols[c]] for c in out_c]
+            if out_c == list(range(len(cols))) and src_c == list(range(len(idx))):
+                values[dest] = block
+            else:
+                values[np.ix_(dest, out_c)] = block[:, src_c]
+        step_arr = all_steps[order].astype(np.int64, copy=False)
         recorded = ~is_missing(values)
         values[~recorded] = np.nan
         return Matrix(step_arr, names, values, recorded)
@@ -382,9 +388,8 @@ class Trace:
         if section == "scalars":
             raise KeyError(f"statistic {stat!r} is per step and has no names")
         if section == "vectors":
-            return sorted({n for r in self._store.vectors
-                           if self._upto is None or r["step"] <= self._upto
-                           for n in r["vectors"].get(stat, {})})
+            index = self._store.vector_index(stat)
+            return sorted(n for n, (s, _) in index.items() if self._upto is None or s[0] <= self._upto)
         m = self.matrix(stat)
         return [n for n, any_ in zip(m.names, m.recorded.any(axis=0)) if any_]
 

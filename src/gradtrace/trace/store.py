@@ -60,7 +60,31 @@ class Table:
         return self._steps
 
 
-class MemoryStore:
+def _vector_index(vectors: list[dict], stat: str) -> dict[str, tuple[np.ndarray, list]]:
+    """name -> (steps, stored values) of one vector statistic, in one pass."""
+    acc: dict[str, tuple[list, list]] = {}
+    for r in vectors:
+        for name, v in r["vectors"].get(stat, {}).items():
+            s, raw = acc.setdefault(name, ([], []))
+            s.append(r["step"])
+            raw.append(v)
+    return {n: (np.asarray(s, dtype=np.int64), raw) for n, (s, raw) in acc.items()}
+
+
+class _VectorIndex:
+    """Per-statistic index of the vectors, rebuilt only when more were appended."""
+
+    vectors: list[dict]
+
+    def vector_index(self, stat: str) -> dict[str, tuple[np.ndarray, list]]:
+        cache = self.__dict__.setdefault("_vindex", {})
+        hit = cache.get(stat)
+        if hit is None or hit[0] != len(self.vectors):
+            hit = cache[stat] = (len(self.vectors), _vector_index(self.vectors, stat))
+        return hit[1]
+
+
+class MemoryStore(_VectorIndex):
     """Records kept in memory (``watch(out=None)``, v1 traces, ``Trace(meta, records)``).
 
     Values stay float64 here: nothing is written, so nothing needs shrinking.
@@ -115,7 +139,7 @@ def read_jsonl(path: Path, on_torn: Callable[[str], None]) -> list[dict]:
     return out
 
 
-class FileStore:
+class FileStore(_VectorIndex):
     """A v2 trace directory: tables memory-mapped at open, JSON side files parsed on first use.
 
     Rows are counted from the file sizes at open time; a partial last row (a writer
