@@ -9,6 +9,11 @@ the RNG states, and how to rebuild the model: the pickled model object when it p
 (its classes are re-imported from the script or module, see :func:`set_source`), its
 class as ``module:qualname``, and the script or module that ran it.
 
+Without a pre-forward copy of the buffers (the monitor's capture keeps none: it would cost
+a copy every step) they are saved as the forward left them: one BatchNorm update later,
+which a training-mode forward does not read (it normalises with the batch's statistics).
+Under FSDP2 the state saved is this rank's shards: replay such a bundle with care.
+
 The bundle is a pickle, like any full-model checkpoint: replay only bundles you trust.
 
 Example:
