@@ -746,3 +746,14 @@ def test_finite_gradients_clip_to_a_finite_total():
     assert float(torch.linalg.vector_norm(p.grad.double())) == pytest.approx(2.0, rel=RTOL)
     tiny = [torch.full((9,), 1e-25)]
     assert float(C.get_total_norm(tiny)) == pytest.approx(3e-25, rel=RTOL)
+
+
+def test_dtensor_norms_are_never_reused(one_rank_mesh):
+    # reuse is per rank; a rank that skipped the all-reduce another rank runs would hang
+    from torch.distributed.tensor import Shard, distribute_tensor
+    g = distribute_tensor(torch.full((4,), 2.0), one_rank_mesh, [Shard(0)])
+    with N.register(lambda *a: None):
+        first = N.grad_norms([g])
+        again = N.grad_norms([g])
+        assert not any(N._cache.values())
+    assert again[0] is not first[0] and float(again[0]) == pytest.approx(4.0)
