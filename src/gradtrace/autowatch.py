@@ -270,7 +270,7 @@ class AutoWatch:
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and not bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all()):
-            flight.save_bundle(path / "flight", model=root, optimizer=optimizer, capture=cap,
+            flight.save_bundle(path / "flight", model=_unwrap(root), optimizer=optimizer, capture=cap,
                                step=0, reason="nonfinite_grad")
 
     def _note(self, text: str) -> None:
