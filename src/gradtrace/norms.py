@@ -30,6 +30,10 @@ gradient and, within one step, never compute the same norms twice.
   them. ``DTensor`` norms are never reused, so a rank that published cannot skip a
   collective that another rank runs.
 
+(Why ~550 lines in one file: the recorder and the remedies import this as one leaf
+module, which may import nothing else from gradtrace; the engine, its sharded path and
+the sharing between them change together.)
+
 Example:
     >>> import torch
     >>> g = [torch.full((4,), 1e20), torch.full((9,), 1e-25)]
