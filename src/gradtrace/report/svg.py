@@ -364,17 +364,25 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], steps: Sequence[int],
         lab = row_labels[r] if len(row_labels[r]) <= 22 else "…" + row_labels[r][-21:]
         if cell_h >= 10 or r % max(1, math.ceil(11 / cell_h)) == 0:
             o.append(f'<text x="{ml - 5}" y="{y + cell_h / 2 + 4:.1f}" text-anchor="end" fill="#333">{_esc(lab)}</text>')
+        fills = []
         for c in range(n_cols):
             v = m[r, c]
             if np.isnan(v):
-                fill = "#eeeeee"
+                fills.append("#eeeeee")
             elif not np.isfinite(v):
-                fill = "#d62728"
+                fills.append("#d62728")
             elif log and v <= 0:
-                fill = _colour(0.0)
-            else:
-                fill = _colour(norm(v))
-            o.append(f'<rect x="{ml + c * cw:.2f}" y="{y}" width="{cw + 0.35:.2f}" height="{cell_h}" fill="{fill}"/>')
+                fills.append(_colour(0.0))
+            else:   # 64 colour levels: the eye sees no more, and equal neighbours merge below
+                fills.append(_colour(round(norm(v) * 63) / 63))
+        c = 0
+        while c < n_cols:           # one rect per run of equal colour keeps long runs' pages small
+            e = c + 1
+            while e < n_cols and fills[e] == fills[c]:
+                e += 1
+            o.append(f'<rect x="{ml + c * cw:.2f}" y="{y}" width="{(e - c) * cw + 0.35:.2f}" '
+                     f'height="{cell_h}" fill="{fills[c]}"/>')
+            c = e
     o.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
     for t in _nice_linear(float(steps[0]), float(steps[-1]) if steps[-1] > steps[0] else float(steps[0]) + 1, 6):
         if steps[0] <= t <= steps[-1] or n_cols == 1:
