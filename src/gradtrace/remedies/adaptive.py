@@ -39,11 +39,11 @@ class AutoClip:
     included) and the gradients are norm-clipped to the ``percentile``-th percentile
     (linear interpolation, like ``numpy.percentile``) of that history. ``percentile=10``
     is the paper's value; it is a percentile in [1, 100], so a fraction such as ``0.9``
-    is refused with a hint (pass ``90``). ``history=None`` keeps every norm; an int keeps the last
-    ``history`` (a ring buffer). Non-finite norms are stored as nan and ignored by the
-    percentile. The history lives on the gradients' device (float64, float32 on MPS);
-    no host sync. Returns the pre-clip total norm (a tensor) and publishes to norm
-    observers.
+    is refused with a hint (pass ``90``). ``history=None`` keeps every norm; an int keeps
+    the last ``history`` (a ring buffer). Non-finite norms are stored as nan and ignored
+    by the percentile. The history lives on the gradients' device (float64, float32 on
+    MPS); no host sync. Returns the pre-clip total norm (a tensor) and tells the norm
+    registry (:func:`gradtrace.norms.register`).
 
     Example:
         >>> import torch
