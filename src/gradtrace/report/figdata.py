@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -59,18 +59,17 @@ def layer_grad_norms(trace) -> tuple[np.ndarray, list[str], np.ndarray]:
     if "grad_norm" not in trace.stats():
         return np.zeros(0, dtype=np.int64), layers, np.zeros((0, len(layers)))
     steps, names, g = raw_matrix(trace, "grad_norm")
-    out = np.full((len(steps), len(layers)), np.nan)
     col = {n: i for i, n in enumerate(layers)}
-    sq = np.zeros_like(out)
-    seen = np.zeros(out.shape, dtype=bool)
+    owner = np.zeros((len(names), len(layers)))          # parameter -> its layer, as a 0/1 matrix
     for j, name in enumerate(names):
         i = col.get(trace.owner(name))
-        if i is None:
-            continue
-        v = g[:, j]
-        ok = ~np.isnan(v)
-        sq[ok, i] += v[ok] ** 2
-        seen[ok, i] = True
+        if i is not None:
+            owner[j, i] = 1.0
+    got = ~np.isnan(g)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.where(got, g, 0.0) ** 2 @ owner             # inf stays inf: drawn red
+    seen = got.astype(np.float64) @ owner > 0
+    out = np.full(sq.shape, np.nan)
     out[seen] = np.sqrt(sq[seen])
     return steps, layers, out
 
@@ -126,7 +125,8 @@ def layer_exec_rank(trace) -> dict[str, int]:
 
 def loss_spikes(steps: np.ndarray, loss: np.ndarray, thresholds=None) -> list[int]:
     """Steps the loss-spike rule of :func:`gradtrace.diagnose` flags (same
-    ``Thresholds``), plus the start of each non-finite stretch.
+    ``Thresholds``), plus the start of each non-finite stretch. The report itself marks
+    the findings' spikes (:func:`spike_marks`); this is for callers without findings.
 
     Example:
         >>> loss_spikes(np.arange(30), np.r_[np.ones(25), 50.0, np.ones(4)])
@@ -138,6 +138,29 @@ def loss_spikes(steps: np.ndarray, loss: np.ndarray, thresholds=None) -> list[in
     th = Thresholds.coerce(thresholds)
     out = {int(steps[i]) for i, _, _ in spike_indices(loss, th)}
     bad = ~np.isfinite(loss)
+    out |= {int(steps[k]) for k in np.nonzero(bad)[0] if k == 0 or not bad[k - 1]}
+    return sorted(out)
+
+
+def spike_marks(steps: np.ndarray, loss: np.ndarray, findings: Sequence[Any] = ()) -> list[int]:
+    """Loss steps a chart marks: the spikes the diagnosis reported (a ``loss_spike``
+    finding's ``spike_steps``, a loss finding's first step) and the start of each
+    non-finite stretch of the loss. The report draws what :func:`gradtrace.diagnose`
+    judged; it does not judge again.
+
+    Example:
+        >>> from gradtrace.diagnose import Finding
+        >>> f = Finding("loss_spike", "warning", [], 25, 25, {"spike_steps": [25]}, "", [])
+        >>> spike_marks(np.arange(30), np.r_[np.ones(27), np.nan, 1.0, 1.0], [f])
+        [25, 27]
+    """
+    out: set[int] = set()
+    for f in findings:
+        if getattr(f, "kind", "") in ("loss_spike", "loss_nonfinite") and f.first_step is not None:
+            ev = f.evidence or {}
+            listed = ev.get("spike_steps", ev.get("steps", [f.first_step]))
+            out.update(int(s) for s in listed if isinstance(s, (int, float)))
+    bad = ~np.isfinite(np.asarray(loss, dtype=np.float64))
     out |= {int(steps[k]) for k in np.nonzero(bad)[0] if k == 0 or not bad[k - 1]}
     return sorted(out)
 

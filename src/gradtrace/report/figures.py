@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .figdata import gradient_flow, layer_grad_norms, loss_spikes, module_rows, time_gradients
+from .figdata import gradient_flow, layer_grad_norms, module_rows, spike_marks, time_gradients
 from .svg import Marker, Series, heatmap, line_chart
 
 
@@ -74,7 +74,8 @@ def activation_heatmap_svg(trace, stat: str, width: int = 640) -> str | None:
 
 
 def loss_svg(trace, findings: Sequence[Any] = (), width: int = 640) -> tuple[str, list[int]]:
-    """The loss curve with spikes (and guard skips) marked; returns ``(svg, spike_steps)``.
+    """The loss curve with the diagnosed spikes, non-finite stretches and guard skips
+    marked; returns ``(svg, marked_steps)``.
 
     Example:
         >>> svg, spikes = loss_svg(gt.load("runs/exp1"))
@@ -84,12 +85,7 @@ def loss_svg(trace, findings: Sequence[Any] = (), width: int = 640) -> tuple[str
     if "loss" not in trace.stats():
         return '<p class="empty">No loss recorded (call <code>mon.record_loss(loss)</code> each step).</p>', []
     steps, loss = trace.series("loss", with_steps=True)
-    spikes = set(loss_spikes(steps, loss))
-    for f in findings:
-        if getattr(f, "kind", "") in ("loss_spike", "loss_nonfinite") and f.first_step is not None:
-            ev = f.evidence or {}
-            listed = ev.get("spike_steps", ev.get("steps", [f.first_step]))
-            spikes.update(int(s) for s in listed if isinstance(s, (int, float)))
+    spikes = spike_marks(steps, loss, findings)
     marks = [Marker(s, f"loss spike at step {s}") for s in sorted(spikes)]
     marks += [Marker(e["step"], f"guard skipped step {e['step']}: {e.get('reason', '')}", "#7f7f7f")
               for e in trace.events("guard_skip")]

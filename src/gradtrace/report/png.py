@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .figdata import downsample, gradient_flow, layer_grad_norms, loss_spikes, module_rows, time_gradients
+from .figdata import downsample, gradient_flow, layer_grad_norms, module_rows, spike_marks, time_gradients
 from .figures import ACT_STATS
 
 
@@ -104,7 +104,7 @@ def write_pngs(trace, out_dir: str | os.PathLike, findings: Sequence[Any] = ()) 
         steps, loss = trace.series("loss", with_steps=True)
         fig, ax = plt.subplots(figsize=(8, 3.5))
         ax.plot(*downsample(steps, loss, 4000), label="loss")
-        for i, s in enumerate(loss_spikes(steps, loss)):
+        for i, s in enumerate(spike_marks(steps, loss, findings)):
             ax.axvline(s, color="#D55E00", ls="--", lw=1, label="spike" if i == 0 else None)
         for i, e in enumerate(trace.events("guard_skip")):
             ax.axvline(e["step"], color="grey", ls=":", lw=1, label="guard skip" if i == 0 else None)

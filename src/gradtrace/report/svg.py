@@ -284,11 +284,19 @@ def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str
     return "".join(o)
 
 
-def _colour(t: float) -> str:
+def _interp(t: float) -> str:
     t = min(max(t, 0.0), 1.0) * (len(_CMAP) - 1)
     i = min(int(t), len(_CMAP) - 2)
     c = _CMAP[i] + (_CMAP[i + 1] - _CMAP[i]) * (t - i)
     return "#%02x%02x%02x" % tuple(int(round(x)) for x in c)
+
+
+_LEVELS = [_interp(k / 63) for k in range(64)]
+
+
+def _colour(t: float) -> str:
+    """The colour map at ``t`` in [0, 1], in 64 levels (the eye sees no more)."""
+    return _LEVELS[int(round(min(max(t, 0.0), 1.0) * 63))]
 
 
 def _bin_columns(steps: np.ndarray, m: np.ndarray, max_cols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +321,8 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], steps: Sequence[int],
     """An SVG heatmap (rows = layers, input side on top; columns = steps) with a colour bar.
 
     Missing values are light grey; non-finite ones red. Long runs are binned into at
-    most ``max_cols`` columns, each showing its bucket's largest value.
+    most ``max_cols`` columns (fewer when there are many rows: about 8,000 cells in all),
+    each showing its bucket's largest value.
 
     Example:
         >>> svg = heatmap(np.array([[1e-6, 1e-5], [1e-2, 1e-1]]), ["l0", "l1"], [0, 1],
@@ -326,7 +335,8 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], steps: Sequence[int],
     n_rows = m.shape[0]
     if n_rows == 0 or m.shape[1] == 0:
         return f'<p class="empty">{_esc(title)}: not recorded in this run.</p>'
-    steps, m = _bin_columns(steps, m, max_cols)
+    # at most ~8,000 cells a heatmap (a page with three stays near 2 MB), 40 columns at least
+    steps, m = _bin_columns(steps, m, min(max_cols, max(40, 8000 // n_rows)))
     n_cols = m.shape[1]
     label_w = min(150, 12 + 6.6 * max(len(r) for r in row_labels))
     ml, mr, mt, mb = label_w, 92, 34, 40
@@ -373,8 +383,8 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], steps: Sequence[int],
                 fills.append("#d62728")
             elif log and v <= 0:
                 fills.append(_colour(0.0))
-            else:   # 64 colour levels: the eye sees no more, and equal neighbours merge below
-                fills.append(_colour(round(norm(v) * 63) / 63))
+            else:                   # 64 levels, so equal neighbours merge below
+                fills.append(_colour(norm(v)))
         c = 0
         while c < n_cols:           # one rect per run of equal colour keeps long runs' pages small
             e = c + 1
