@@ -14,6 +14,7 @@ from torch import nn
 
 import gradtrace as gt
 from gradtrace.autowatch import AutoWatch, find_root
+from gradtrace.record import flight
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -380,15 +381,27 @@ import torch, torch.distributed as dist
 from torch import nn
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.head(torch.log(torch.relu(self.body(x))))  # LOG
+
+
 torch.manual_seed(0)
-model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+model = nn.parallel.DistributedDataParallel(Net())
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 g = torch.Generator().manual_seed(1 + rank)
 for step in range(3):
     opt.zero_grad()
     model(torch.randn(4, 4, generator=g)).pow(2).mean().backward()
     opt.step()
-print("rank", rank, "done")
+open(f"done{rank}.txt", "w").write("ok")
 dist.destroy_process_group()
 '''
 
@@ -404,12 +417,18 @@ def test_torchrun_two_ranks_one_trace_by_rank_0(tmp_path):
                         "--master_port", str(port), "-m", "gradtrace", "run", "--out", "runs/ddp", "ddp.py"],
                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(r.stdout.split("\n")) == ["", "rank 0 done", "rank 1 done"]
+    assert (tmp_path / "done0.txt").is_file() and (tmp_path / "done1.txt").is_file()
     assert r.stderr.count("gradtrace doctor ·") == 1          # the summary: rank 0 only
     traces = [p.name for p in (tmp_path / "runs/ddp").iterdir() if p.is_dir()]
-    assert traces == ["Sequential"]                            # named after the user's module
-    t = gt.load(tmp_path / "runs/ddp/Sequential")
-    assert list(t.steps_recorded) == [0, 1, 2] and t.params[0] == "0.weight"
+    assert traces == ["Net"]                                   # named after the user's module
+    t = gt.load(tmp_path / "runs/ddp/Net")
+    assert list(t.steps_recorded) == [0, 1, 2] and t.params[0] == "body.0.weight"
+    # log(relu(.)) of rank 0's batch: its step-0 bundle holds the module inside DDP
+    b = flight.load_bundle(next((tmp_path / "runs/ddp").rglob("flight-*.pt")))
+    assert b["step"] == 0 and next(iter(b["model_state"])) == "body.0.weight"
+    r = gt.replay(tmp_path / "runs/ddp")
+    line = next(i for i, t in enumerate(DDP_PY.splitlines(), 1) if "# LOG" in t)
+    assert (r.phase, r.origin.op, r.origin.location[1]) == ("forward", "torch.log", line)
 
 
 MAIN_PY = '''\
