@@ -9,7 +9,8 @@ at which a live run would first have said something (the first ``s`` with a find
 clearly diverging: at least ``DIVERGE_START`` times its first value and ``DIVERGE_MIN``
 times its lowest so far), the lead time (damage minus live detection; must be >= 0, and
 >= 3 on slow divergences) and the overhead (watched / unwatched wall time of the same
-seeded run). A healthy run passes with no finding at all; a broken one when its root
+seeded run; the watched run includes live diagnosis, ``OnlineDiagnosis`` at its defaults,
+whose own share of the time is printed under each run). A healthy run passes with no finding at all; a broken one when its root
 cause is the top finding, every expected kind is found and nothing else but the allowed
 side findings.
 """
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     import gradtrace as gt
+    from gradtrace.diagnose.online import OnlineDiagnosis
     from realistic_runs import RUNS, Run
 
     names = args.only or [n for n, r in RUNS.items() if r.quick or not args.quick]
@@ -127,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run = RUNS[name]
         plain = run.fn(None)
-        watched = run.fn({"out": None})
+        fired: list[int] = []
+        sink = OnlineDiagnosis(lambda f: fired.append(int(sink.trace.steps_recorded[-1])))
+        watched = run.fn({"out": None, "sinks": [sink]})   # watch + live diagnosis (defaults)
         trace = watched.trace
         t0 = time.perf_counter()
         findings = gt.diagnose(trace)
@@ -140,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         if not run.healthy and dmg is not None and (lead is None or lead < (SLOW_LEAD if run.slow else 0)):
             ok = False
             notes.append(f"lead time {lead} below {SLOW_LEAD if run.slow else 0}")
+        if fired and (live is None or min(fired) > live):
+            notes.append(f"the live sink first spoke at step {min(fired)} (its every/budget limits)")
+        notes.append(f"live diagnosis: {sink.runs} runs, {sink.seconds * 1000:.0f} ms = "
+                     f"{100 * sink.seconds / watched.seconds:.1f}% of the watched run's time")
         rows.append((name, run.healthy, run.first, findings, live, dmg, lead,
                      watched.seconds / plain.seconds, tdiag, ok, notes))
     if not args.no_demo and (not args.only or any(n.startswith("demo:") for n in args.only)):
