@@ -137,3 +137,23 @@ def test_version_1_traces_still_load(tmp_path):
     assert np.isnan(t.series("loss")[1]) and t.events("guard_skip")[0]["value"] == "nan"
     assert t.names("zero_frac") == ["b"] and t.series("active_mask", "b").tolist() == [[True, False, True]]
     assert t.exec_order() == ["a", "b", "c"]
+
+
+def test_array_and_list_inputs_encode_alike(tmp_path):
+    lists = _records(6, seed=3)
+    arrays = []
+    for r in _records(6, seed=3):
+        for sec in ("param", "module"):
+            for stat, v in list(r[sec].items()):
+                if isinstance(v, list) and stat != "zero_frac":    # keep one list beside arrays
+                    r[sec][stat] = np.array([MISSING if x is None else x for x in v], dtype=np.float64)
+        arrays.append(r)
+    a, b = _write(tmp_path / "lists", lists), _write(tmp_path / "arrays", arrays)
+    for stat in ("grad_norm", "update_ratio", "zero_frac", "out_std", "out_flag_nonfinite"):
+        ma, mb = a.matrix(stat), b.matrix(stat)
+        np.testing.assert_array_equal(ma.recorded, mb.recorded)
+        np.testing.assert_array_equal(ma.values, mb.values)
+        assert ma.steps.tolist() == mb.steps.tolist()
+    short = MemoryWriter(META)                       # a short array: the rest not recorded
+    short.write({"step": 0, "param": {"grad_norm": np.array([0.5])}})
+    assert short.trace.matrix("grad_norm").recorded.tolist() == [[True, False]]

@@ -30,24 +30,44 @@ _HEAD = struct.Struct("<qd")          # step int64, time float64
 TABLE_KEYS = frozenset(("step", "time", "scalars", "param", "module", "vectors"))
 
 
-def _flatten(secs: dict[str, dict], n: dict[str, int]) -> list:
-    """Every per-name value of a record in one list (statistic after statistic, each
-    padded to its section's name count with None); arrays become lists (MISSING kept)."""
-    big: list = []
+def _flatten(secs: dict[str, dict], n: dict[str, int], dtype: np.dtype) -> tuple[np.ndarray, list | None]:
+    """Every per-name value of a record in one array (statistic after statistic, each
+    padded to its section's name count), and the flat Python list when every input was a
+    list (needed to tell a ``None`` from a recorded nan). Array inputs skip Python
+    floats entirely; a ``None`` in a list beside them becomes MISSING here."""
+    pieces: list = []
+    arrays = False
     for sec in ("param", "module"):
         n_sec = n[sec]
         for v in secs[sec].values():
             if type(v) is list and len(v) == n_sec:      # the recorder's usual shape
-                big += v
+                pieces.append(v)
                 continue
             if isinstance(v, np.ndarray):
                 if v.ndim != 1:
                     raise ValueError(f"per-name values must be 1-D, got shape {v.shape}")
-                v = v.tolist()
+                arrays = True
+                a = v.astype(dtype)                       # float64 -> float32 keeps MISSING
+                if a.size != n_sec:
+                    a = np.concatenate([a, np.full(max(n_sec - a.size, 0), MISSING, dtype)])[:n_sec]
+                pieces.append(a)
             else:
-                v = list(v)
-            big += (v + [None] * n_sec)[:n_sec]
-    return big
+                pieces.append((list(v) + [None] * n_sec)[:n_sec])
+    if not arrays:
+        big: list = []
+        for p in pieces:
+            big += p                                      # list concatenation runs in C
+        return np.array(big, dtype=dtype), big            # None -> nan; "nan"/"inf" parsed
+    parts = []
+    for p in pieces:
+        if isinstance(p, list):
+            a = np.array(p, dtype=dtype)
+            for i in np.flatnonzero(np.isnan(a)).tolist():
+                if p[i] is None:
+                    a[i] = MISSING
+            p = a
+        parts.append(p)
+    return np.concatenate(parts), None
 
 
 class Encoder:
@@ -81,12 +101,11 @@ class Encoder:
         scal = rec.get("scalars") or {}
         secs = {"param": rec.get("param") or {}, "module": rec.get("module") or {}}
         key = (tuple(scal), tuple(secs["param"]), tuple(secs["module"]))
-        big = _flatten(secs, self.n)
-        a = np.array(big, dtype=self.value_dtype)        # None -> nan; "nan"/"inf" parsed
+        a, big = _flatten(secs, self.n, self.value_dtype)
         gone = is_missing(a)
         nan = np.isnan(a)
         nan &= ~gone
-        if nan.any():
+        if big is not None and nan.any():
             gone |= self._none_mask(key, big, np.flatnonzero(nan), a.size)
             a[gone] = MISSING
         schema = self.current.get(key)
