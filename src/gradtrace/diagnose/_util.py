@@ -6,15 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import numerics
 from ..trace import Trace
 from .thresholds import Thresholds
-
-#: Scale turning a median absolute deviation into a standard deviation for normal data.
-MAD_TO_SD = 1.4826
-#: Smallest robust spread used in a z-score, relative to the baseline scale; keeps a
-#: perfectly flat baseline from turning any wobble into an infinite z.
-MIN_REL_SPREAD = 1e-3
-
 
 def has_stat(trace: Trace, stat: str) -> bool:
     """True if ``stat`` was recorded anywhere in ``trace``."""
@@ -64,16 +58,14 @@ def activation_of(trace: Trace, module: str) -> str | None:
 
 
 def robust_z(x: float, baseline: np.ndarray) -> tuple[float, float]:
-    """Robust z-score of ``x`` against ``baseline`` and the baseline median.
+    """:func:`gradtrace.numerics.robust_z` of ``x`` against ``baseline`` (the one robust
+    z-score, shared with ``Guard``), and the baseline median.
 
     Example:
         >>> round(robust_z(10.0, np.array([1.0, 1.1, 0.9, 1.0, 1.05]))[0])
         121
     """
-    med = float(np.median(baseline))
-    mad = float(np.median(np.abs(baseline - med)))
-    spread = max(MAD_TO_SD * mad, MIN_REL_SPREAD * max(abs(med), 1e-12))
-    return (x - med) / spread, med
+    return numerics.robust_z(x, baseline), float(np.median(baseline))
 
 
 def trailing_spikes(values: np.ndarray, *, warmup: int, window: int, min_baseline: int,
@@ -133,15 +125,14 @@ def fit_gain(logs: np.ndarray) -> tuple[float, float]:
     return slope, med
 
 
-def sci(x: float, digits: int = 2) -> str:
-    """Compact number for evidence strings: ``0.52``, ``2e-06``, ``3.1e+04``."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "nan"
-    if not math.isfinite(x):
-        return str(x)
-    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
-        return f"{x:.{max(digits - 1, 0)}e}"
-    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{digits + 1}g}"
+def sci(x: float, digits: int = 3) -> str:
+    """Compact number for evidence strings: :func:`gradtrace.numerics.fmt` (the one format).
+
+    Example:
+        >>> sci(0.5), sci(2e-06)
+        ('0.5', '2e-06')
+    """
+    return numerics.fmt(x, digits)
 
 
 def join_names(names: list[str], limit: int = 6) -> str:
