@@ -105,13 +105,15 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
         else:
             affected = [layers[i] for i in range(n - 1) if rel[i] > limit]
         affected = affected or [layers[0]]
+        ratio_txt = "0 (no gradient at all)" if total <= th.floor * 1e3 else U.sci(total)
         evidence = {
             "per_layer_gain": gain,
             "layers_in_profile": n,
-            "first_to_last_outgrad_ratio": total,
+            # a zero output gradient was floored for the logarithm: report 0, never the floor
+            "first_to_last_outgrad_ratio": 0.0 if total <= th.floor * 1e3 else total,
             "summary": (f"going backward each layer multiplies the gradient by about {U.sci(gain)}; "
                         f"across {n} layers that is {U.sci(gain ** (n - 1))} (observed first/last "
-                        f"output-gradient ratio {U.sci(total)})"),
+                        f"output-gradient ratio {ratio_txt})"),
             "outgrad_norm_median": {layers[i]: float(np.exp(med_log[i])) for i in range(n)},
             "steps_flagged": int(hit.sum()),
             "steps_examined": int(hit.size),
@@ -121,7 +123,7 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
         if kind == "vanishing_gradients":
             expl = ("The backward pass multiplies the gradient by one layer Jacobian after another. "
                     f"Here that product shrinks by about {U.sci(gain)} per layer, so by the time the "
-                    f"signal reaches `{affected[0]}` it is {U.sci(total)} of what the last layer sees: "
+                    f"signal reaches `{affected[0]}` it is {ratio_txt} of what the last layer sees: "
                     "early layers get updates too small to learn from while the late layers train. "
                     + _activation_words(trace))
             # Past vanish_total squared (1e-4 by default) the early layers do not learn at all.
