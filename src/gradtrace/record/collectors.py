@@ -41,11 +41,11 @@ class ParamFigure:
     part: str           # name of its slice of the step's flat buffer
     every_step: bool    # False: activation steps only
     reduce: str         # across shards and ranks: "sum" (of squares) or "max"
-    compute: Callable[[list, list, torch.device], torch.Tensor]   # (grads, params, device)
+    compute: Callable[..., torch.Tensor]   # (grads, params, device, uniform) -> 1-D tensor
     decode: Callable[[np.ndarray], np.ndarray]                     # host values -> figure
 
 
-def squares(tensors: list, dev: torch.device) -> torch.Tensor:
+def squares(tensors: list, dev: torch.device, uniform: bool = False) -> torch.Tensor:
     """Squared L2 norms (float64, on ``dev``): grouped ``_foreach_norm`` kernels, float32
     accumulation on CPU (rescued by the monitor where it over- or underflowed), float64
     elsewhere. Not :func:`gradtrace.norms.grad_norms`: its per-tensor sharing cache and
@@ -56,19 +56,19 @@ def squares(tensors: list, dev: torch.device) -> torch.Tensor:
         >>> squares([torch.ones(4), torch.ones(9)], torch.device("cpu")).tolist()
         [4.0, 9.0]
     """
-    return squared_norms(tensors, dev)
+    return squared_norms(tensors, dev, uniform)
 
 
-def _grad_sq(grads: list, params: list, dev: torch.device) -> torch.Tensor:
-    return squares(grads, dev)
+def _grad_sq(grads: list, params: list, dev: torch.device, uniform: bool = False) -> torch.Tensor:
+    return squares(grads, dev, uniform)
 
 
-def _grad_max(grads: list, params: list, dev: torch.device) -> torch.Tensor:
+def _grad_max(grads: list, params: list, dev: torch.device, uniform: bool = False) -> torch.Tensor:
     return max_abs(grads, dev)
 
 
-def _param_sq(grads: list, params: list, dev: torch.device) -> torch.Tensor:
-    return squares(params, dev)
+def _param_sq(grads: list, params: list, dev: torch.device, uniform: bool = False) -> torch.Tensor:
+    return squares(params, dev, uniform)
 
 
 def _sqrt(v: np.ndarray) -> np.ndarray:

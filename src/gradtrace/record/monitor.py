@@ -24,7 +24,9 @@ Module hooks exist only on steps that record activations (or ``backward_flags``)
 from __future__ import annotations
 
 import collections
+import itertools
 import math
+import operator
 import os
 import sys
 import time
@@ -45,7 +47,7 @@ from .assemble import Assembler, StepInfo
 from .capture import StepCapture, first_nonfinite_module, rng_state
 from .collectors import PARAM_FIGURES, squares
 from .hooks import StepHooks
-from .reduce import nonfinite_counts, rescaled_squares
+from .reduce import nonfinite_counts, wide_squares
 from .selection import SATURATION_BOUNDS, activation_kind, floating_tensors, select
 from .transfer import HostCopies
 
@@ -54,6 +56,7 @@ F32, F64 = torch.float32, torch.float64
 #: more, made of entries whose squares lost nothing that matters to float32's range.
 _SQ_TRUSTED_BELOW = 1e-34
 _engine = torch.autograd.Variable._execution_engine
+_GRAD, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
 
 #: Named trade-offs between cost and insight (pass ``preset=`` to :func:`watch`).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -161,6 +164,10 @@ class Monitor:
         self._params = [params[n] for n in sel.params]
         self._device = self._params[0].device if self._params else torch.device("cpu")
         self._sharded = any(distributed.is_dtensor(p) for p in self._params)
+        # Dense parameters of one dtype on one device (the usual case): their gradients
+        # are measured in one foreach call, without grouping them in Python each step.
+        self._uniform = not self._sharded and len({(p.device, p.dtype, p.layout) for p in self._params}) <= 1
+        self._all_idx = list(range(len(self._params)))
         self._assembler = Assembler(self._param_names, self._mod_names, self._kinds)
         self._copies = HostCopies()
         self._hooks = StepHooks(self._modules, self._kinds, self._internal_error)
@@ -317,18 +324,19 @@ class Monitor:
             self._internal_error(e)
 
     def _take_grad_figures(self) -> None:
-        idx, grads = [], []
-        for i, p in enumerate(self._params):
-            if p.grad is not None:
-                idx.append(i)
-                grads.append(p.grad)
+        grads = list(map(_GRAD, self._params))          # C-level loops: O(1) Python calls
+        if any(map(operator.is_, grads, itertools.repeat(None))):   # (`in` would call ==)
+            idx = [i for i, g in enumerate(grads) if g is not None]
+            grads = [grads[i] for i in idx]
+        else:
+            idx = self._all_idx
         local = [distributed.local(g) for g in grads] if self._sharded else grads  # FSDP2: shards
         params = [distributed.local(self._params[i].detach()) for i in idx] if self._act else []
         parts: dict[str, torch.Tensor] = {}
         if grads:
             for fig in PARAM_FIGURES:
                 if fig.every_step or self._act:
-                    parts[fig.part] = fig.compute(local, params, self._device)
+                    parts[fig.part] = fig.compute(local, params, self._device, self._uniform)
             inv = self._inverse_scale()
             if inv is not None:             # GradScaler: figures of the unscaled gradient
                 parts["gsq"] = parts["gsq"] * inv.square()
@@ -342,7 +350,7 @@ class Monitor:
         prev = self._bwd.get("early") if self._bwd is not None else None
         if prev is not None and prev.ready():      # an earlier micro-batch's: superseded
             self._copies.release(prev)
-        self._bwd = {"idx": idx, "grads": grads, "versions": [g._version for g in local],
+        self._bwd = {"idx": idx, "grads": grads, "versions": list(map(_VERSION, local)),
                      "parts": parts, "early": early}
 
     def _inverse_scale(self) -> torch.Tensor | None:
@@ -373,21 +381,20 @@ class Monitor:
     def _check_changed(self) -> None:
         """Record the total the optimizer will see if anyone changed the gradients."""
         b = self._bwd
-        now = [self._params[i].grad for i in b["idx"]]
+        params = self._params if b["idx"] is self._all_idx else [self._params[i] for i in b["idx"]]
+        now = list(map(_GRAD, params))
         # Version counters of the local tensors (FSDP2: the shard a clipper scales).
         loc = distributed.local
-        if self._sharded:
-            same = all(g is h and loc(g)._version == v for g, h, v in zip(now, b["grads"], b["versions"]))
-        else:
-            same = all(g is h and g._version == v for g, h, v in zip(now, b["grads"], b["versions"]))
-        if same:
-            return
+        if all(map(operator.is_, now, b["grads"])):
+            versions = list(map(_VERSION, map(loc, now) if self._sharded else now))
+            if versions == b["versions"]:
+                return
         got = [g for g in now if g is not None]
         if any(distributed.is_dtensor(g) for g in got):
             # Full norms of the shards (one collective; every rank changed its shards alike).
             post = torch.stack([loc(n).to(self._device, F64) for n in norms.grad_norms(got)]).square().sum()
         else:
-            post = squares(got, self._device).sum()
+            post = squares(got, self._device, self._uniform).sum()
         self._post = post.reshape(1)
 
     def _look(self) -> None:
@@ -433,18 +440,16 @@ class Monitor:
             self._save_flight(cap, "nonfinite_loss" if loss_bad and not len(bad) else "nonfinite_grad")
 
     def _rescue(self, b: dict, gsq: np.ndarray, doubt: np.ndarray) -> None:
-        """Measure again, on scaled copies, the gradients whose float32 squares left the
-        range (only while they are still what backward left). O(1) kernel launches."""
+        """Measure again, in float64, the gradients whose float32 squares left the range
+        (only while they are still what backward left). O(1) kernel launches."""
         loc = distributed.local
         keep = [int(k) for k in doubt if b["grads"][k] is self._params[b["idx"][k]].grad
                 and loc(b["grads"][k])._version == b["versions"][k]]
-        for exponent, pick in ((-64, [k for k in keep if gsq[k] == np.inf]),
-                               (64, [k for k in keep if gsq[k] != np.inf])):
-            if pick:
-                copy = self._copies.start(rescaled_squares([loc(b["grads"][k]) for k in pick], exponent))
-                for k, v in zip(pick, copy.values):     # on CPU: already landed
-                    self._info.exact[k] = float(v)
-                self._copies.release(copy)
+        if keep:
+            copy = self._copies.start(wide_squares([loc(b["grads"][k]) for k in keep]))
+            for k, v in zip(keep, copy.values):         # on CPU: already landed
+                self._info.exact[k] = float(v)
+            self._copies.release(copy)
 
     def _save_flight(self, cap: StepCapture, reason: str) -> None:
         try:
@@ -504,7 +509,7 @@ class Monitor:
         if self._old is not None and self._old:
             new = [distributed.local(self._params[i].detach()) for i in b["idx"]]
             torch._foreach_sub_(self._old, new)          # old - new, in the snapshot buffer
-            parts.append(("dsq", squares(self._old, dev)))
+            parts.append(("dsq", squares(self._old, dev, self._uniform)))
         if self._post is not None:
             parts.append(("post", self._post))
         losses = [l for l in self._losses if isinstance(l, torch.Tensor)]

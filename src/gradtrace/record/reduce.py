@@ -8,8 +8,8 @@ Finite gradients must give finite norms. A float32 accumulation squares each ent
 entry above ~1.8e19 reads ``inf`` and one below ~1e-23 reads 0. Measured on this machine
 (CPU, one thread, 50 tensors, 1.6 M values): ``_foreach_norm`` in float32 0.23-0.31 ms,
 with float64 accumulation 1.02 ms. So on CPU the norms are float32 and the rare tensor
-whose norm came out ``inf``/``nan``/0 is measured again on a copy scaled by a power of two
-(:func:`rescaled_squares`; the monitor does that before the optimizer step, when it can
+whose norm came out ``inf``/``nan``/0 is measured again with float64 accumulation
+(:func:`wide_squares`; the monitor does that before the optimizer step, when it can
 read the values without a sync); on an accelerator the accumulation is float64, which a
 bandwidth-bound kernel hides.
 """
@@ -46,7 +46,7 @@ def stored_values(t: torch.Tensor) -> torch.Tensor:
 
 
 
-def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def squared_norms(tensors: list[torch.Tensor], device: torch.device, uniform: bool = False) -> torch.Tensor:
     """Squared L2 norm of each tensor (norms in float32 on CPU, float64 elsewhere; squares
     in float64), as one 1-D tensor on ``device``.
 
@@ -59,6 +59,15 @@ def squared_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
     """
     if not tensors:
         return torch.empty(0, dtype=F32, device=device)
+    if uniform:
+        # The caller knows every tensor is dense, on ``device`` and of one dtype (the
+        # monitor checks its parameters once): no per-tensor grouping in Python.
+        try:
+            acc = F32 if device.type == "cpu" else torch.float64
+            vals = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).double()
+            return vals * vals
+        except (TypeError, RuntimeError):   # a sparse gradient after all: group below
+            pass
     groups = _groups(tensors)
     parts, order = [], []
     for idx in groups.values():
@@ -110,22 +119,20 @@ def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.maximum(torch.stack(hi), -torch.stack(lo))
 
 
-def rescaled_squares(tensors: list[torch.Tensor], exponent: int) -> torch.Tensor:
-    """Squared L2 norms (float64) taken on copies scaled by ``2**exponent``: ``64`` brings
-    entries of 1e-25 up to ~2e-6, ``-64`` brings 1e20 down to ~5, so a float32
-    accumulation neither underflows nor overflows. Grouped: O(1) kernel launches.
+def wide_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norms accumulated in float64 (on the tensors' device): entries from
+    ~1e-154 to ~1e154 square without leaving the range. Grouped: O(1) kernel launches.
 
     Example:
-        >>> v = rescaled_squares([torch.full((4,), 1e-25)], 64)
-        >>> f"{float(v[0]):.3g}"
-        '4e-50'
+        >>> v = wide_squares([torch.full((4,), 1e-25), torch.full((4,), 1e20)])
+        >>> [f"{float(x):.3g}" for x in v]
+        ['4e-50', '4e+40']
     """
     if not tensors:
         return torch.empty(0, dtype=torch.float64)
     vals = [stored_values(t).detach() for t in tensors]
-    scaled = torch._foreach_mul(vals, 2.0 ** exponent)
-    norms = torch.stack([n.to(vals[0].device) for n in torch._foreach_norm(scaled, 2, dtype=F32)])
-    return (norms.double() * 2.0 ** -exponent).square()
+    norms = torch._foreach_norm(vals, 2, dtype=torch.float64)
+    return torch.stack([n.to(vals[0].device) for n in norms]).square()
 
 
 def nonfinite_counts(tensors: list[torch.Tensor]) -> list[int]:
