@@ -128,8 +128,13 @@ def main(argv: list[str]) -> int:
     print(f"# recording cost vs parameter tensors (MLP width {WIDTH}, batch {BATCH}, "
           f"median of {reps} interleaved steps, 1 thread)")
     print(f"{'tensors':>8} {'plain ms':>9} {'watched ms':>11} {'extra ms':>9} {'us/tensor':>10}")
-    for n, tp, tw, d, per in by_tensors(sizes, reps):
+    rows = by_tensors(sizes, reps)
+    for n, tp, tw, d, per in rows:
         print(f"{n:>8} {tp:>9.3f} {tw:>11.3f} {d:>9.3f} {per:>10.2f}")
+    # The per-step fixed cost (record, copy, hooks on the root) divides out of the slope:
+    # what one more watched tensor costs on a step without activations (target <= 2 us).
+    (n0, _, _, d0, _), (n1, _, _, d1, _) = rows[0], rows[-1]
+    print(f"marginal cost per watched tensor ({n0} -> {n1} tensors): {(d1 - d0) / (n1 - n0) * 1e3:.2f} us")
     layers = 16
     print(f"\n# world size (gloo, DDP, {2 * layers} tensors, global batch {BATCH})")
     print(f"{'world':>6} {'plain ms':>9} {'watched ms':>11} {'extra ms':>9} {'reduce ms':>10}")
