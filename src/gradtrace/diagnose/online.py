@@ -10,10 +10,11 @@ first appears.
 
 Cost: the detectors read the whole run so far, so a run of ``n`` recorded steps costs
 O(n) per diagnosis. Two limits keep the total bounded: a diagnosis at most every
-``every`` records, and never while the time spent diagnosing exceeds ``budget`` (a
-fraction) of the wall time the run has taken since the sink started. A record with a
-non-finite value (a ``nonfinite`` event, a nan loss) is diagnosed at once whatever the
-budget: that is the moment a user needs the answer.
+``every`` records (every record at first, the interval growing to ``every`` over the first
+``10 * every`` records, while the trace is short and cheap), and never while the time spent
+diagnosing exceeds ``budget`` (a fraction) of the wall time the run has taken since the
+sink started. The first non-finite loss is diagnosed at once whatever the budget: that is
+the moment a user needs the answer.
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ class OnlineDiagnosis:
         self.runs = 0
         self._writer: MemoryWriter | None = None
         self._since = 0
+        self._records = 0
         self._t0 = 0.0
         self._reported: set[str] = set()
 
@@ -116,8 +118,12 @@ class OnlineDiagnosis:
                 self._since = self.every     # diagnose with the next step record
             return
         self._since += 1
-        urgent = _nonfinite_loss(record)
-        if self._since < self.every and not urgent:
+        self._records += 1
+        # the first non-finite loss is news; the ones after it are not
+        urgent = _nonfinite_loss(record) and "loss_nonfinite" not in self._reported
+        # Early in a run the trace is short and cheap to diagnose, and gross early failures
+        # happen there: the interval grows from 1 to ``every`` over the first 10 * every records.
+        if self._since < min(self.every, 1 + self._records // 10) and not urgent:
             return
         elapsed = time.perf_counter() - self._t0
         if not urgent and self.seconds > self.budget * elapsed:
