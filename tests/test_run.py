@@ -424,7 +424,9 @@ def test_torchrun_two_ranks_one_trace_by_rank_0(tmp_path):
     t = gt.load(tmp_path / "runs/ddp/Net")
     assert list(t.steps_recorded) == [0, 1, 2] and t.params[0] == "body.0.weight"
     # log(relu(.)) of rank 0's batch: its step-0 bundle holds the module inside DDP
-    b = flight.load_bundle(next((tmp_path / "runs/ddp").rglob("flight-*.pt")))
+    bundle = next((tmp_path / "runs/ddp").rglob("flight-*.pt"))
+    assert [(e["path"], e["bytes"]) for e in t.events("flight_bundle")] == [(str(bundle.relative_to(tmp_path)), bundle.stat().st_size)]
+    b = flight.load_bundle(bundle)
     assert b["step"] == 0 and next(iter(b["model_state"])) == "body.0.weight"
     r = gt.replay(tmp_path / "runs/ddp")
     line = next(i for i, t in enumerate(DDP_PY.splitlines(), 1) if "# LOG" in t)

@@ -270,8 +270,10 @@ class AutoWatch:
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and not bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all()):
-            flight.save_bundle(path / "flight", model=_unwrap(root), optimizer=optimizer, capture=cap,
-                               step=0, reason="nonfinite_grad")
+            saved = flight.save_bundle(path / "flight", model=_unwrap(root), optimizer=optimizer,
+                                       capture=cap, step=0, reason="nonfinite_grad")
+            if saved is not None:
+                mon.log_event("flight_bundle", step=0, path=str(saved), bytes=saved.stat().st_size)
 
     def _note(self, text: str) -> None:
         self.notes.append(text)
