@@ -79,15 +79,17 @@ def _feeding_bias(trace: Trace, layer: str, step: int) -> dict | None:
         if rows.size:
             shape = trace.param_info(bias).get("shape") or [1]
             info["bias_rms"] = float(m.values[rows[0], 0]) / math.sqrt(max(1, int(np.prod(shape))))
-    if U.has_stat(trace, "out_mean"):
-        m = trace.matrix("out_mean", names=[w])
-        rows = np.flatnonzero(m.recorded[:, 0])
-        if rows.size:
-            info["pre_activation_mean"] = float(m.values[rows[0], 0])
-    mean, rms = info.get("pre_activation_mean"), info.get("bias_rms")
-    # The bias did it when the pre-activations sit below zero on average and the bias
-    # alone is at least that far from zero.
-    info["bias_pushes_below_zero"] = bool(mean is not None and rms is not None and mean < 0 and rms >= 0.5 * abs(mean))
+    for stat, key in (("out_mean", "pre_activation_mean"), ("out_std", "pre_activation_std")):
+        if U.has_stat(trace, stat):
+            m = trace.matrix(stat, names=[w])
+            rows = np.flatnonzero(m.recorded[:, 0])
+            if rows.size:
+                info[key] = float(m.values[rows[0], 0])
+    mean, std, rms = info.get("pre_activation_mean"), info.get("pre_activation_std"), info.get("bias_rms")
+    # The bias did it when the pre-activations sit more than one spread below zero (most
+    # of them negative) and the bias alone is at least half that far from zero.
+    info["bias_pushes_below_zero"] = bool(mean is not None and std is not None and rms is not None
+                                          and mean < -std and rms >= 0.5 * abs(mean))
     return info
 
 
