@@ -156,10 +156,11 @@ class Assembler:
         """Combine per-call figures into per-module ones (a module may run many times)."""
         n_m = len(self.module_names)
         acc: dict[int, list[float]] = {}
-        rows = zip(*(host[k] for k in ("a_min", "a_max", "a_norm", "a_bad", "a_extra")))
+        rows = zip(*(host[k] for k in ("a_min", "a_max", "a_norm", "a_extra")))
         for (pos, i, n), row in zip(info.acts, rows):
-            mn, mx, norm, bad, extra = (float(v) for v in row)
+            mn, mx, norm, extra = (float(v) for v in row)
             total = flags[pos]
+            bad = 0.0 if math.isfinite(total) else 1.0    # this call held a nan/inf
             s = acc.setdefault(i, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
             # Combine (entries, mean, sum of squared deviations) across calls (Chan et al.).
             mean_c, m2_c = float(total) / n, norm * norm
