@@ -183,6 +183,14 @@ class _Opaque(nn.Module):
         return _NoForwardAD.apply(self.lin(x))
 
 
+def test_lstm_on_token_ids_end_to_end_starts_after_the_embedding():
+    r = gt.preflight(LSTMNet(), tokens(vocab=40), n_samples=2)
+    assert r.summary["end_to_end"]["from"] == "lstm"
+    emb = r.summary["blocks"][0]
+    assert emb["block"] == "emb" and "not floating point" in emb["not_measured"]
+    assert r.summary["recurrent"][0]["layer"] == "lstm"
+
+
 def test_finite_difference_fallback_is_named_and_accurate():
     torch.manual_seed(0)
     model = nn.Sequential(_Opaque(12), _Opaque(12))

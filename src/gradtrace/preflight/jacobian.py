@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from . import ad
-from .blocks import Capture, block_fn, model_kwargs, root_fn, select_blocks, slice_batch, as_args
+from .blocks import (Capture, as_args, block_fn, input_slot, model_kwargs, root_fn, select_blocks,
+                     slice_batch)
 from .spectra import END_TO_END, BlockSpectrum, Spectrum
 
 __all__ = ["spectrum"]
@@ -149,6 +150,14 @@ def _lanczos_extremes(op, B: int, n: int, k: int, iters: int, gen: torch.Generat
     if theta.shape[1] > 2 * k:
         theta = torch.cat([theta[:, :k], theta[:, -k:]], 1)
     return theta
+
+
+def _floating_input(captured: tuple[tuple, dict]) -> bool:
+    slot = input_slot(*captured)
+    if slot is None:
+        return False
+    x = captured[0][slot] if isinstance(slot, int) else captured[1][slot]
+    return x.is_floating_point()
 
 
 def _measure(name: str, members: list[str], f, x: torch.Tensor, *, method: str, full_max: int,
@@ -301,7 +310,9 @@ def spectrum(model: nn.Module, example_input: Any, blocks: Any = None, k: int | 
                 skipped[g[0]] = "not called in the forward pass"
         end = None
         if end_to_end:
-            first = cap.order[0] if cap.order else None
+            # token ids in: start at the first block whose input is floating point (the
+            # embedding's output), since nothing before it can be differentiated
+            first = next((k for k in cap.order if _floating_input(cap.inputs[k])), None)
             fa = root_fn(model, args, mods[first] if first is not None else None,
                          cap.inputs.get(first) if first is not None else None)
             if fa is not None:
