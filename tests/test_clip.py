@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from clip_models import (MODELS, REF_RTOL, RTOL, SEED, SyncCounter, _assert_grads_close,
-                         _grads, _make)
+                         _grads, _input, _make)
 from gradtrace import norms as N
 from gradtrace.remedies import clip as C
 from gradtrace.remedies.adaptive import AutoClip, ZClip
@@ -373,3 +373,24 @@ def test_dtensor_norms_are_never_reused(one_rank_mesh):
         again = N.grad_norms([g])
         assert not any(N._cache.values())
     assert again[0] is not first[0] and float(again[0]) == pytest.approx(4.0)
+
+
+def test_gradscaler_unscale_is_not_hidden_from_reuse():
+    # unscale_ divides the gradients in place without bumping _version: a clip after it
+    # must not reuse the scaled norms a monitor took at the end of backward
+    original = torch._amp_foreach_non_finite_check_and_unscale_
+    model = _make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model.zero_grad()
+    with N.register(lambda *a: None):
+        assert torch._amp_foreach_non_finite_check_and_unscale_ is not original
+        scaler.scale(model(_input("mlp")).pow(2).sum()).backward()
+        grads = [p.grad for p in model.parameters()]
+        scaled = float(N.total_norm(N.grad_norms(grads)))        # remembered
+        scaler.unscale_(opt)
+        total = C.clip_grad_norm_(model.parameters(), 1e9)
+    assert torch._amp_foreach_non_finite_check_and_unscale_ is original   # nothing stays patched
+    want = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    assert float(total) == pytest.approx(want, rel=RTOL)
+    assert scaled == pytest.approx(1024.0 * want, rel=REF_RTOL)

@@ -25,10 +25,12 @@ gradient and, within one step, never compute the same norms twice.
   its per-tensor norms keyed by the tensor's identity (a weak reference) and its
   ``_version``; a later call on the same, unchanged tensors reuses them instead of reading
   the gradients again, and a clipper that scales the gradients publishes their post-clip
-  norms (``norm * coef``) for the new versions. In-place writes that bypass autograd's
-  version counter (``grad.data.mul_``) are invisible to this: call :func:`forget` after
-  them. ``DTensor`` norms are never reused, so a rank that published cannot skip a
-  collective that another rank runs.
+  norms (``norm * coef``) for the new versions. Writes that bypass autograd's version
+  counter are invisible to this: ``GradScaler.unscale_`` is one (handled: its kernel is
+  wrapped while anyone listens, and forgets what it unscaled); ``grad.data.mul_(...)``
+  and ``torch.distributed`` collectives on gradients outside DDP are others: call
+  :func:`forget` after them. ``DTensor`` norms are never reused, so a rank that
+  published cannot skip a collective that another rank runs.
 
 (Why ~550 lines in one file: the recorder and the remedies import this as one leaf
 module, which may import nothing else from gradtrace; the engine, its sharded path and
@@ -376,7 +378,8 @@ def _recall(tensors: list[Tensor], p: float) -> list[Tensor | None]:
 
 def forget(tensors: Iterable[Tensor] | None = None) -> None:
     """Drop remembered norms (of ``tensors``, or all): needed only after writing to a
-    gradient in a way autograd's version counter does not see (``grad.data.mul_(…)``).
+    gradient in a way autograd's version counter does not see (``grad.data.mul_(…)``,
+    ``torch.distributed.all_reduce(grad)``).
 
     Example:
         >>> forget()
@@ -410,9 +413,43 @@ def register(fn: NormObserver) -> RemovableHandle:
     """
     if not callable(fn):
         raise TypeError(f"register: fn must be callable, got {type(fn).__name__}")
-    handle = RemovableHandle(_observers)
+    handle = _Handle(_observers)
     _observers[handle.id] = weakref.WeakMethod(fn) if isinstance(fn, types.MethodType) else fn
+    _watch_unscale(True)
     return handle
+
+
+class _Handle(RemovableHandle):
+    """A registry handle; removing the last one also drops what was remembered."""
+
+    def remove(self) -> None:
+        super().remove()
+        if not _observers:
+            _cache.clear()
+            _watch_unscale(False)
+
+
+_unscale: Any = None    # torch's GradScaler kernel while a listener is registered
+
+
+def _watch_unscale(on: bool) -> None:
+    """While anyone listens, wrap the kernel ``GradScaler.unscale_`` calls: it divides the
+    gradients in place *without* bumping their ``_version``, so their remembered (scaled)
+    norms must be forgotten, or a clip after ``unscale_`` would use them. Restored when
+    the last listener leaves, so nothing stays patched."""
+    global _unscale
+    if on and _unscale is None:
+        _unscale = torch._amp_foreach_non_finite_check_and_unscale_
+
+        def unscale_and_forget(grads, *args, **kwargs):
+            out = _unscale(grads, *args, **kwargs)
+            if _cache:
+                forget(grads)
+            return out
+        torch._amp_foreach_non_finite_check_and_unscale_ = unscale_and_forget
+    elif not on and _unscale is not None:
+        torch._amp_foreach_non_finite_check_and_unscale_ = _unscale
+        _unscale = None
 
 
 def _live_observers() -> list[NormObserver]:
@@ -426,6 +463,7 @@ def _live_observers() -> list[NormObserver]:
         out.append(fn)
     if not _observers:
         _cache.clear()
+        _watch_unscale(False)
     return out
 
 
@@ -477,8 +515,9 @@ def _grad_norms(ts: list[Tensor], p: float, foreach: bool | None,
     has it (the clippers group once per call and share it)."""
     if not ts:
         return []
-    if _cache and not _observers:     # the last listener left: nothing is shared any more
+    if _cache and not _observers:     # a listener was freed unclosed: nothing is shared
         _cache.clear()
+        _watch_unscale(False)
     with torch.no_grad():
         if _cache:
             norms: list[Tensor | None] = _recall(ts, p)
