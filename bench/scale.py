@@ -69,6 +69,42 @@ def by_tensors(sizes: list[int], reps: int) -> list[tuple]:
     return rows
 
 
+def python_calls(sizes: list[int], steps: int = 20) -> list[tuple[int, float, float]]:
+    """Python-level function calls per watched step, counted by cProfile (deterministic,
+    unlike timings on a shared machine): calls into gradtrace's own code, and all calls."""
+    import cProfile
+    import pstats
+    rows = []
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(SEED))
+    for layers in sizes:
+        results = []
+        for watched in (False, True):
+            m = mlp(layers)
+            opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+            mon = gt.watch(m, opt, out=None, activations_every=0) if watched else None
+
+            def step():
+                m(x).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for _ in range(3):
+                step()
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(steps):
+                step()
+            pr.disable()
+            st = pstats.Stats(pr).stats
+            total = sum(v[1] for v in st.values()) / steps
+            ours = sum(v[1] for k, v in st.items() if "gradtrace" in k[0]) / steps
+            results.append((total, ours))
+            if mon is not None:
+                mon.close()
+        (bare_total, _), (w_total, w_ours) = results
+        rows.append((2 * layers, w_ours, w_total - bare_total))
+    return rows
+
+
 def _worker(rank: int, world: int, port: int, layers: int, reps: int, q) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -135,6 +171,10 @@ def main(argv: list[str]) -> int:
     # what one more watched tensor costs on a step without activations (target <= 2 us).
     (n0, _, _, d0, _), (n1, _, _, d1, _) = rows[0], rows[-1]
     print(f"marginal cost per watched tensor ({n0} -> {n1} tensors): {(d1 - d0) / (n1 - n0) * 1e3:.2f} us")
+    print("\n# Python function calls per step without activations (cProfile; load-independent)")
+    print(f"{'tensors':>8} {'in gradtrace':>13} {'added in all':>13}")
+    for n, ours, added in python_calls(sizes):
+        print(f"{n:>8} {ours:>13.0f} {added:>13.0f}")
     layers = 16
     print(f"\n# world size (gloo, DDP, {2 * layers} tensors, global batch {BATCH})")
     print(f"{'world':>6} {'plain ms':>9} {'watched ms':>11} {'extra ms':>9} {'reduce ms':>10}")

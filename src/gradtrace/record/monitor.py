@@ -442,11 +442,13 @@ class Monitor:
     def _rescue(self, b: dict, gsq: np.ndarray, doubt: np.ndarray) -> None:
         """Measure again, in float64, the gradients whose float32 squares left the range
         (only while they are still what backward left). O(1) kernel launches."""
-        loc = distributed.local
-        keep = [int(k) for k in doubt if b["grads"][k] is self._params[b["idx"][k]].grad
-                and loc(b["grads"][k])._version == b["versions"][k]]
+        grads, versions, params, idx = b["grads"], b["versions"], self._params, b["idx"]
+        if self._sharded:
+            grads = [distributed.local(g) for g in grads]
+        keep = [k for k in doubt.tolist() if b["grads"][k] is params[idx[k]].grad
+                and grads[k]._version == versions[k]]
         if keep:
-            copy = self._copies.start(wide_squares([loc(b["grads"][k]) for k in keep]))
+            copy = self._copies.start(wide_squares([grads[k] for k in keep], self._uniform))
             for k, v in zip(keep, copy.values):         # on CPU: already landed
                 self._info.exact[k] = float(v)
             self._copies.release(copy)

@@ -119,7 +119,7 @@ def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.maximum(torch.stack(hi), -torch.stack(lo))
 
 
-def wide_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+def wide_squares(tensors: list[torch.Tensor], dense: bool = False) -> torch.Tensor:
     """Squared L2 norms accumulated in float64 (on the tensors' device): entries from
     ~1e-154 to ~1e154 square without leaving the range. Grouped: O(1) kernel launches.
 
@@ -130,8 +130,10 @@ def wide_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.empty(0, dtype=torch.float64)
-    vals = [stored_values(t).detach() for t in tensors]
+    vals = tensors if dense else [stored_values(t).detach() for t in tensors]
     norms = torch._foreach_norm(vals, 2, dtype=torch.float64)
+    if dense:                       # one device: no per-tensor copy
+        return torch.stack(norms).square()
     return torch.stack([n.to(vals[0].device) for n in norms]).square()
 
 
