@@ -138,3 +138,24 @@ def test_finite_gradients_give_finite_norms(factor):
         np.testing.assert_allclose(t.series("grad_maxabs", n)[0], ref_max[n], rtol=RTOL)
     np.testing.assert_allclose(t.series("total_grad_norm")[0], total, rtol=RTOL)
     assert t.events("nonfinite") == []
+
+
+def test_root_never_called_still_records_pre_clip():
+    """A ModuleDict whose parts are called one by one: its own forward never runs."""
+    def make():
+        torch.manual_seed(2)
+        return nn.ModuleDict({"a": nn.Linear(8, 16), "b": nn.Linear(16, 1)})
+    model, ref = make(), make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (x,) = batches(1)
+    with gt.watch(model, opt) as mon:
+        model["b"](torch.tanh(model["a"](x))).pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+    ref["b"](torch.tanh(ref["a"](x))).pow(2).mean().backward()
+    pre, pre_total = norms_of(ref), total_of(ref)
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    for n, v in pre.items():
+        np.testing.assert_allclose(mon.trace.series("grad_norm", n)[0], v, rtol=RTOL)
+    np.testing.assert_allclose(mon.trace.series("total_grad_norm")[0], pre_total, rtol=RTOL)
+    np.testing.assert_allclose(mon.trace.series("total_grad_norm_post_clip")[0], total_of(ref), rtol=RTOL)

@@ -72,6 +72,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 _WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+def _weak(method: Any) -> Any:
+    """A callable that calls ``method`` while its object lives, holding it weakly."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        m = ref()
+        if m is not None:
+            m(*args)
+    return call
+
+
 def _make_clipper(clip: Any):
     if clip is None or callable(clip):
         return clip
@@ -243,6 +254,11 @@ class Monitor:
         # Two hooks on what the user calls, on every step: O(1), whatever the model's size.
         self._handles.append(self.model.register_forward_pre_hook(self._on_root_input, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._on_root_output))
+        # Models whose root is never called (a ModuleDict whose parts are called one by
+        # one): the first and last parameters also signal a backward (O(1) hooks).
+        ends = {id(p): p for p in self._params[:1] + self._params[-1:] if p.requires_grad}
+        for p in ends.values():   # held weakly: a tensor's hooks live in C++, out of gc's sight
+            self._handles.append(p.register_post_accumulate_grad_hook(_weak(self._on_param_grad)))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
@@ -303,6 +319,10 @@ class Monitor:
                     t.register_hook(self._on_backward_start)
         except Exception as e:
             self._internal_error(e)
+
+    def _on_param_grad(self, param: torch.Tensor) -> None:
+        if self._rec and not self._replaying:
+            self._on_backward_start(param)
 
     def _on_backward_start(self, grad: torch.Tensor) -> None:
         if not self._queued and not self._closed:
@@ -478,6 +498,8 @@ class Monitor:
         return self._snap
 
     def _on_pre_step(self, optimizer, args, kwargs) -> None:
+        if self._clipper is not None and self._rec and not self._closed and self._bwd is None:
+            self._before_update(check_changes=False)   # figures before clip= scales the grads
         if self._clipper is not None and not self._closed:
             # Every parameter the optimizer updates, not only the watched layers.
             self._clipper([p for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
