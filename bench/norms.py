@@ -33,10 +33,9 @@ from gradtrace.remedies.clip import clip_grad_norm_
 
 def _cases():
     torch.manual_seed(0)
-    yield "100 x Linear(8, 8)", [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(100)] + \
-        [torch.nn.Parameter(torch.randn(8)) for _ in range(100)]
-    yield "24 x Linear(256, 256)", [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(24)] + \
-        [torch.nn.Parameter(torch.randn(256)) for _ in range(24)]
+    for name, n, width in (("100 x Linear(8, 8)", 100, 8), ("24 x Linear(256, 256)", 24, 256)):
+        yield name, [torch.nn.Parameter(torch.randn(width, width)) for _ in range(n)] + \
+            [torch.nn.Parameter(torch.randn(width)) for _ in range(n)]
 
 
 def _float64_path(grads):

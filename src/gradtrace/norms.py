@@ -157,7 +157,8 @@ def groups(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list
     """Indices of the dense tensors grouped by (device, dtype), in first-seen order.
 
     Example:
-        >>> list(groups([torch.ones(1), torch.ones(1, dtype=torch.float64), torch.ones(2)]).values())
+        >>> f64 = torch.ones(1, dtype=torch.float64)
+        >>> list(groups([torch.ones(1), f64, torch.ones(2)]).values())
         [[0, 2], [1]]
     """
     out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -342,7 +343,8 @@ class _Scaled:
                 if len({n.device for n in self.pre}) > 1:
                     self._post = [n * self.coef.to(n.device, n.dtype) for n in self.pre]
                 else:
-                    self._post = list(torch._foreach_mul(self.pre, self.coef.to(self.pre[0].device)))
+                    coef = self.coef.to(self.pre[0].device)
+                    self._post = list(torch._foreach_mul(self.pre, coef))
         return self._post
 
 
@@ -536,7 +538,8 @@ def _grad_norms(ts: list[Tensor], p: float, foreach: bool | None,
             for j, n in zip(plain, _local_norms([sub[j] for j in plain], p, foreach)):
                 got[j] = n
         else:
-            got = _local_norms(sub, p, foreach, grouped if sub is ts else None)  # type: ignore[assignment]
+            got = _local_norms(sub, p, foreach,  # type: ignore[assignment]
+                               grouped if sub is ts else None)
         if len(todo) == len(ts):
             norms = got
         else:

@@ -201,7 +201,8 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
         >>> model = torch.nn.Linear(3, 2)
         >>> model(torch.randn(5, 3)).pow(2).sum().backward()
         >>> total = clip_grad_norm_(model.parameters(), max_norm=1.0)
-        >>> bool(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])) <= 1.0)
+        >>> after = torch.cat([p.grad.flatten() for p in model.parameters()])
+        >>> bool(torch.linalg.vector_norm(after) <= 1.0)
         True
     """
     grads = _grads_of(parameters)
