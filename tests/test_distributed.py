@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import gradtrace as gt
-from gradtrace import distributed
+from gradtrace.record import distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker as W  # noqa: E402

@@ -43,7 +43,7 @@ def _run(sinks, steps: int = STEPS):
 
 # ---- optional extras ------------------------------------------------------------------
 def test_import_gradtrace_pulls_no_extra():
-    code = ("import sys, gradtrace as gt, gradtrace.monitor, gradtrace.integrations; "
+    code = ("import sys, gradtrace as gt, gradtrace.record, gradtrace.integrations; "
             "bad = [m for m in ('lightning', 'transformers', 'wandb', 'tensorboard', "
             "'pytorch_lightning') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -50,7 +50,7 @@ class GradTraceCallback(_tf.TrainerCallback):
         self._handles: list[Any] = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        from ..monitor import Monitor
+        from ..record import Monitor
         if self.monitor is not None or model is None:
             return
         # No optimizer hooks: the Trainer clips between backward and step, and the

@@ -69,7 +69,7 @@ class GradTraceCallback(_pl.Callback):
 
     # ---- lifecycle ----------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
-        from ..monitor import Monitor
+        from ..record import Monitor
         if self.monitor is not None:
             return
         if not trainer.optimizers:
