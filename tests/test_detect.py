@@ -512,3 +512,90 @@ def test_late_wobble_of_a_tiny_loss_is_not_a_spike():
                       if f.kind == "loss_spike"]
     assert find(wobble) == []
     assert [f.first_step for f in find(spike)] == [80]
+
+
+# --- the vectorised rolling statistics against plain-Python references ---------------
+
+def _series_cases(seed: int = 0):
+    """Seeded series with nan/inf, flat stretches, spikes, and short lengths."""
+    rng = np.random.default_rng(seed)
+    for n in (0, 1, 2, 3, 5, 7, 24, 61, 300):
+        for _ in range(4):
+            x = np.exp(rng.normal(0, 1, n)) * rng.choice([1e-8, 1.0, 1e6])
+            if n:
+                bad = rng.random(n) < 0.15
+                x[bad] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
+                x[rng.random(n) < 0.05] *= 1e4                       # spikes
+                if n > 10:
+                    x[3:9] = 2.5                                      # a flat stretch
+            yield x
+
+
+def _ref_trailing_spikes(values, warmup, window, min_baseline, z_limit):
+    from gradtrace import numerics
+    out = []
+    for i in range(max(warmup, 1), len(values)):
+        if not np.isfinite(values[i]):
+            continue
+        base = [v for v in values[max(0, i - window): i] if np.isfinite(v)]
+        if len(base) < min_baseline:
+            continue
+        z = numerics.robust_z(float(values[i]), np.array(base))
+        if z > z_limit:
+            out.append((i, z, float(np.median(base))))
+    return out
+
+
+def test_trailing_spikes_identical_to_per_step_reference():
+    from gradtrace.diagnose._util import trailing_robust_z, trailing_spikes
+    from gradtrace import numerics
+    cases = 0
+    for x in _series_cases():
+        for window, warmup, min_base, zl in ((20, 5, 5, 10.0), (3, 0, 1, 2.0), (7, 2, 7, 0.5)):
+            got = trailing_spikes(x, warmup=warmup, window=window, min_baseline=min_base, z_limit=zl)
+            assert got == _ref_trailing_spikes(x, warmup, window, min_base, zl)  # bit-for-bit
+            cases += len(got)
+        z, med, cnt = trailing_robust_z(x, 4)
+        for i in range(x.size):
+            base = x[max(0, i - 4): i]
+            assert cnt[i] == np.isfinite(base).sum()
+            if cnt[i] and np.isfinite(x[i]):
+                assert z[i] == numerics.robust_z(float(x[i]), base)
+                assert med[i] == np.median(base[np.isfinite(base)])
+            elif not cnt[i]:
+                assert np.isnan(z[i]) and np.isnan(med[i])
+    assert cases > 20          # the cases do contain spikes
+
+
+def test_window_medians_identical_to_numpy_median():
+    from gradtrace.diagnose._util import window_medians
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 4, 5, 33, 200):
+        x = rng.normal(size=n) * 1e3
+        for w in (1, 2, 5, 20):
+            got = window_medians(x, w)
+            ref = [np.median(x[r: r + w]) for r in range(n - w + 1)]
+            assert got.tolist() == [float(v) for v in ref]
+
+
+def test_dead_windows_identical_to_per_step_reference():
+    import math
+    from gradtrace.diagnose.units import _dead_windows
+    rng = np.random.default_rng(5)
+    th = Thresholds()
+    for n, units in ((1, 4), (3, 4), (40, 16), (9000, 8)):
+        steps = np.arange(n) * 10
+        masks = rng.random((n, units)) > rng.choice([0.3, 0.97])
+        samples = rng.choice([8.0, 32.0, 64.0], size=n)
+        if n == 40:
+            samples[20] = np.nan        # a trace without sample counts from some step on
+        ref = []
+        need = math.ceil(th.dead_window / 2)
+        total = np.concatenate([[0.0], np.cumsum(samples)])     # nan from the first nan on
+        for t in range(need - 1, n):
+            lo = max(0, t - th.dead_window + 1)
+            if total[t + 1] - total[lo] < th.dead_min_samples:   # nan compares False: kept
+                continue
+            active = masks[lo: t + 1].any(axis=0)
+            ref.append((int(steps[t]), int((~active).sum()), units))
+        assert _dead_windows(steps, masks, samples, th) == ref

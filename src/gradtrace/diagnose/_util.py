@@ -68,26 +68,98 @@ def robust_z(x: float, baseline: np.ndarray) -> tuple[float, float]:
     return numerics.robust_z(x, baseline), float(np.median(baseline))
 
 
+def _row_medians(sorted_rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Medians of rows sorted ascending with their ``counts`` finite values first (nan
+    after), computed as :func:`numpy.median` does: the middle value, or the mean of the two
+    middle values ``(a + b) / 2``, so the result is bit-for-bit the same."""
+    rows = np.arange(sorted_rows.shape[0])
+    hi = np.clip(counts // 2, 0, sorted_rows.shape[1] - 1)
+    lo = np.clip((counts - 1) // 2, 0, sorted_rows.shape[1] - 1)
+    a, b = sorted_rows[rows, lo], sorted_rows[rows, hi]
+    with np.errstate(invalid="ignore", over="ignore"):
+        med = np.where(counts % 2 == 1, b, (a + b) / 2.0)
+    return np.where(counts > 0, med, np.nan)
+
+
+#: Cells (rows x window) sorted at once by :func:`trailing_robust_z`: bounds its memory.
+_CHUNK_CELLS = 1 << 20
+
+
+def trailing_robust_z(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every index ``i``: the robust z-score of ``values[i]`` against the finite values
+    among the ``window`` before it (:func:`gradtrace.numerics.robust_z`, same constants and
+    the same arithmetic, so identical to calling it per index), their median, and how many
+    there were. ``nan`` z and median where that baseline is empty. Vectorised over a
+    sliding window, in chunks of rows so memory stays bounded on long runs.
+
+    Example:
+        >>> z, med, n = trailing_robust_z(np.array([1.0, 1.1, np.inf, 0.9, 10.0]), 3)
+        >>> n.tolist(), float(med[4]), round(float(z[4]), 1)
+        ([0, 1, 2, 2, 2], 1.0, 60.7)
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    z, med, cnt = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=np.int64)
+    if n == 0 or window < 1:
+        return z, med, cnt
+    clean = np.where(np.isfinite(x), x, np.nan)
+    # row i of the view is clean[i - window: i] (nan before the start of the series)
+    padded = np.concatenate([np.full(window, np.nan), clean[:-1]]) if n > 1 else np.full(window, np.nan)
+    view = np.lib.stride_tricks.sliding_window_view(padded, window)
+    step = max(1, _CHUNK_CELLS // window)
+    for lo in range(0, n, step):
+        rows = np.sort(view[lo: lo + step], axis=1)          # nan sorts last
+        c = np.isfinite(rows).sum(axis=1)
+        m = _row_medians(rows, c)
+        dev = np.sort(np.abs(rows - m[:, None]), axis=1)
+        mad = _row_medians(dev, c)
+        spread = np.maximum(numerics.MAD_TO_SD * mad, numerics.MIN_REL_SPREAD * np.abs(m) + 1e-12)
+        with np.errstate(invalid="ignore", over="ignore"):
+            z[lo: lo + step] = (x[lo: lo + step] - m) / spread
+        med[lo: lo + step], cnt[lo: lo + step] = m, c
+    return z, med, cnt
+
+
+def window_medians(values: np.ndarray, window: int) -> np.ndarray:
+    """``out[r]`` is ``np.median(values[r: r + window])`` for every full window (finite
+    values assumed), bit-for-bit; vectorised and chunked like :func:`trailing_robust_z`.
+
+    Example:
+        >>> window_medians(np.array([3.0, 1.0, 2.0, 8.0]), 2).tolist()
+        [2.0, 1.5, 5.0]
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if window < 1 or x.size < window:
+        return np.zeros(0)
+    view = np.lib.stride_tricks.sliding_window_view(x, window)
+    out = np.empty(view.shape[0])
+    step = max(1, _CHUNK_CELLS // window)
+    full = np.full(min(step, view.shape[0]), window)
+    for lo in range(0, view.shape[0], step):
+        rows = np.sort(view[lo: lo + step], axis=1)
+        out[lo: lo + step] = _row_medians(rows, full[: rows.shape[0]])
+    return out
+
+
 def trailing_spikes(values: np.ndarray, *, warmup: int, window: int, min_baseline: int,
                     z_limit: float) -> list[tuple[int, float, float]]:
     """Indices whose value is ``z_limit`` robust z-scores above the preceding window.
 
     Non-finite values never enter a baseline and are never reported.
     Returns ``(index, z, baseline median)`` triples.
+
+    Example:
+        >>> [(i, round(z), med) for i, z, med in trailing_spikes(
+        ...     np.r_[np.ones(10), 9.0], warmup=5, window=5, min_baseline=3, z_limit=5)]
+        [(10, 8000, 1.0)]
     """
-    out = []
-    finite = np.isfinite(values)
-    for i in range(max(warmup, 1), len(values)):
-        if not finite[i]:
-            continue
-        lo = max(0, i - window)
-        base = values[lo:i][finite[lo:i]]
-        if base.size < min_baseline:
-            continue
-        z, med = robust_z(float(values[i]), base)
-        if z > z_limit:
-            out.append((i, z, med))
-    return out
+    values = np.asarray(values, dtype=np.float64)
+    z, med, cnt = trailing_robust_z(values, window)
+    judged = np.zeros(values.size, dtype=bool)
+    judged[max(warmup, 1):] = True
+    with np.errstate(invalid="ignore"):
+        hit = judged & np.isfinite(values) & (cnt >= min_baseline) & (z > z_limit)
+    return [(int(i), float(z[i]), float(med[i])) for i in np.flatnonzero(hit)]
 
 
 def persistent(hit: np.ndarray, th: Thresholds) -> np.ndarray:

@@ -205,32 +205,40 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     early_loss = [v for v in loss_at.values() if math.isfinite(v)][: th.baseline_window]
     level = float(np.median(early_loss)) if early_loss else 0.0
 
+    vals = logs[fin]
+    # the loss at each finite record (nan where none was recorded), looked up once
+    loss_fin = np.array([loss_at.get(int(steps[j]), np.nan) for j in fin.tolist()], dtype=np.float64)
+
     def loss_improving(k: int) -> bool:
         """Did the loss not rise over the window ending at record fin[k]: the median of its
         later half is not above that of its earlier half by ``spike_min_rise`` of the run's
         early loss level (the spike rule's notion of a real rise)? A gradient norm that
         grows while the loss falls or holds is training reaching sharper regions, not an
         explosion."""
-        ls = np.array([loss_at.get(int(steps[j]), np.nan) for j in fin[k - w + 1: k + 1]])
+        ls = loss_fin[max(0, k - w + 1): k + 1]
         ls = ls[np.isfinite(ls)]
         return ls.size >= 4 and (float(np.median(ls[ls.size // 2:])) - float(np.median(ls[: ls.size // 2]))
                                  < th.spike_min_rise * level)
-    if fin.size > th.min_baseline:
-        for k in range(th.min_baseline, fin.size):
-            early = logs[fin[:min(k, w)]]
-            med_e = float(np.median(early))
+    k0 = max(th.min_baseline, w - 1)    # a sustained climb needs a full window of records
+    if fin.size > th.min_baseline and fin.size > k0:
+        ks = np.arange(k0, fin.size)
+        # the early baseline is the first min(k, w) finite records: only k0 can be below w
+        early_of = {m: vals[:m] for m in {min(k0, w), min(k0 + 1, w)}}
+        med_of = {m: float(np.median(e)) for m, e in early_of.items()}
+        med_e = np.where(ks >= w, med_of[min(k0 + 1, w)], med_of[min(k0, w)])
+        recent = U.window_medians(vals, w)[ks - w + 1]          # median of records k-w+1 .. k
+        cand = (vals[ks] - med_e >= logfold) & (recent - med_e >= logfold)
+        for k in ks[cand].tolist():
+            m = min(k, w)
             i = int(fin[k])
-            if k + 1 < th.baseline_window:
-                continue        # a sustained climb needs a full window of records
-            recent = logs[fin[k - th.baseline_window + 1: k + 1]]
-            if (logs[i] - med_e >= logfold and float(np.median(recent)) - med_e >= logfold
-                    and not loss_improving(k)):
-                if climb is None:
-                    climb = {"early_median": math.exp(med_e), "first_step": int(steps[i])}
-                climb["latest"] = float(math.exp(logs[i]))
-                climb["growth"] = float(math.exp(logs[i] - med_e))
-                if i not in flagged:
-                    flagged[i] = (U.robust_z(float(logs[i]), early)[0], med_e)
+            if loss_improving(k):
+                continue
+            if climb is None:
+                climb = {"early_median": math.exp(med_of[m]), "first_step": int(steps[i])}
+            climb["latest"] = float(math.exp(logs[i]))
+            climb["growth"] = float(math.exp(logs[i] - med_of[m]))
+            if i not in flagged:
+                flagged[i] = (U.robust_z(float(logs[i]), early_of[m])[0], med_of[m])
     # Within the warm-up no baseline exists yet, but a norm explode_fold above the run's
     # first one is no warm-up: the first updates are blowing the model up.
     first = np.flatnonzero(np.isfinite(logs))

@@ -50,13 +50,18 @@ def _dead_windows(steps: np.ndarray, masks: np.ndarray, samples: np.ndarray,
         return []
     csum = np.concatenate([np.zeros((1, masks.shape[1]), dtype=np.int64), np.cumsum(masks, axis=0)])
     s = np.concatenate([[0.0], np.cumsum(samples)])
+    t = np.arange(need - 1, steps.size)
+    lo = np.maximum(0, t - w + 1)
+    # nan sample counts (older traces) compare False: those windows are kept
+    with np.errstate(invalid="ignore"):
+        short = s[t + 1] - s[lo] < th.dead_min_samples
+    t, lo = t[~short], lo[~short]
     out = []
-    for t in range(need - 1, steps.size):
-        lo = max(0, t - w + 1)
-        if s[t + 1] - s[lo] < th.dead_min_samples:      # nan (older traces) compares False: kept
-            continue
-        active = (csum[t + 1] - csum[lo]) > 0
-        out.append((int(steps[t]), int((~active).sum()), int(active.size)))
+    for a in range(0, t.size, 4096):            # bounded memory on long runs, many units
+        active = (csum[t[a: a + 4096] + 1] - csum[lo[a: a + 4096]]) > 0
+        dead = (~active).sum(axis=1)
+        out += [(int(st), int(d), int(masks.shape[1]))
+                for st, d in zip(steps[t[a: a + 4096]].tolist(), dead.tolist())]
     return out
 
 
