@@ -164,10 +164,7 @@ def read_side(out: str, limit: float) -> dict:
     res["series_ms"] = 1e3 * statistics.median(t)
     res["series_len"] = int(v.size)
     res["rss_after_series"] = rss() - before
-    try:
-        from gradtrace.diagnose import DETECTORS, Thresholds
-    except ImportError:
-        from gradtrace.detect import DETECTORS, Thresholds
+    from gradtrace.diagnose import DETECTORS, Thresholds
     th = Thresholds()
     per = {}
     signal.signal(signal.SIGALRM, _alarm)
@@ -185,10 +182,7 @@ def read_side(out: str, limit: float) -> dict:
         finally:
             signal.alarm(0)
     res["detectors"] = per
-    try:
-        from gradtrace.diagnose import diagnose
-    except ImportError:
-        from gradtrace.detect import diagnose
+    from gradtrace.api import diagnose       # gt.diagnose: findings plus advised fixes
     signal.alarm(int(limit) * 3)
     t0 = time.perf_counter()
     findings: list = []

@@ -599,3 +599,15 @@ def test_dead_windows_identical_to_per_step_reference():
             active = masks[lo: t + 1].any(axis=0)
             ref.append((int(steps[t]), int((~active).sum()), units))
         assert _dead_windows(steps, masks, samples, th) == ref
+
+
+def test_loss_spike_candidates_public_and_checked():
+    from gradtrace.diagnose import loss_spike_candidates
+    from gradtrace.diagnose.loss import spike_indices
+    loss = np.r_[np.ones(30) + 0.01 * np.sin(np.arange(30)), 40.0, np.ones(5)]
+    steps = np.arange(loss.size) * 4
+    assert loss_spike_candidates(steps, loss) == [120]
+    assert loss_spike_candidates(steps, loss) == [int(steps[i]) for i, _, _ in spike_indices(loss, Thresholds())]
+    assert loss_spike_candidates(steps, loss, {"spike_z": 1e9}) == []
+    with pytest.raises(ValueError, match="same length"):
+        loss_spike_candidates(steps[:-1], loss)

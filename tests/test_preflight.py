@@ -13,7 +13,7 @@ from torch import nn
 
 import gradtrace as gt
 from gradtrace.cli import main as cli
-from gradtrace.findings import KINDS, Finding
+from gradtrace.diagnose import KINDS, Finding
 from gradtrace.preflight import PreflightResult, PreflightThresholds, mean_field
 
 CHI1_RTOL = 0.05           # mean-field χ₁ vs measured backward gain, per hidden layer

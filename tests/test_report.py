@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gradtrace as gt
-from gradtrace.findings import Finding, Fix
+from gradtrace.diagnose import Finding, Fix
 
 
 def make_trace(path: Path, broken: bool = False, steps: int = 12, act: type = nn.Sigmoid) -> Path:
@@ -35,7 +35,7 @@ def make_trace(path: Path, broken: bool = False, steps: int = 12, act: type = nn
 
 
 def fake_findings(trace) -> list[Finding]:
-    """Stand-in for gradtrace.detect: one finding per non-finite event kind, else none."""
+    """Stand-in for gradtrace.diagnose: one finding per non-finite event kind, else none."""
     if not trace.events("nonfinite"):
         return []
     return [Finding("nonfinite", "error", ["0"], 6, 6, {"events": len(trace.events("nonfinite"))},
@@ -198,3 +198,28 @@ def test_report_reads_only_the_query_api(tmp_path, monkeypatch):
     gt.report(trace, tmp_path / "page.html", findings=[])
     from gradtrace.report.terminal import render_plain
     assert "gradtrace" in render_plain(trace, [])
+
+
+def test_findings_shown_in_diagnosis_order_not_by_severity(tmp_path):
+    """The root cause leads (issue 11): a warning ranked first stays first in the terminal
+    and HTML reports, ahead of the error it caused; each row shows its own severity."""
+    from gradtrace.diagnose import rank
+    from gradtrace.report.html import render_findings
+    from gradtrace.report.terminal import render_plain
+
+    cause = Finding("dead_units", "warning", ["1"], 2, 9, {}, "Units died.", [])
+    effect = Finding("vanishing_gradients", "error", ["0"], 2, 9, {}, "Gradients vanished.", [])
+    later = Finding("loss_spike", "error", [], 7, 7, {"spike_steps": [7]}, "Loss jumped.", [])
+    ranked = rank([later, effect, cause])
+    assert [f.kind for f in ranked] == ["dead_units", "vanishing_gradients", "loss_spike"]
+    trace = gt.load(make_trace(tmp_path / "r", steps=6))
+    text = render_plain(trace, ranked)
+    heads = [text.index(t) for t in ("WARNING Dead", "ERROR   Vanishing", "ERROR   Loss")]
+    assert heads == sorted(heads)
+    html = render_findings(ranked)
+    kinds = [html.index(f'data-kind="{k}"') for k in ("dead_units", "vanishing_gradients", "loss_spike")]
+    assert kinds == sorted(kinds)
+    assert html.index('badge warning') < html.index('badge error')
+    # the same findings in another order come out in that order: nothing re-sorts them
+    rev = render_findings(ranked[::-1])
+    assert rev.index('data-kind="loss_spike"') < rev.index('data-kind="dead_units"')

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
 from .finding import KINDS, Finding, Fix
 from ..trace import Trace
 from . import activations, gradients, loss, nonfinite, through_time, units
+from .loss import spike_indices as _spike_indices
 from .thresholds import Thresholds
 
-__all__ = ["diagnose", "rank", "Thresholds", "DETECTORS", "Finding", "Fix", "KINDS"]
+__all__ = ["diagnose", "rank", "loss_spike_candidates", "Thresholds", "DETECTORS", "Finding", "Fix",
+           "KINDS"]
 
 #: Every detector, in the order they run. Each is ``(trace, Thresholds) -> list[Finding]``.
 DETECTORS: tuple[Callable[[Trace, Thresholds], list[Finding]], ...] = (
@@ -61,6 +65,24 @@ def diagnose(trace: Trace, thresholds: Thresholds | dict[str, Any] | None = None
     for det in DETECTORS:
         found.extend(det(trace, th))
     return rank(_merge(found))
+
+
+def loss_spike_candidates(steps, loss, thresholds: Thresholds | dict[str, Any] | None = None) -> list[int]:
+    """Steps whose loss the loss-spike rule flags as a candidate (robust z, fold and rise
+    over the trailing baseline; before the corroboration that :func:`diagnose` also
+    asks for). For charts of a loss series that has no findings to go with it.
+
+    Example:
+        >>> import numpy as np
+        >>> loss_spike_candidates(np.arange(30) * 10, np.r_[np.ones(25), 50.0, np.ones(4)])
+        [250]
+    """
+    th = Thresholds.coerce(thresholds)
+    steps = np.asarray(steps)
+    loss = np.asarray(loss, dtype=np.float64)
+    if steps.shape != loss.shape:
+        raise ValueError(f"steps and loss must have the same length, got {steps.shape} and {loss.shape}")
+    return [int(steps[i]) for i, _, _ in _spike_indices(loss, th)]
 
 
 #: When two findings start at the same step, the one that usually causes the other comes

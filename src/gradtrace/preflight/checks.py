@@ -2,7 +2,7 @@
 
 Fixes are rendered here, beside the finding that needs them, in the model's own terms
 (its activations, its recurrent layer names, its ``nn.TransformerEncoderLayer``); they
-use the same :class:`~gradtrace.findings.Fix` rows as the diagnosis of a recorded run.
+use the same :class:`~gradtrace.diagnose.Fix` rows as the diagnosis of a recorded run.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def diagnose_trace(trace) -> list:
         >>> isinstance(diagnose_trace(gt.load("runs/exp1")), list)
         True
     """
-    from gradtrace.detect import diagnose
+    from gradtrace.api import diagnose     # diagnosis plus the advised fixes
 
     return list(diagnose(trace))
 
@@ -107,7 +107,7 @@ def report(trace, path: str | os.PathLike | None = None, *, findings: Sequence[A
            spectrum: Any = None, png_dir: str | os.PathLike | None = None, title: str | None = None) -> Path:
     """Write a self-contained HTML report of ``trace`` (a :class:`~gradtrace.Trace` or a path).
 
-    ``findings`` default to ``gradtrace.detect.diagnose(trace)``. ``spectrum`` (a
+    ``findings`` default to ``gradtrace.api.diagnose(trace)`` (with fixes). ``spectrum`` (a
     :class:`~gradtrace.Spectrum` or its dict) adds the Jacobian-spectrum section.
     ``png_dir`` also writes every plot as PNG (needs matplotlib). Default ``path``:
     ``report.html`` inside the trace directory.

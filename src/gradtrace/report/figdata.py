@@ -132,11 +132,9 @@ def loss_spikes(steps: np.ndarray, loss: np.ndarray, thresholds=None) -> list[in
         >>> loss_spikes(np.arange(30), np.r_[np.ones(25), 50.0, np.ones(4)])
         [25]
     """
-    from ..diagnose import Thresholds
-    from ..diagnose.loss import spike_indices
+    from ..diagnose import loss_spike_candidates
 
-    th = Thresholds.coerce(thresholds)
-    out = {int(steps[i]) for i, _, _ in spike_indices(loss, th)}
+    out = set(loss_spike_candidates(steps, loss, thresholds))
     bad = ~np.isfinite(loss)
     out |= {int(steps[k]) for k in np.nonzero(bad)[0] if k == 0 or not bad[k - 1]}
     return sorted(out)

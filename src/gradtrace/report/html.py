@@ -117,19 +117,19 @@ def render_findings(findings: Sequence[Any] | None, compact: bool = False) -> st
     ``<details>`` element (closed until clicked; no script needed).
 
     Example:
-        >>> from gradtrace.findings import Finding, Fix
+        >>> from gradtrace.diagnose import Finding, Fix
         >>> "clip" in render_findings([Finding("exploding_gradients", "error", ["rnn"], 3, 9, {},
         ...     "Norms grew.", [Fix("Gradients explode", "Clip", "clip_grad_norm_(p, 1.0)")])])
         True
     """
     if findings is None:
         return ('<p class="empty">Diagnosis is not available in this installation '
-                '(<code>gradtrace.detect</code> is missing); the figures below still show the run.</p>')
+                '(<code>gradtrace.diagnose</code> is missing); the figures below still show the run.</p>')
     if not findings:
         return '<div class="healthy"><span class="badge ok">healthy</span> No problems found in this run.</div>'
-    order = {"error": 0, "warning": 1}
     out = []
-    for f in sorted(findings, key=lambda f: (order.get(f.severity, 2), f.first_step if f.first_step is not None else -1)):
+    # diagnose's order (root cause first), not re-sorted by severity: each shows its badge
+    for f in findings:
         layers = ", ".join(f.layers[:6]) + (f" and {len(f.layers) - 6} more" if len(f.layers) > 6 else "")
         out.append(f'<div class="finding {_e(f.severity)}" data-kind="{_e(f.kind)}">')
         out.append(f'<h3><span class="badge {_e(f.severity)}">{_e(f.severity)}</span> {_e(kind_title(f.kind))}</h3>')

@@ -144,8 +144,8 @@ def _finding_lines(findings: Sequence[Any] | None) -> list[tuple[str, str]]:
     if not findings:
         return [("green", "✓ Healthy: no problems found.")]
     out: list[tuple[str, str]] = []
-    order = {"error": 0, "warning": 1}
-    for f in sorted(findings, key=lambda f: order.get(f.severity, 2)):
+    # diagnose's order (root cause first), not re-sorted by severity: each row shows its own
+    for f in findings:
         where = ", ".join(f.layers[:4]) + (f" (+{len(f.layers) - 4})" if len(f.layers) > 4 else "")
         steps = "" if f.first_step is None else f" from step {f.first_step}"
         style = "bold red" if f.severity == "error" else "bold yellow"
