@@ -681,3 +681,42 @@ def test_gradients_changed_after_backward_keep_pre_clip_figures_and_record_what_
     np.testing.assert_allclose(mon.trace.series("total_grad_norm")[0], total, rtol=RTOL)
     np.testing.assert_allclose(mon.trace.series("total_grad_norm_post_clip")[0], 2 * total, rtol=RTOL)
     np.testing.assert_allclose(mon.trace.series("grad_changed_ratio")[0], 2.0, rtol=RTOL)
+
+
+def _follow(run, idle):
+    import subprocess
+    import sys
+    import time
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "gradtrace", "doctor", str(run), "--follow",
+                        "--interval", "0.1", "--idle", str(idle)], capture_output=True, text=True, timeout=120)
+    return p, time.monotonic() - t0
+
+
+def test_closing_writes_an_end_event_and_doctor_follow_stops_at_it(tmp_path):
+    run = tmp_path / "run"
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt, out=str(run)) as mon:
+        train(model, opt, mon, steps=3)
+    ends = gt.load(str(run)).events("end")
+    assert [e["step"] for e in ends] == [2]
+    # --idle 60: only the end marker can make it return within the 30 s bound.
+    p, took = _follow(run, idle=60)
+    assert p.returncode in (0, 3), p.stderr
+    assert "no new record" not in p.stdout and took < 30
+    # A run that raised ends with its exception event, not with "end".
+    with pytest.raises(RuntimeError):
+        with gt.watch(nn.Linear(2, 1), out=str(tmp_path / "bad")):
+            raise RuntimeError("boom")
+    assert [e["event"] for e in gt.load(str(tmp_path / "bad")).events()] == ["exception"]
+    # Resumed and still open: the old "end" no longer counts, so --follow waits for records.
+    mon = gt.watch(model, opt, out=str(run), resume=True)
+    try:
+        model(torch.randn(4, 8)).sum().backward(); opt.step()
+        mon._drain(wait=True)
+        p, took = _follow(run, idle=0.5)
+        assert "no new record" in p.stdout, p.stdout
+    finally:
+        mon.close()
+    assert [e["step"] for e in gt.load(str(run)).events("end")] == [2, 3]

@@ -87,7 +87,9 @@ def follow(args: Any) -> int:
                     print(line, flush=True)
                     if f.fixes:
                         print(f"    fix: {f.fixes[0].action}", flush=True)
-            if any(trace.events(k) for k in END_EVENTS):
+            # The latest marker decides: a resumed run's old "end" is followed by "resume".
+            marks = [e["event"] for e in trace.events() if e["event"] in END_EVENTS + ("resume",)]
+            if marks and marks[-1] != "resume":
                 break
         elif not Path(args.run).exists() and time.monotonic() - last_change > args.idle:
             raise UsageError(f"{args.run}: no trace appeared within {args.idle:g} s")

@@ -42,7 +42,7 @@ def main(args: Any) -> int:
         raise UsageError(f"--every must be >= 1, got {args.every}")
     kw = {k: v for k, v in (("preset", args.preset), ("every", args.every)) if v is not None}
     if "preset" in kw:
-        from gradtrace.monitor import PRESETS
+        from gradtrace.record import PRESETS
         if kw["preset"] not in PRESETS:
             raise UsageError(f"--preset {kw['preset']!r} is unknown; valid: {', '.join(PRESETS)}")
     return run_script(script, rest, module=args.module is not None, out=args.out, **kw)

@@ -746,6 +746,10 @@ class Monitor:
             self._writer.write({"event": "exception", "step": getattr(self, "step_count", 0),
                                 "type": type(exc).__name__, "message": str(exc)[:2000],
                                 "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]})
+        elif self._writer is not None:
+            # The run's closing marker: a reader following the trace (doctor --follow)
+            # stops at once instead of waiting out its idle time.
+            self._writer.write({"event": "end", "step": max(self.step_count - 1, 0), "time": time.time()})
         if self._writer is not None:
             self._writer.close()
         self._snap, self._snap_key, self.capture = [], None, None
