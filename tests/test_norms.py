@@ -205,3 +205,96 @@ def test_largest_float32_entries_still_give_a_finite_norm():
     assert float(N.grad_norms([big])[0]) == pytest.approx(ref_norm(big, 2.0), rel=RTOL)
     # a norm above float32's largest value (here 9.5e39) has no float32 figure
     assert math.isinf(float(N.grad_norms([torch.full((1000,), 3e38)])[0]))
+
+
+# ------------------------------------------------------------------ the vector entry point
+
+
+def _count_wide(monkeypatch) -> list[int]:
+    """Record how many tensors each float64-accumulated ``_foreach_norm`` call measures."""
+    calls: list[int] = []
+    real = torch._foreach_norm
+
+    def spy(tensors, *args, **kwargs):
+        if kwargs.get("dtype") == torch.float64:
+            calls.append(len(tensors))
+        return real(tensors, *args, **kwargs)
+    monkeypatch.setattr(torch, "_foreach_norm", spy)
+    return calls
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_norm_vector_matches_reference_and_grad_norms(uniform):
+    from gradtrace.record.reduce import squared_norms
+    g = torch.Generator().manual_seed(3)
+    same = [torch.randn(9, 4, generator=g), torch.randn(4, generator=g) * 1e20,
+            torch.randn(50, generator=g) * 1e-25, torch.zeros(3)]
+    for p in (2.0, 1.0, 3.0, math.inf):
+        v = N.norm_vector(same, p, uniform=uniform)
+        assert v.shape == (len(same),) and v.dtype == torch.float32
+        for t, n, m in zip(same, v.tolist(), N.grad_norms(same, p)):
+            assert n == pytest.approx(ref_norm(t, p), rel=RTOL, abs=0.0)
+            assert n == float(m)            # one engine: the same numbers both ways
+    sq = squared_norms(same, torch.device("cpu"), uniform)
+    assert sq.dtype == torch.float64
+    for t, s in zip(same, sq.tolist()):
+        assert s == pytest.approx(ref_norm(t, 2.0) ** 2, rel=2 * RTOL, abs=0.0)
+    # mixed dtypes and layouts (uniform=True wrongly claimed: caught, grouped)
+    mixed = _mixed() + [torch.randn(4, 5, generator=g).relu().to_sparse()]
+    v = N.norm_vector(mixed, uniform=uniform)
+    assert v.dtype == torch.float64 and v.shape == (len(mixed),)
+    for t, n in zip(mixed, v.tolist()):
+        tol = RTOL_F16 if t.dtype in (torch.float16, torch.bfloat16) else RTOL
+        assert n == pytest.approx(ref_norm(t, 2.0), rel=tol, abs=0.0)
+    assert N.norm_vector([]).shape == (0,)
+
+
+def test_legitimately_small_gradients_take_no_slow_path(monkeypatch):
+    # 100 x Linear(8, 8)-sized gradients whose norms are ~1e-13 (a vanishing network):
+    # float32 lost nothing (squares ~1e-28 are normal numbers), so nothing is redone.
+    g = torch.Generator().manual_seed(4)
+    grads = [torch.randn(8, 8, generator=g) * 1e-14 for _ in range(100)]
+    grads += [torch.randn(8, generator=g) * 1e-14 for _ in range(100)]
+    calls = _count_wide(monkeypatch)
+    v = N.norm_vector(grads, uniform=True)
+    N.grad_norms(grads)
+    assert calls == []
+    for t, n in zip(grads, v.tolist()):
+        assert n == pytest.approx(ref_norm(t, 2.0), rel=RTOL, abs=0.0)
+
+
+def test_only_the_lost_norms_are_redone_in_one_call(monkeypatch):
+    # 1e-21 entries: squares (1e-42) are below float32's smallest normal and lose digits
+    # or vanish; 1e20 entries overflow. Each is redone, together, in ONE float64 call.
+    g = torch.Generator().manual_seed(5)
+    healthy = [torch.randn(8, 8, generator=g) for _ in range(6)]
+    lost = [torch.randn(1000, generator=g) * 1e-21, torch.full((16,), 1e20),
+            torch.randn(300, generator=g) * 1e-23]
+    grads = healthy[:3] + lost + healthy[3:]
+    calls = _count_wide(monkeypatch)
+    v = N.norm_vector(grads)
+    assert calls == [len(lost)]
+    for t, n in zip(grads, v.tolist()):
+        assert math.isfinite(n)
+        assert n == pytest.approx(ref_norm(t, 2.0), rel=RTOL, abs=0.0)
+
+
+def test_the_bound_grows_with_the_number_of_entries(monkeypatch):
+    # A norm of 1e-15 from 4 entries is trusted (under 4 entries' worth of lost squares it
+    # cannot hide anything); one of 1e-16 from a million entries of 1e-19 is redone: their
+    # squares (1e-38) are subnormal, and float32 reads 1.0004e-16 (4e-4 off).
+    few = torch.full((4,), 5e-16)
+    many = torch.full((1_000_000,), 1e-19)
+    assert N.norm_vector([few])[0].item() == pytest.approx(1e-15, rel=RTOL)
+    calls = _count_wide(monkeypatch)
+    v = N.norm_vector([few, many])
+    assert calls == [1]
+    assert v[0].item() == pytest.approx(ref_norm(few, 2.0), rel=RTOL, abs=0.0)
+    assert v[1].item() == pytest.approx(ref_norm(many, 2.0), rel=RTOL, abs=0.0)
+
+
+def test_a_large_norm_type_does_not_overflow_the_check():
+    # |x| ** 20 of 1e30 is past float64 too: the check compares norms, the redo scales.
+    got = N.norm_vector([torch.full((3,), 1e30), torch.full((3,), 1e-30)], 20.0)
+    assert got.tolist() == pytest.approx([3 ** (1 / 20) * 1e30, 3 ** (1 / 20) * 1e-30],
+                                         rel=RTOL)

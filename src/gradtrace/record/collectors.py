@@ -46,11 +46,11 @@ class ParamFigure:
 
 
 def squares(tensors: list, dev: torch.device, uniform: bool = False) -> torch.Tensor:
-    """Squared L2 norms (float64, on ``dev``): grouped ``_foreach_norm`` kernels, float32
-    accumulation on CPU (rescued by the monitor where it over- or underflowed), float64
-    elsewhere. Not :func:`gradtrace.norms.grad_norms`: its per-tensor sharing cache and
-    its CPU range check at 1e-12 cost 1-4 ms a step on a 200-tensor model whose deep
-    gradients are small (measured, bench/overhead.py narrow model), more than the norms.
+    """Squared L2 norms (float64, on ``dev``) from the one norm engine,
+    :func:`gradtrace.norms.norm_vector` (one grouped ``_foreach_norm`` and a stack; float32
+    accumulation on CPU with its range check, float64 elsewhere). Not
+    :func:`gradtrace.norms.grad_norms`: that one returns a 0-d tensor per input and keeps
+    the per-tensor sharing for the clippers; this one is a vector, remembers nothing.
 
     Example:
         >>> squares([torch.ones(4), torch.ones(9)], torch.device("cpu")).tolist()
