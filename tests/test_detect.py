@@ -598,7 +598,20 @@ def test_dead_windows_identical_to_per_step_reference():
                 continue
             active = masks[lo: t + 1].any(axis=0)
             ref.append((int(steps[t]), int((~active).sum()), units))
-        assert _dead_windows(steps, masks, samples, th) == ref
+        got_steps, got_dead = _dead_windows(steps, masks, samples, th)
+        assert [(int(a), int(b), units) for a, b in zip(got_steps, got_dead)] == ref
+
+
+def test_values_at_steps_like_a_dict_lookup():
+    from gradtrace.diagnose.units import _at_steps
+    rng = np.random.default_rng(2)
+    src = rng.integers(0, 50, size=80)                   # unsorted, with repeats
+    vals = rng.normal(size=80)
+    want = rng.integers(-5, 60, size=100)
+    by_step = dict(zip(src.tolist(), vals.tolist()))
+    ref = [by_step.get(int(t), np.nan) for t in want]
+    np.testing.assert_array_equal(_at_steps(src, vals, want), np.array(ref))
+    assert _at_steps(np.array([], dtype=int), np.array([]), want).shape == (100,)
 
 
 def test_loss_spike_candidates_public_and_checked():

@@ -32,22 +32,36 @@ def _mask_history(trace: Trace) -> dict[str, tuple[np.ndarray, np.ndarray, np.nd
         n = np.full(steps.size, np.nan)
         if samples is not None and name in samples.names:
             j = samples.names.index(name)
-            by_step = dict(zip(samples.steps.tolist(), samples.values[:, j].tolist()))
-            n = np.array([by_step.get(int(t), np.nan) for t in steps])
+            n = _at_steps(samples.steps, samples.values[:, j], steps)
         if steps.size:
             out[name] = (steps, masks, n)
     return out
 
 
+def _at_steps(src_steps: np.ndarray, src_values: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """``src_values`` at ``steps`` (``nan`` where ``src_steps`` lacks the step; the last
+    value of a repeated step wins, as a dict built from the pairs would have it)."""
+    src_steps = np.asarray(src_steps)
+    out = np.full(len(steps), np.nan)
+    if src_steps.size == 0 or len(steps) == 0:
+        return out
+    order = np.argsort(src_steps, kind="stable")
+    srt = src_steps[order]
+    pos = np.searchsorted(srt, steps, side="right") - 1     # the last of equal steps
+    ok = (pos >= 0) & (srt[np.maximum(pos, 0)] == steps)
+    out[ok] = np.asarray(src_values, dtype=np.float64)[order[pos[ok]]]
+    return out
+
+
 def _dead_windows(steps: np.ndarray, masks: np.ndarray, samples: np.ndarray,
-                  th: Thresholds) -> list[tuple[int, int, int]]:
-    """``(step, dead, units)`` for each window of up to ``th.dead_window`` masks ending at a
-    step, from half a window on (only windows that saw ``th.dead_min_samples`` inputs;
-    ``nan`` counts pass)."""
+                  th: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """``(window end steps, dead units)`` for each window of up to ``th.dead_window`` masks
+    ending at a step, from half a window on (only windows that saw ``th.dead_min_samples``
+    inputs; ``nan`` counts pass). Every window has ``masks.shape[1]`` units."""
     w = th.dead_window
     need = math.ceil(w / 2)          # at least half a window of masks: one batch is not enough
     if steps.size < need:
-        return []
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     csum = np.concatenate([np.zeros((1, masks.shape[1]), dtype=np.int64), np.cumsum(masks, axis=0)])
     s = np.concatenate([[0.0], np.cumsum(samples)])
     t = np.arange(need - 1, steps.size)
@@ -56,13 +70,11 @@ def _dead_windows(steps: np.ndarray, masks: np.ndarray, samples: np.ndarray,
     with np.errstate(invalid="ignore"):
         short = s[t + 1] - s[lo] < th.dead_min_samples
     t, lo = t[~short], lo[~short]
-    out = []
+    dead = np.zeros(t.size, dtype=np.int64)
     for a in range(0, t.size, 4096):            # bounded memory on long runs, many units
         active = (csum[t[a: a + 4096] + 1] - csum[lo[a: a + 4096]]) > 0
-        dead = (~active).sum(axis=1)
-        out += [(int(st), int(d), int(masks.shape[1]))
-                for st, d in zip(steps[t[a: a + 4096]].tolist(), dead.tolist())]
-    return out
+        dead[a: a + 4096] = (~active).sum(axis=1)
+    return np.asarray(steps)[t].astype(np.int64), dead
 
 
 def _feeding_bias(trace: Trace, layer: str, step: int) -> dict | None:
@@ -121,14 +133,18 @@ def detect_dead(trace: Trace, th: Thresholds) -> list[Finding]:
     def qualifies(d: int, u: int) -> bool:
         return u > 0 and d >= th.dead_min_units and d / u >= th.dead_frac
     for name, (st, mk, sm) in history.items():
-        wins = _dead_windows(st, mk, sm, th)
-        hits = [w for w in wins if qualifies(w[1], w[2])]
-        if not hits:
+        wsteps, dead = _dead_windows(st, mk, sm, th)
+        u = int(mk.shape[1])
+        if u == 0:
             continue
-        first_hit[name] = hits[0][0]
-        ongoing[name] = qualifies(wins[-1][1], wins[-1][2])
-        best = wins[-1] if ongoing[name] else max(hits, key=lambda w: w[1] / w[2])
-        counts[name] = (best[1], best[2])
+        q = (dead >= th.dead_min_units) & (dead / u >= th.dead_frac)     # qualifies(), per window
+        hits = np.flatnonzero(q)
+        if not hits.size:
+            continue
+        first_hit[name] = int(wsteps[hits[0]])
+        ongoing[name] = bool(q[-1])
+        best = dead.size - 1 if ongoing[name] else int(hits[np.argmax(dead[hits] / u)])
+        counts[name] = (int(dead[best]), u)
     if not history and U.has_stat(trace, "dead_units"):   # a trace without masks
         steps, names, dead = trace.matrix("dead_units")
         _, _, units = trace.matrix("units")
