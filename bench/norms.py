@@ -1,6 +1,7 @@
 """What the norm engine costs over a bare ``torch._foreach_norm``, and what sharing saves.
 
-Interleaved on one thread: each round runs every variant in turn (5 calls each, thread
+Cases: a narrow and a wide model, and the narrow one with gradients ~1e-13 (a vanishing
+network: nothing is lost in float32, so nothing may be redone). Interleaved on one thread: each round runs every variant in turn (5 calls each, thread
 CPU time, so time spent descheduled on a shared machine is not counted); the table gives
 the median over rounds per call and per tensor. Before each timed call the gradients are
 written to (new ``_version``\\ s, as a backward would), untimed, except where a variant
@@ -10,6 +11,8 @@ says it reuses.
 * ``engine``: ``norms.grad_norms``, nobody listening (grouping, the CPU range check);
 * ``engine, float64 path``: the accelerator path forced on the CPU (float64
   accumulation instead of the range check): what the check saves on a CPU;
+* ``engine, vector (recorder)``: ``norms.norm_vector(.., uniform=True)``, the recorder's
+  call: one foreach + one stack, nothing remembered;
 * ``engine, listening``: the same while an observer is registered (norms remembered);
 * ``engine, reused``: a second call on unchanged gradients (nothing read);
 * ``clip: torch`` / ``clip: gradtrace``: each library's ``clip_grad_norm_``;
@@ -33,8 +36,10 @@ from gradtrace.remedies.clip import clip_grad_norm_
 
 def _cases():
     torch.manual_seed(0)
-    for name, n, width in (("100 x Linear(8, 8)", 100, 8), ("24 x Linear(256, 256)", 24, 256)):
-        yield name, [torch.nn.Parameter(torch.randn(width, width)) for _ in range(n)] + \
+    for name, n, width, scale in (("100 x Linear(8, 8)", 100, 8, 1.0),
+                                  ("100 x Linear(8, 8), norms ~1e-13", 100, 8, 1e-14),
+                                  ("24 x Linear(256, 256)", 24, 256, 1.0)):
+        yield name, scale, [torch.nn.Parameter(torch.randn(width, width)) for _ in range(n)] + \
             [torch.nn.Parameter(torch.randn(width)) for _ in range(n)]
 
 
@@ -49,9 +54,9 @@ def _float64_path(grads):
 def run(rounds: int, reps: int = 5) -> list[str]:
     torch.set_num_threads(1)
     rows = ["| tensors | variant | µs per call | µs per tensor |", "|---|---|---|---|"]
-    for name, params in _cases():
+    for name, scale, params in _cases():
         for p in params:
-            p.grad = torch.randn_like(p)
+            p.grad = torch.randn_like(p) * scale
         grads = [p.grad for p in params]
         k = len(grads)
 
@@ -66,6 +71,8 @@ def run(rounds: int, reps: int = 5) -> list[str]:
             "bare _foreach_norm": (write, lambda: torch._foreach_norm(grads, 2), False),
             "engine": (write, lambda: N.grad_norms(grads), False),
             "engine, float64 path": (write, lambda: _float64_path(grads), False),
+            "engine, vector (recorder)": (write, lambda: N.norm_vector(grads, uniform=True),
+                                          False),
             "engine, listening": (write, lambda: N.grad_norms(grads), True),
             "engine, reused": (noop, lambda: N.grad_norms(grads), True),
             "clip: torch": (write, lambda: torch.nn.utils.clip_grad_norm_(params, 1e9), False),

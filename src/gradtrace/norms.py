@@ -69,6 +69,7 @@ __all__ = [
 
 F32, F64 = torch.float32, torch.float64
 _PLAIN = (Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = frozenset(_PLAIN)
 #: Devices with foreach kernels (torch's ``_device_has_foreach_support`` list).
 _FOREACH_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia"})
 #: Range check of float32 norms (finite ``p > 0``). Each ``|x| ** p`` below float32's
@@ -241,29 +242,30 @@ def _rescue(group: list[Tensor], v: Tensor, p: float) -> Tensor | None:
     if hi_f < math.inf and lo_f > 0.0 and \
             lo_f >= (max(map(Tensor.numel, group)) * _LOSS_PER_ENTRY) ** (1.0 / p):
         return None                       # the per-tensor bound at the largest tensor
-    numel = torch.tensor(list(map(Tensor.numel, group)), dtype=F64)
-    lost = v.isinf() | (v.to(F64).pow(p) < numel * _LOSS_PER_ENTRY)
-    idx = lost.nonzero().flatten()
+    # Each tensor's bound as a norm, (n * loss) ** (1/p): at least 2**-102 ** (1/p), a
+    # float32 normal for p >= 2 (and 0 below it, which only trusts more norms for p < 2).
+    bound = torch.tensor(list(map(Tensor.numel, group)), dtype=F32).mul_(_LOSS_PER_ENTRY)
+    ok = v >= bound.pow_(1.0 / p)
+    ok &= v < math.inf                    # False for inf and nan (nan is redone: harmless)
+    idx = (~ok).nonzero().flatten()
     if not len(idx):
         return None
     pick = [group[i] for i in idx.tolist()]
-    if all(type(t) in _PLAIN for t in pick):
+    if all(map(_PLAIN_TYPES.__contains__, map(type, pick))):
         redo = torch.stack(torch._foreach_norm(pick, p, dtype=F64))
     else:
         redo = torch.stack([torch.linalg.vector_norm(t, p, dtype=F64) for t in pick])
-    far = redo.isinf().nonzero().flatten().tolist()
-    for j in far:                         # |x| ** p past float64 too (p > 8): scale first
-        s = _SCALE_DOWN
-        redo[j] = torch.linalg.vector_norm(pick[j].to(F64) * s, p) / s
-    v = v.clone()
-    v[idx] = redo.to(v.dtype)
-    return v
+    if p > 4.0:     # float32 entries to a power <= 4 cannot overflow float64 (3.4e38**4=1e154)
+        for j in redo.isinf().nonzero().flatten().tolist():   # past float64 too: scale first
+            redo[j] = torch.linalg.vector_norm(pick[j].to(F64) * _SCALE_DOWN, p) / _SCALE_DOWN
+    return v.index_copy(0, idx, redo.to(v.dtype))
 
 
-def wide_norms(tensors: list[Tensor], p: float = 2.0) -> Tensor:
+def wide_norms(tensors: list[Tensor], p: float = 2.0, *, dense: bool = False) -> Tensor:
     """Norms accumulated in float64 (one grouped call, on the tensors' device, which must
-    be one), as a float64 vector: exact range for any float32 entries. What the range
-    check redoes with, and what the recorder re-measures doubtful squares with.
+    be one), as a float64 vector: exact range for any float32 entries. What the recorder
+    re-measures doubtful squares with. ``dense=True``: the caller checked that all are
+    plain dense tensors on one device (no per-tensor Python call).
 
     Example:
         >>> v = wide_norms([torch.full((4,), 1e-25), torch.full((4,), 1e20)])
@@ -272,16 +274,18 @@ def wide_norms(tensors: list[Tensor], p: float = 2.0) -> Tensor:
     """
     if not tensors:
         return torch.empty(0, dtype=F64)
-    vals = [stored_values(t.detach()) for t in tensors]
-    dev = vals[0].device
     with torch.no_grad():
+        if dense:                         # the caller knows: plain, dense, one device
+            return torch.stack(torch._foreach_norm(tensors, p, dtype=F64))
+        vals = [stored_values(t.detach()) for t in tensors]
+        dev = vals[0].device
         return torch.stack([n.to(dev) for n in torch._foreach_norm(vals, p, dtype=F64)])
 
 
 def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float,
-                 foreach: bool | None) -> tuple[list[Tensor], Tensor]:
-    """Norms of one (device, dtype) group, as a list of 0-d tensors and as one vector:
-    float64 for float64 tensors, else float32."""
+                 foreach: bool | None, as_list: bool = True) -> tuple[list[Tensor], Tensor]:
+    """Norms of one (device, dtype) group, as a list of 0-d tensors (``as_list``; else the
+    list may be stale) and as one vector: float64 for float64 tensors, else float32."""
     # Only a finite p > 0 squares (or powers) entries; float16 and float64 cannot leave
     # the accumulator's range; complex tensors keep torch's own accumulation.
     at_risk = 0.0 < p < math.inf and dtype not in (F64, torch.float16) and not dtype.is_complex
@@ -294,12 +298,14 @@ def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, 
     v = torch.stack(out)
     if widen:                             # accumulated in float64: one cast for the group
         v = v.to(F32)
-        out = list(v.unbind(0))
+        if as_list:
+            out = list(v.unbind(0))
     elif at_risk and device.type in HOST_READ_FREE:
         fixed = _rescue(group, v, p)
         if fixed is not None:
             v = fixed
-            out = list(v.unbind(0))
+            if as_list:
+                out = list(v.unbind(0))
     return out, v
 
 
@@ -635,15 +641,16 @@ def norm_vector(tensors: list[Tensor], norm_type: float = 2.0, *,
         if uniform:
             t0 = tensors[0]
             try:
-                v = _group_norms(tensors, t0.device, t0.dtype, p, True)[1]
+                v = _group_norms(tensors, t0.device, t0.dtype, p, True, False)[1]
                 return v if t0.device == dev else v.to(dev, non_blocking=dev.type != "cpu")
             except (TypeError, RuntimeError):   # not dense after all: group below
                 pass
         grouped = groups(tensors)
-        if len(grouped) == 1 and not any(type(t) not in _PLAIN and is_dtensor(t) for t in tensors):
+        plain = all(map(_PLAIN_TYPES.__contains__, map(type, tensors)))  # C-level loop
+        if len(grouped) == 1 and (plain or not any(map(is_dtensor, tensors))):
             ((gdev, dtype), idx), = grouped.items()
             if len(idx) == len(tensors):  # the usual case: one device, one dtype, all dense
-                v = _group_norms(tensors, gdev, dtype, p, None)[1]
+                v = _group_norms(tensors, gdev, dtype, p, None, False)[1]
                 return v if gdev == dev else v.to(dev, non_blocking=dev.type != "cpu")
         return _stack([n.to(dev, non_blocking=dev.type != "cpu")
                        for n in _grad_norms(list(tensors), p, None)])
