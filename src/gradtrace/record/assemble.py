@@ -4,6 +4,8 @@ Input: ``host`` maps each part name of the step's flat buffer to its numpy slice
 reduced across ranks), and a :class:`StepInfo` says what the hooks saw. Output: the record
 ``{"step", "time", "exec_order"?, "scalars", "param", "module", "vectors"?}`` (see
 ``docs/trace-format.md``) and, when something was non-finite, the ``nonfinite`` event.
+Per-name values are 1-D float64 arrays with :data:`~gradtrace.trace.MISSING` for a name
+not recorded: the trace writer stores them without a Python float per value.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..trace import MISSING, pack_mask
 from .collectors import PARAM_FIGURES
 from .selection import SATURATION_BOUNDS
 
@@ -52,7 +55,7 @@ class Assembler:
     Example:
         >>> a = Assembler(["w"], ["0"], [None])
         >>> rec, ev = a.build({"gsq": np.array([4.0])}, StepInfo(step=0, time=0.0, idx=[0]))
-        >>> rec["param"]["grad_norm"], rec["scalars"]["total_grad_norm"], ev
+        >>> rec["param"]["grad_norm"].tolist(), rec["scalars"]["total_grad_norm"], ev
         ([2.0], 2.0, None)
     """
 
@@ -69,12 +72,14 @@ class Assembler:
         module: dict[str, Any] = {}
         vectors: dict[str, dict] = {}
 
-        def scatter(values, where) -> list:
-            if len(where) == n_p:  # every parameter had a gradient: one C-level conversion
-                return np.asarray(values, dtype=np.float64).tolist()
-            col: list = [None] * n_p
-            for j, v in zip(where, values):
-                col[j] = float(v)
+        where = np.asarray(idx, dtype=np.intp)
+
+        def scatter(values) -> np.ndarray:
+            # A copy either way: ``host`` views a buffer the next step's copy reuses.
+            if where.size == n_p:  # every parameter had a gradient
+                return np.array(values, dtype=np.float64)
+            col = np.full(n_p, MISSING)
+            col[where] = values
             return col
 
         bad_params: list[str] = []
@@ -84,22 +89,21 @@ class Assembler:
                 gsq[k] = v
             for fig in PARAM_FIGURES:
                 if fig.part in host:
-                    param[fig.stat] = scatter(fig.decode(gsq if fig.part == "gsq" else host[fig.part]), idx)
+                    param[fig.stat] = scatter(fig.decode(gsq if fig.part == "gsq" else host[fig.part]))
             broken = np.flatnonzero(~np.isfinite(gsq)).tolist()
             nonfinite = np.zeros(len(idx))
             for k in broken:
                 nonfinite[k] = info.counts.get(k, 1)
             bad_params = [self.param_names[idx[k]] for k in broken if nonfinite[k] > 0]
-            param["grad_nonfinite"] = scatter(nonfinite, idx)
+            param["grad_nonfinite"] = scatter(nonfinite)
             total_sq = float(np.sum(gsq))
             scalars["total_grad_norm"] = math.sqrt(total_sq) if total_sq >= 0 else float("nan")
             if "dsq" in host and "psq" in host:
                 pn = np.sqrt(host["psq"].astype(np.float64))
                 with np.errstate(divide="ignore", invalid="ignore"):
                     ratio = np.sqrt(host["dsq"].astype(np.float64)) / pn
-                col = scatter(ratio, idx)
-                for k in np.flatnonzero(pn == 0):
-                    col[idx[k]] = None  # a zero weight (zero-initialised bias) has no relative update
+                col = scatter(ratio)
+                col[where[pn == 0]] = MISSING  # a zero weight (zero-initialised bias) has no relative update
                 param["update_ratio"] = col
             if "post" in host:
                 # The gradients changed between backward and the step (someone clipped or
@@ -120,8 +124,11 @@ class Assembler:
             flags = host["flag"]
             nonfinite_mod = np.zeros(n_m, dtype=bool)
             nonfinite_mod[[i for i, f in zip(info.call_idx, flags) if not math.isfinite(f)]] = True
-            module["out_flag_nonfinite"] = [1.0 if nonfinite_mod[i] else 0.0 if i in info.seen else None
-                                            for i in range(n_m)]
+            seen = np.fromiter(info.seen, dtype=np.intp, count=len(info.seen))
+            col = np.full(n_m, MISSING)
+            col[seen] = 0.0
+            col[nonfinite_mod] = 1.0
+            module["out_flag_nonfinite"] = col
             first_fwd = next((self.module_names[i] for i in info.order if nonfinite_mod[i]), None)
             if info.acts:
                 self._activations(host, flags, info, module, vectors)
@@ -130,10 +137,11 @@ class Assembler:
         first_bwd = None
         if "bwd" in host:
             sq = np.zeros(n_m)
-            for i, v in zip(info.bwd, host["bwd"]):
-                sq[i] += float(v) ** 2
-            got = set(info.bwd)
-            module["outgrad_norm"] = [math.sqrt(sq[i]) if i in got else None for i in range(n_m)]
+            np.add.at(sq, np.asarray(info.bwd, dtype=np.intp), np.square(host["bwd"].astype(np.float64)))
+            col = np.full(n_m, MISSING)
+            got = np.unique(np.asarray(info.bwd, dtype=np.intp))
+            col[got] = np.sqrt(sq[got])
+            module["outgrad_norm"] = col
             first_bwd = next((self.module_names[i] for i in info.bwd_order if not math.isfinite(sq[i])), None)
         for i in info.time_ids:
             vectors.setdefault("time_grad_norm", {})[self.module_names[i]] = [float(v) for v in host[f"time{i}"]]
@@ -175,10 +183,10 @@ class Assembler:
             s[4] += extra                      # ReLU: active entries; sigmoid/tanh: saturated
             big = max(abs(mn), abs(mx))
             s[5] = math.nan if math.isnan(big) or math.isnan(s[5]) else max(s[5], big)
-        cols: dict[str, list] = {k: [None] * n_m for k in
-                                 ("out_mean", "out_std", "out_maxabs", "out_nonfinite")}
-        relu = {k: [None] * n_m for k in ("zero_frac", "dead_units", "units", "unit_samples")}
-        sat: list = [None] * n_m
+        cols = {k: np.full(n_m, MISSING) for k in ("out_mean", "out_std", "out_maxabs", "out_nonfinite")}
+        relu = {k: np.full(n_m, MISSING) for k in ("zero_frac", "dead_units", "units", "unit_samples")}
+        sat = np.full(n_m, MISSING)
+        any_relu = any_sat = False
         broken = set()
         for i, (n, mean, m2, bad, extra, maxabs) in acc.items():
             cols["out_mean"][i] = mean
@@ -192,10 +200,11 @@ class Assembler:
             kind = self.kinds[i]
             if kind == "relu":
                 relu["zero_frac"][i] = 1.0 - extra / n
+                any_relu = True
             elif kind in SATURATION_BOUNDS:
                 sat[i] = extra / n
+                any_sat = True
         module.update(cols)
-        from ..trace import pack_mask
         for i in info.mask_ids:
             if i in broken:
                 continue
@@ -204,7 +213,7 @@ class Assembler:
             relu["units"][i] = float(active.size)
             relu["unit_samples"][i] = acc[i][0] / active.size   # rows each unit saw this step
             vectors.setdefault("active_mask", {})[self.module_names[i]] = pack_mask(active)
-        if any(v is not None for v in relu["zero_frac"]):
+        if any_relu:
             module.update(relu)
-        if any(v is not None for v in sat):
+        if any_sat:
             module["saturated_frac"] = sat
