@@ -298,3 +298,15 @@ def test_a_large_norm_type_does_not_overflow_the_check():
     got = N.norm_vector([torch.full((3,), 1e30), torch.full((3,), 1e-30)], 20.0)
     assert got.tolist() == pytest.approx([3 ** (1 / 20) * 1e30, 3 ** (1 / 20) * 1e-30],
                                          rel=RTOL)
+
+
+def test_zero_norms_are_told_apart_without_float64(monkeypatch):
+    # An all-zero gradient (a dead unit) keeps its exact 0 without the float64 redo; one
+    # of 1e-30 entries (squares 0 in float32) also reads 0 in float32 and is redone.
+    zero, vanished = torch.zeros(64), torch.full((64,), 1e-30)
+    calls = _count_wide(monkeypatch)
+    v = N.norm_vector([torch.ones(3), zero, vanished, zero.clone()])
+    assert calls == [1]
+    assert v[1].item() == 0.0 and v[3].item() == 0.0
+    assert v[2].item() == pytest.approx(ref_norm(vanished, 2.0), rel=RTOL, abs=0.0)
+    assert torch.equal(N.norm_vector([zero], 1.0), torch.zeros(1))

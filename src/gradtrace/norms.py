@@ -247,18 +247,31 @@ def _rescue(group: list[Tensor], v: Tensor, p: float) -> Tensor | None:
     bound = torch.tensor(list(map(Tensor.numel, group)), dtype=F32).mul_(_LOSS_PER_ENTRY)
     ok = v >= bound.pow_(1.0 / p)
     ok &= v < math.inf                    # False for inf and nan (nan is redone: harmless)
-    idx = (~ok).nonzero().flatten()
+    lost = ~ok
+    if p > 1.0:
+        # A zero norm is common (dead units, unused parameters) and usually exact: a
+        # float32 L1 norm (no power, so nothing underflows) tells an all-zero tensor
+        # from one whose powers vanished, at the float32 price instead of float64's.
+        zidx = (v == 0).nonzero().flatten()
+        if len(zidx):
+            l1 = _group_norm_list([group[i] for i in zidx.tolist()], 1.0, F32)
+            lost.index_put_((zidx,), l1 != 0)
+    idx = lost.nonzero().flatten()
     if not len(idx):
         return None
     pick = [group[i] for i in idx.tolist()]
-    if all(map(_PLAIN_TYPES.__contains__, map(type, pick))):
-        redo = torch.stack(torch._foreach_norm(pick, p, dtype=F64))
-    else:
-        redo = torch.stack([torch.linalg.vector_norm(t, p, dtype=F64) for t in pick])
+    redo = _group_norm_list(pick, p, F64)
     if p > 4.0:     # float32 entries to a power <= 4 cannot overflow float64 (3.4e38**4=1e154)
         for j in redo.isinf().nonzero().flatten().tolist():   # past float64 too: scale first
             redo[j] = torch.linalg.vector_norm(pick[j].to(F64) * _SCALE_DOWN, p) / _SCALE_DOWN
     return v.index_copy(0, idx, redo.to(v.dtype))
+
+
+def _group_norm_list(group: list[Tensor], p: float, acc: torch.dtype) -> Tensor:
+    """Norms of one dense (device, dtype) group as a vector, accumulated in ``acc``."""
+    if all(map(_PLAIN_TYPES.__contains__, map(type, group))):
+        return torch.stack(torch._foreach_norm(group, p, dtype=acc))
+    return torch.stack([torch.linalg.vector_norm(t, p, dtype=acc) for t in group])
 
 
 def wide_norms(tensors: list[Tensor], p: float = 2.0, *, dense: bool = False) -> Tensor:
