@@ -8,11 +8,20 @@ and records what the optimizer gets (``total_grad_norm_post_clip``,
 ``grad_changed_ratio``); the step closes in ``on_optimizer_step``. The loss is read from the model output's
 ``loss`` (rank 0 writes the trace under DDP).
 
-Example:
+Example (a two-layer GPT-2 built from a local config, three steps on the CPU):
+    >>> import transformers as tf
     >>> from gradtrace.integrations.hf import GradTraceCallback
-    >>> trainer = Trainer(model, args, train_dataset=ds,
-    ...                   callbacks=[GradTraceCallback(out="runs/hf")])   # doctest: +SKIP
-    >>> trainer.train(); gt.load("runs/hf")                              # doctest: +SKIP
+    >>> _ = torch.manual_seed(0)
+    >>> lm = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    >>> ds = [{"input_ids": r, "labels": r} for r in torch.randint(0, 50, (8, 8))]
+    >>> args = tf.TrainingArguments(output_dir="hf_out", max_steps=3, per_device_train_batch_size=4,
+    ...                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    >>> cb = GradTraceCallback(out="runs/hf")
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stdout(io.StringIO()):      # the Trainer prints its summary
+    ...     _ = tf.Trainer(model=lm, args=args, train_dataset=ds, callbacks=[cb]).train()
+    >>> len(gt.load("runs/hf"))
+    3
 """
 from __future__ import annotations
 
@@ -36,9 +45,10 @@ class GradTraceCallback(_tf.TrainerCallback):
     With gradient accumulation the figures are those of the accumulated gradient of
     the last micro-batch's backward (the one the optimizer uses).
 
-    Example:
-        >>> cb = GradTraceCallback(out="runs/hf", activations_every=10)     # doctest: +SKIP
-        >>> Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()   # doctest: +SKIP
+    Example (the module docstring trains with one):
+        >>> cb = GradTraceCallback(out="runs/hf", activations_every=10)
+        >>> cb.watch_kwargs, cb.monitor
+        ({'activations_every': 10}, None)
     """
 
     def __init__(self, out: str | None = None, **watch_kwargs: Any):

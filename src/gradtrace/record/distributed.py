@@ -31,12 +31,18 @@ gradient norm came out non-finite, to add up the per-shard non-finite counts.
 The trace is written by rank 0 alone; other ranks keep an in-memory trace and feed
 no sinks. The trace's ``nonfinite`` events carry ``ranks`` and ``first_rank``.
 
-Example:
-    >>> # torchrun --nproc_per_node=2 train.py
-    >>> dist.init_process_group("gloo")                         # doctest: +SKIP
-    >>> model = DistributedDataParallel(net)   # or fully_shard  # doctest: +SKIP
-    >>> with gt.watch(model, opt, out="runs/ddp") as mon:       # doctest: +SKIP
-    ...     ...   # figures equal a single-process run on the global batch
+Usage, in a script launched with ``torchrun --nproc_per_node=2 train.py`` (nothing
+changes on the gradtrace side; the figures equal a single-process run on the global
+batch)::
+
+    dist.init_process_group("gloo")
+    model = DistributedDataParallel(net)          # or fully_shard(net)
+    with gt.watch(model, opt, out="runs/ddp") as mon:
+        ...
+
+Example (without a process group, nothing is attached):
+    >>> attach(model, list(model.parameters())) is None
+    True
 """
 from __future__ import annotations
 
@@ -136,11 +142,15 @@ def _mode(model: nn.Module, params: list[torch.Tensor]) -> str:
 class DistReducer:
     """Reduces one recorded step's figures across ranks (see the module docstring).
 
-    The monitor creates one through :func:`attach`; you need not build it yourself.
+    The monitor creates one through :func:`attach`; you need not build it yourself. On
+    every rank of a group, ``red.reduce([("gsq", sq), ("gmax", mx)], idx=[0, 1])`` gives
+    the whole run's parts (``tests/test_distributed.py`` runs it on two processes).
 
-    Example:
-        >>> red = DistReducer(list(model.parameters()))                 # doctest: +SKIP
-        >>> parts = red.reduce([("gsq", sq), ("gmax", mx)], idx=[0, 1]) # doctest: +SKIP
+    Example (it needs a process group of two or more ranks):
+        >>> DistReducer(list(model.parameters()))
+        Traceback (most recent call last):
+        ...
+        RuntimeError: DistReducer needs an initialised torch.distributed process group with world size > 1 (dist.init_process_group(...))
     """
 
     def __init__(self, params: list[torch.Tensor], *, model: nn.Module | None = None,
@@ -172,9 +182,8 @@ class DistReducer:
     def meta(self) -> dict[str, Any]:
         """What the trace's ``meta.json`` records about the distributed run.
 
-        Example:
-            >>> red.meta()["world_size"]                # doctest: +SKIP
-            2
+        On two ranks over gloo, ``red.meta()["world_size"]`` is 2 and ``["backend"]`` is
+        ``"gloo"``; a trace's ``meta.json`` carries it under ``distributed``.
         """
         return {"world_size": self.world_size, "backend": self.backend, "mode": self.mode,
                 "writer_rank": 0, "reduction": "sum+max all-reduce per recorded step",
@@ -187,10 +196,8 @@ class DistReducer:
 
         ``idx`` lists the watched-parameter indices the per-parameter parts
         (``gsq``, ``gmax``, ``psq``, ``dsq``) are aligned with. A ``dist_ranks`` part
-        (one non-finite code per rank) is appended for :meth:`nonfinite_info`.
-
-        Example:
-            >>> parts = red.reduce(parts, idx)       # doctest: +SKIP
+        (one non-finite code per rank) is appended for :meth:`nonfinite_info`. Every rank
+        calls it on the same recorded step (the class docstring shows a call).
         """
         dist = _dist()
         dev, n, w = self.device, self.n, self.world_size
@@ -260,10 +267,8 @@ class DistReducer:
 
         Called only on a step where a reduced norm came out non-finite; every rank sees
         the same reduced norms, so every rank calls it together.
-
-        Example:
-            >>> red.nonfinite_counts([3], [0])       # doctest: +SKIP
-            [7]
+        With 3 non-finite entries on this rank's shard of parameter 0 and 4 on the other
+        rank's, ``red.nonfinite_counts([3], [0])`` returns ``[7]`` on both.
         """
         dist = _dist()
         c = torch.tensor(counts, dtype=torch.float64, device=self.device)
