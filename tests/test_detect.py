@@ -620,7 +620,8 @@ def test_loss_spike_candidates_public_and_checked():
     loss = np.r_[np.ones(30) + 0.01 * np.sin(np.arange(30)), 40.0, np.ones(5)]
     steps = np.arange(loss.size) * 4
     assert loss_spike_candidates(steps, loss) == [120]
-    assert loss_spike_candidates(steps, loss) == [int(steps[i]) for i, _, _ in spike_indices(loss, Thresholds())]
+    rule = spike_indices(loss, Thresholds())
+    assert loss_spike_candidates(steps, loss) == [int(steps[i]) for i, _, _ in rule]
     assert loss_spike_candidates(steps, loss, {"spike_z": 1e9}) == []
     with pytest.raises(ValueError, match="same length"):
         loss_spike_candidates(steps[:-1], loss)
