@@ -225,7 +225,7 @@ def _count_wide(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("uniform", [False, True])
 def test_norm_vector_matches_reference_and_grad_norms(uniform):
-    from gradtrace.record.reduce import squared_norms
+    from gradtrace.record.reduce import squared_norms, wide_squares
     g = torch.Generator().manual_seed(3)
     same = [torch.randn(9, 4, generator=g), torch.randn(4, generator=g) * 1e20,
             torch.randn(50, generator=g) * 1e-25, torch.zeros(3)]
@@ -235,9 +235,13 @@ def test_norm_vector_matches_reference_and_grad_norms(uniform):
         for t, n, m in zip(same, v.tolist(), N.grad_norms(same, p)):
             assert n == pytest.approx(ref_norm(t, p), rel=RTOL, abs=0.0)
             assert n == float(m)            # one engine: the same numbers both ways
+    # The recorder's squares skip the check (it re-measures doubtful ones on the host):
+    # healthy ones exact, lost ones (inf, 0) exact once re-measured with wide_squares.
     sq = squared_norms(same, torch.device("cpu"), uniform)
     assert sq.dtype == torch.float64
-    for t, s in zip(same, sq.tolist()):
+    assert sq[0].item() == pytest.approx(ref_norm(same[0], 2.0) ** 2, rel=2 * RTOL)
+    assert math.isinf(sq[1].item()) and sq[2].item() == 0.0 and sq[3].item() == 0.0
+    for t, s in zip(same, wide_squares(same, uniform).tolist()):
         assert s == pytest.approx(ref_norm(t, 2.0) ** 2, rel=2 * RTOL, abs=0.0)
     # mixed dtypes and layouts (uniform=True wrongly claimed: caught, grouped)
     mixed = _mixed() + [torch.randn(4, 5, generator=g).relu().to_sparse()]
@@ -272,6 +276,8 @@ def test_only_the_lost_norms_are_redone_in_one_call(monkeypatch):
             torch.randn(300, generator=g) * 1e-23]
     grads = healthy[:3] + lost + healthy[3:]
     calls = _count_wide(monkeypatch)
+    unchecked = N.norm_vector(grads, check=False)       # the caller checks: no redo here
+    assert calls == [] and math.isinf(unchecked[4].item())
     v = N.norm_vector(grads)
     assert calls == [len(lost)]
     for t, n in zip(grads, v.tolist()):

@@ -3,8 +3,8 @@
 Every function but :func:`nonfinite_counts` returns tensors on one device and never reads
 a value on the host: the monitor gathers the results into one flat buffer and copies it
 once. The squared norms come from the one norm engine, :func:`gradtrace.norms.norm_vector`
-(float32 norms with the CPU range check, float64 accumulation on accelerators); the
-float64 re-measure, :func:`wide_squares`, from :func:`gradtrace.norms.wide_norms`.
+(float32 norms on CPU, float64 accumulation on accelerators); the float64 re-measure of
+the doubtful ones, :func:`wide_squares`, from :func:`gradtrace.norms.wide_norms`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ __all__ = ["squared_norms", "max_abs", "wide_squares", "nonfinite_counts", "stor
 
 def squared_norms(tensors: list[torch.Tensor], device: torch.device,
                   uniform: bool = False) -> torch.Tensor:
-    """Squared L2 norms (float64, on ``device``): :func:`gradtrace.norms.norm_vector`,
-    squared in float64, so the square of a vanishing norm (3e-25 squared is below
+    """Squared L2 norms (float64, on ``device``): :func:`gradtrace.norms.norm_vector`
+    without its CPU range check (the caller re-measures with :func:`wide_squares` what
+    came out ``inf`` or too small), squared in float64, so the square of a vanishing norm (3e-25 squared is below
     float32's smallest value) is kept and squares add up across shards and ranks.
 
     Example:
@@ -28,7 +29,10 @@ def squared_norms(tensors: list[torch.Tensor], device: torch.device,
     """
     if not tensors:
         return torch.empty(0, dtype=torch.float64, device=device)
-    return norm_vector(tensors, 2.0, device=device, uniform=uniform).double().square()
+    # check=False: the monitor checks the squares once they are on the host and
+    # re-measures the doubtful ones (wide_squares); checking here too redid them twice.
+    return norm_vector(tensors, 2.0, device=device, uniform=uniform,
+                       check=False).double().square()
 
 
 def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
