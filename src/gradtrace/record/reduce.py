@@ -20,8 +20,9 @@ def squared_norms(tensors: list[torch.Tensor], device: torch.device,
                   uniform: bool = False) -> torch.Tensor:
     """Squared L2 norms (float64, on ``device``): :func:`gradtrace.norms.norm_vector`
     without its CPU range check (the caller re-measures with :func:`wide_squares` what
-    came out ``inf`` or too small), squared in float64, so the square of a vanishing norm (3e-25 squared is below
-    float32's smallest value) is kept and squares add up across shards and ranks.
+    came out ``inf`` or too small), squared in float64, so the square of a vanishing
+    norm (3e-25 squared is below float32's smallest value) is kept and squares add up
+    across shards and ranks.
 
     Example:
         >>> squared_norms([torch.ones(4), torch.ones(9)], torch.device("cpu"))
