@@ -3,9 +3,10 @@
 Cases: a narrow and a wide model, and the narrow one with gradients ~1e-13 (a vanishing
 network: nothing is lost in float32, so nothing may be redone). Interleaved on one
 thread: each round runs every variant in turn (5 calls each, thread CPU time, so time
-spent descheduled on a shared machine is not counted); the table gives the median over rounds per call and per tensor. Before each timed call the gradients are
-written to (new ``_version``\\ s, as a backward would), untimed, except where a variant
-says it reuses.
+spent descheduled on a shared machine is not counted); the table gives the median over
+rounds per call and per tensor. Before each timed call the gradients are written to
+(new ``_version``\\ s, as a backward would), untimed, except where a variant says it
+reuses.
 
 * ``bare _foreach_norm``: torch's fused kernel alone, the floor;
 * ``engine``: ``norms.grad_norms``, nobody listening (grouping, the CPU range check);
