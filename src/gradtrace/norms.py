@@ -36,7 +36,7 @@ compute the same norms twice.
   :func:`forget` after them. ``DTensor`` norms are never reused, so a rank that
   published cannot skip a collective that another rank runs.
 
-(Why ~650 lines in one file: the recorder and the remedies import this as one leaf
+(Why ~700 lines in one file: the recorder and the remedies import this as one leaf
 module, which may import nothing else from gradtrace; the engine, its sharded path and
 the sharing between them change together.)
 
