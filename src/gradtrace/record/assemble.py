@@ -61,6 +61,8 @@ class Assembler:
 
     def __init__(self, param_names: list[str], module_names: list[str], kinds: list[str | None]):
         self.param_names, self.module_names, self.kinds = param_names, module_names, kinds
+        self._relu = np.array([k == "relu" for k in kinds], dtype=bool)
+        self._sat = np.array([k in SATURATION_BOUNDS for k in kinds], dtype=bool)
 
     def build(self, host: dict[str, np.ndarray], info: StepInfo,
               dist_info: dict | None = None) -> tuple[dict, dict | None]:
@@ -163,57 +165,51 @@ class Assembler:
                      vectors: dict) -> None:
         """Combine per-call figures into per-module ones (a module may run many times)."""
         n_m = len(self.module_names)
-        acc: dict[int, list[float]] = {}
-        rows = zip(*(host[k] for k in ("a_min", "a_max", "a_norm", "a_extra")))
-        for (pos, i, n), row in zip(info.acts, rows):
-            mn, mx, norm, extra = (float(v) for v in row)
-            total = flags[pos]
-            bad = 0.0 if math.isfinite(total) else 1.0    # this call held a nan/inf
-            s = acc.setdefault(i, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-            # Combine (entries, mean, sum of squared deviations) across calls (Chan et al.).
-            mean_c, m2_c = float(total) / n, norm * norm
-            if s[0] == 0:
-                s[1], s[2] = mean_c, m2_c
-            else:
-                delta = mean_c - s[1]
-                s[2] += m2_c + delta * delta * s[0] * n / (s[0] + n)
-                s[1] += delta * n / (s[0] + n)
-            s[0] += n                          # entries
-            s[3] += bad                        # non-finite entries
-            s[4] += extra                      # ReLU: active entries; sigmoid/tanh: saturated
-            big = max(abs(mn), abs(mx))
-            s[5] = math.nan if math.isnan(big) or math.isnan(s[5]) else max(s[5], big)
+        acts = np.asarray(info.acts, dtype=np.int64).reshape(-1, 3)
+        mod, n = acts[:, 1], acts[:, 2].astype(np.float64)
+        mn, mx, norm, extra = (np.asarray(host[k], dtype=np.float64) for k in ("a_min", "a_max", "a_norm", "a_extra"))
+        total = np.asarray(flags, dtype=np.float64)[acts[:, 0]]    # each call's sum of outputs
+        calls = np.bincount(mod, minlength=n_m)
+        entries = np.bincount(mod, weights=n, minlength=n_m)
+        got = np.flatnonzero(calls)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            mean = np.bincount(mod, weights=total, minlength=n_m) / np.maximum(entries, 1)
+            # Sum of squared deviations over all calls of a module: each call's own plus
+            # its entries times its mean's squared distance from the module's mean (exact
+            # pooling). A module called once keeps its own figure untouched, so a nan sum
+            # does not turn a finite spread into nan.
+            between = n * np.square(total / n - mean[mod])
+            between[calls[mod] == 1] = 0.0
+            m2 = np.bincount(mod, weights=norm * norm + between, minlength=n_m)
+            std = np.where(np.isfinite(m2), np.sqrt(m2 / np.maximum(entries, 1)), np.nan)
+        bad = np.bincount(mod, weights=(~np.isfinite(total)).astype(np.float64), minlength=n_m)
+        maxabs = np.zeros(n_m)
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(maxabs, mod, np.maximum(np.abs(mn), np.abs(mx)))    # nan propagates
+        active = np.bincount(mod, weights=extra, minlength=n_m)  # ReLU: active; sigmoid/tanh: saturated
         cols = {k: np.full(n_m, MISSING) for k in ("out_mean", "out_std", "out_maxabs", "out_nonfinite")}
-        relu = {k: np.full(n_m, MISSING) for k in ("zero_frac", "dead_units", "units", "unit_samples")}
-        sat = np.full(n_m, MISSING)
-        any_relu = any_sat = False
-        broken = set()
-        for i, (n, mean, m2, bad, extra, maxabs) in acc.items():
-            cols["out_mean"][i] = mean
-            cols["out_std"][i] = math.sqrt(m2 / n) if math.isfinite(m2) else math.nan
-            cols["out_maxabs"][i] = maxabs
-            cols["out_nonfinite"][i] = bad
-            if bad > 0:
-                # nan > 0 is false: a non-finite output would read as dead or saturated units
-                broken.add(i)
-                continue
-            kind = self.kinds[i]
-            if kind == "relu":
-                relu["zero_frac"][i] = 1.0 - extra / n
-                any_relu = True
-            elif kind in SATURATION_BOUNDS:
-                sat[i] = extra / n
-                any_sat = True
+        for k, v in (("out_mean", mean), ("out_std", std), ("out_maxabs", maxabs), ("out_nonfinite", bad)):
+            cols[k][got] = v[got]
         module.update(cols)
+        # nan > 0 is false: a non-finite output would read as dead or saturated units
+        broken = bad > 0
+        ok = np.zeros(n_m, dtype=bool)
+        ok[got] = True
+        ok &= ~broken
+        relu = {k: np.full(n_m, MISSING) for k in ("zero_frac", "dead_units", "units", "unit_samples")}
+        is_relu, is_sat = ok & self._relu, ok & self._sat
+        relu["zero_frac"][is_relu] = 1.0 - active[is_relu] / entries[is_relu]
         for i in info.mask_ids:
-            if i in broken:
+            if broken[i]:
                 continue
-            active = host[f"mask{i}"] > 0.5
-            relu["dead_units"][i] = float(active.size - active.sum())
-            relu["units"][i] = float(active.size)
-            relu["unit_samples"][i] = acc[i][0] / active.size   # rows each unit saw this step
-            vectors.setdefault("active_mask", {})[self.module_names[i]] = pack_mask(active)
-        if any_relu:
+            on = host[f"mask{i}"] > 0.5
+            relu["dead_units"][i] = float(on.size - on.sum())
+            relu["units"][i] = float(on.size)
+            relu["unit_samples"][i] = entries[i] / on.size   # rows each unit saw this step
+            vectors.setdefault("active_mask", {})[self.module_names[i]] = pack_mask(on)
+        if is_relu.any():
             module.update(relu)
-        if any_sat:
+        if is_sat.any():
+            sat = np.full(n_m, MISSING)
+            sat[is_sat] = active[is_sat] / entries[is_sat]
             module["saturated_frac"] = sat
