@@ -720,3 +720,28 @@ def test_closing_writes_an_end_event_and_doctor_follow_stops_at_it(tmp_path):
     finally:
         mon.close()
     assert [e["step"] for e in gt.load(str(run)).events("end")] == [2, 3]
+
+
+def test_a_module_called_several_times_pools_its_calls_like_torch():
+    """Per-module output figures of a module run three times per forward equal torch's
+    over the three outputs together (the calls are pooled exactly)."""
+    torch.manual_seed(3)
+    lin, act = nn.Linear(6, 6), nn.ReLU()
+    model = nn.ModuleDict({"lin": lin, "act": act})
+    outs = []
+
+    def forward(x):
+        for k in range(3):           # different scales: the calls' means and spreads differ
+            x = act(lin(x * (k + 1)))
+            outs.append(x.detach())
+        return x
+
+    with gt.watch(model, None, activations_every=1) as mon:
+        forward(torch.randn(10, 6)).sum().backward()
+        mon.step()
+    allv = torch.cat([o.reshape(-1) for o in outs]).double()
+    t = mon.trace
+    np.testing.assert_allclose(t.series("out_mean", "act")[0], allv.mean().item(), rtol=RTOL)
+    np.testing.assert_allclose(t.series("out_std", "act")[0], allv.std(unbiased=False).item(), rtol=RTOL)
+    np.testing.assert_allclose(t.series("out_maxabs", "act")[0], allv.abs().max().item(), rtol=RTOL)
+    np.testing.assert_allclose(t.series("zero_frac", "act")[0], (allv == 0).double().mean().item(), rtol=RTOL)
