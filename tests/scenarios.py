@@ -9,7 +9,8 @@ detection benchmark (``bench/detection.py``), the tests and the demo reuse them.
 
 Example:
     >>> from scenarios import SCENARIOS
-    >>> trace = SCENARIOS["deep_sigmoid_mlp"].build()        # doctest: +SKIP
+    >>> sorted(SCENARIOS)[:2]
+    ['backward_nan', 'cnn_batchnorm']
 """
 from __future__ import annotations
 
@@ -116,8 +117,7 @@ def _seeded(fn: Callable[[], Trace]) -> Callable[[], Trace]:
         torch.manual_seed(SEED)
         return fn()
     build.__name__ = fn.__name__
-    build.__doc__ = (fn.__doc__ or "") + (f"\n\n    Example:\n        >>> trace = {fn.__name__}()   "
-                                          "# doctest: +SKIP\n        >>> gt.diagnose(trace)   # doctest: +SKIP\n")
+    build.__doc__ = fn.__doc__
     return build
 
 
@@ -445,7 +445,8 @@ def run(name: str) -> Trace:
     """Build one scenario's trace by name.
 
     Example:
-        >>> trace = run("dead_relu_bias")            # doctest: +SKIP
+        >>> len(run("dead_relu_bias")) > 0
+        True
     """
     if name not in SCENARIOS:
         raise ValueError(f"name={name!r} is not a scenario; valid: {', '.join(SCENARIOS)}")
@@ -475,7 +476,7 @@ def evaluate(scenario: Scenario, findings: list) -> Outcome:
 
     Example:
         >>> s = SCENARIOS["dead_relu_bias"]
-        >>> evaluate(s, gt.diagnose(s.build())).ok          # doctest: +SKIP
+        >>> evaluate(s, gt.diagnose(s.build())).ok
         True
     """
     found = {f.kind: list(f.layers) for f in findings}
