@@ -2,7 +2,6 @@
 and the labelled scenario suite (the fast ones always; the rest are marked slow)."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from gradtrace.trace import Trace, pack_mask
 #: A hand-built trace's recorded values are exact; estimates agree with them this closely.
 REL_TOL = 1e-6
 #: diagnose() on a 200-step, 50-layer trace must stay well under a second.
-SPEED_LIMIT_S = 1.0
 
 
 # ---- building traces by hand --------------------------------------------------------------
@@ -408,7 +406,8 @@ def test_every_detector_pure_and_documented():
     assert repr(tr.records) == before
 
 
-def test_speed_200_steps_50_layers():
+def test_noisy_healthy_200_steps_50_layers_has_no_finding():
+    # Speed lives in bench/trace_scale.py (diagnose of a 100k-step trace), not in a timed test.
     depth = 50
     meta = mlp_meta(depth)
     rng = np.random.default_rng(0)
@@ -422,11 +421,7 @@ def test_speed_200_steps_50_layers():
                         loss=float(2 + 0.1 * rng.standard_normal()), vectors={"active_mask": masks},
                         exec_order=(s == 0)))
     tr = Trace(meta, recs)
-    t0 = time.perf_counter()
-    out = diagnose(tr)
-    dt = time.perf_counter() - t0
-    assert dt < SPEED_LIMIT_S, f"diagnose took {dt:.2f}s"
-    assert out == []
+    assert diagnose(tr) == []
 
 
 # ---- the labelled scenarios ---------------------------------------------------------------------
