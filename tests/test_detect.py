@@ -15,7 +15,6 @@ from gradtrace.trace import Trace, pack_mask
 
 #: A hand-built trace's recorded values are exact; estimates agree with them this closely.
 REL_TOL = 1e-6
-#: diagnose() on a 200-step, 50-layer trace must stay well under a second.
 
 
 # ---- building traces by hand --------------------------------------------------------------
