@@ -58,6 +58,7 @@ def watch(model: Any, optimizer: Any = None, *, on_finding: Callable | bool | No
     """
     from .record import watch as record_watch
 
+    kwargs["clip"] = _clipper(kwargs.get("clip"))
     if on_finding is None or on_finding is False:
         return record_watch(model, optimizer, **kwargs)
     from .diagnose.online import OnlineDiagnosis, log_finding
@@ -70,3 +71,14 @@ def watch(model: Any, optimizer: Any = None, *, on_finding: Callable | bool | No
     sink = OnlineDiagnosis(callback, every=every)
     sinks = list(kwargs.pop("sinks", None) or [])
     return record_watch(model, optimizer, sinks=sinks + [sink], **kwargs)
+
+
+def _clipper(clip: Any) -> Any:
+    """``watch(clip=1.0)``: a max norm becomes gradtrace's ``clip_grad_norm_`` at that norm."""
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        if not clip > 0:
+            raise ValueError(f"clip={clip!r}: a max norm must be > 0 (or pass None for no clipping)")
+        from .remedies.clip import clip_grad_norm_
+
+        return lambda params: clip_grad_norm_(params, max_norm=float(clip))
+    return clip

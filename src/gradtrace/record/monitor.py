@@ -84,14 +84,10 @@ def _weak(method: Any) -> Any:
 
 
 def _make_clipper(clip: Any):
+    # A max norm given as a number is turned into gradtrace's clipper by gt.watch (api.py):
+    # the recorder takes only callables, so it never imports the remedies.
     if clip is None or callable(clip):
         return clip
-    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
-        if not clip > 0:
-            raise ValueError(f"clip={clip!r}: a max norm must be > 0 (or pass None for no clipping)")
-        import importlib  # the recorder does not depend on remedies; clip= asks for them
-        clip_grad_norm_ = importlib.import_module("gradtrace.remedies.clip").clip_grad_norm_
-        return lambda params: clip_grad_norm_(params, max_norm=float(clip))
     raise TypeError(f"clip={clip!r}: pass a max norm (float > 0), a clipper such as gt.ZClip(), "
                     "or a callable taking the list of parameters")
 
@@ -795,9 +791,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kw
         raise_on_nonfinite: raise :class:`NonFiniteError` after a step with nan/inf
             (the trace is written first). On an accelerator this waits for each recorded
             step's figures to reach the host: one sync per recorded step.
-        clip: clip before every optimizer step: a max norm (``1.0``), a stateful clipper
-            (``gt.ZClip()``, ``gt.AutoClip()``) or any callable taking the list of
-            parameters.
+        clip: clip before every optimizer step: a stateful clipper (``gt.ZClip()``,
+            ``gt.AutoClip()``) or any callable taking the list of parameters; ``gt.watch``
+            also takes a max norm (``1.0``) and turns it into ``gt.clip_grad_norm_``.
         sinks: extra writers (TensorBoard, W&B, CSV) receiving every record and event.
         update_ratio: record ||dw||/||w|| on activation steps. This keeps one copy of the
             watched parameters (a reused buffer) while the monitor is open; pass False to
