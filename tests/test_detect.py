@@ -582,13 +582,18 @@ def test_dead_windows_identical_to_per_step_reference():
         masks = rng.random((n, units)) > rng.choice([0.3, 0.97])
         samples = rng.choice([8.0, 32.0, 64.0], size=n)
         if n == 40:
-            samples[20] = np.nan        # a trace without sample counts from some step on
+            samples[20] = np.nan        # one step without a sample count
+            samples[30:36] = np.nan     # and a stretch longer than a window
         ref = []
         need = math.ceil(th.dead_window / 2)
-        total = np.concatenate([[0.0], np.cumsum(samples)])     # nan from the first nan on
         for t in range(need - 1, n):
             lo = max(0, t - th.dead_window + 1)
-            if total[t + 1] - total[lo] < th.dead_min_samples:   # nan compares False: kept
+            # Changed on purpose (issue 11): this reference used to take a running sum, so
+            # from the first nan count on every window passed dead_min_samples unjudged. A
+            # nan count now adds nothing; only a window with no known count at all (a trace
+            # older than the counts) is kept without a judgement.
+            known = samples[lo: t + 1][np.isfinite(samples[lo: t + 1])]
+            if known.size and known.sum() < th.dead_min_samples:
                 continue
             active = masks[lo: t + 1].any(axis=0)
             ref.append((int(steps[t]), int((~active).sum()), units))

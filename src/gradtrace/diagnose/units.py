@@ -56,19 +56,24 @@ def _at_steps(src_steps: np.ndarray, src_values: np.ndarray, steps: np.ndarray) 
 def _dead_windows(steps: np.ndarray, masks: np.ndarray, samples: np.ndarray,
                   th: Thresholds) -> tuple[np.ndarray, np.ndarray]:
     """``(window end steps, dead units)`` for each window of up to ``th.dead_window`` masks
-    ending at a step, from half a window on (only windows that saw ``th.dead_min_samples``
-    inputs; ``nan`` counts pass). Every window has ``masks.shape[1]`` units."""
+    ending at a step, from half a window on, keeping only windows whose known sample counts
+    add up to ``th.dead_min_samples`` inputs. A ``nan`` count (not recorded that step)
+    adds nothing; a window with no known count at all (a trace that predates the counts)
+    is kept, as there is nothing to judge it by. Every window has ``masks.shape[1]`` units."""
     w = th.dead_window
     need = math.ceil(w / 2)          # at least half a window of masks: one batch is not enough
     if steps.size < need:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     csum = np.concatenate([np.zeros((1, masks.shape[1]), dtype=np.int64), np.cumsum(masks, axis=0)])
-    s = np.concatenate([[0.0], np.cumsum(samples)])
+    # Running sums of the known counts and of how many are known: a running sum with a nan
+    # in it would be nan from there on, and every later window would pass unjudged.
+    samples = np.asarray(samples, dtype=np.float64)
+    known = np.isfinite(samples)
+    s = np.concatenate([[0.0], np.cumsum(np.where(known, samples, 0.0))])
+    k = np.concatenate([[0], np.cumsum(known)])
     t = np.arange(need - 1, steps.size)
     lo = np.maximum(0, t - w + 1)
-    # nan sample counts (older traces) compare False: those windows are kept
-    with np.errstate(invalid="ignore"):
-        short = s[t + 1] - s[lo] < th.dead_min_samples
+    short = (k[t + 1] > k[lo]) & (s[t + 1] - s[lo] < th.dead_min_samples)
     t, lo = t[~short], lo[~short]
     dead = np.zeros(t.size, dtype=np.int64)
     for a in range(0, t.size, 4096):            # bounded memory on long runs, many units
