@@ -19,6 +19,7 @@ from gradtrace.preflight import PreflightResult, PreflightThresholds, mean_field
 CHI1_RTOL = 0.05           # mean-field χ₁ vs measured backward gain, per hidden layer
 NARROW_SPREAD = 1.0        # end-to-end spread counted as "narrow" (isometry)
 SPREAD_FACTOR = 10.0       # Gaussian weights at the same χ₁ spread at least this much more
+SAT_ATOL = 0.03            # saturated fraction, ≥ 2048 outputs per layer vs mean-field theory
 
 
 def mlp(depth: int, width: int, act: type, init, d_in: int = 64, d_out: int = 10, seed: int = 0):
@@ -100,6 +101,51 @@ def test_scaled_up_weights_explode():
     assert "exploding_gradients" in kinds(r)
     f = r[kinds(r).index("exploding_gradients")]
     assert any("clip_grad_norm_" in fx.code for fx in f.fixes)
+
+
+def _scaled(gain: float):
+    """Gaussian weights at ``gain`` × the tanh-critical scale (Xavier with gain 5/3)."""
+    def init(w):
+        nn.init.normal_(w, 0.0, gain * (5 / 3) / math.sqrt(w.shape[1]))
+    return init
+
+
+def test_saturated_fraction_matches_mean_field():
+    """Measured fraction of tanh outputs beyond the recorder's bound vs mean-field theory,
+    erfc(atanh(0.97)/√(2q)) at each layer's pre-activation variance q (wide layers)."""
+    r = gt.preflight(mlp(6, 512, nn.Tanh, _scaled(2.5)), batch(n=64), compute_spectrum=False)
+    rows = [row for row in r.summary["blocks"] if "saturated_fraction" in row]
+    assert len(rows) == 5
+    for row in rows:
+        assert row["saturated_fraction"] == pytest.approx(row["saturated_mean_field"], abs=SAT_ATOL)
+    q = r.summary["mean_field"]["q_star"]
+    assert r.summary["mean_field"]["saturated_fraction"] == pytest.approx(
+        math.erfc(math.atanh(0.97) / math.sqrt(2 * q)), rel=1e-12)
+    assert rows[-1]["saturated_fraction"] > PreflightThresholds().saturated_frac
+
+
+def test_chaotic_tanh_predicts_saturation_not_overflow():
+    """Chaotic tanh (2.5× critical): deep enough to explode, the prediction is saturation
+    (error) with the explosion a warning; the shallow twin, as saturated, is no finding;
+    an exploding ReLU net (unbounded) keeps its exploding error and no saturation."""
+    deep = gt.preflight(mlp(20, 64, nn.Tanh, _scaled(2.5)), batch(), compute_spectrum=False)
+    sev = {f.kind: f.severity for f in deep}
+    assert sev == {"exploding_gradients": "warning", "saturated_units": "error"}, sev
+    f = deep[kinds(deep).index("saturated_units")]
+    assert f.evidence["median_saturated_fraction"] > PreflightThresholds().saturated_frac
+    assert f.evidence["mean_field_saturated_fraction"] == pytest.approx(
+        f.evidence["median_saturated_fraction"], abs=SAT_ATOL)
+    shallow = gt.preflight(mlp(6, 64, nn.Tanh, _scaled(2.5)), batch(), compute_spectrum=False)
+    assert kinds(shallow) == []
+    assert all(row["saturated_fraction"] > PreflightThresholds().saturated_frac
+               for row in shallow.summary["blocks"] if "saturated_fraction" in row)
+
+    def big(w):
+        kaiming(w)
+        w.data.mul_(2.0)
+    relu = gt.preflight(mlp(30, 128, nn.ReLU, big), batch(), compute_spectrum=False)
+    sev = {f.kind: f.severity for f in relu}
+    assert sev.get("exploding_gradients") == "error" and "saturated_units" not in sev
 
 
 class RNNModel(nn.Module):

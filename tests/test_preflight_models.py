@@ -13,9 +13,10 @@ from torch import nn
 
 import gradtrace as gt
 from gradtrace.cli import main as cli
-from gradtrace.preflight import ad
+from gradtrace.preflight import PreflightThresholds, ad
 from gradtrace.preflight.blocks import Capture, block_fn, default_blocks, model_kwargs
-from gradtrace.preflight.transformer import AttentionEntropy, find_branches
+from gradtrace.preflight.transformer import SOFTMAX_SATURATED, AttentionEntropy, _row_entropy, find_branches
+from gradtrace.record.selection import SATURATION_BOUNDS
 
 ENTROPY_ATOL = 1e-5        # our attention entropy vs one computed from MHA's own weights
 FD_RTOL = 1e-4             # finite-difference gain vs the exact gain (float64, central step)
@@ -23,6 +24,8 @@ HUTCH_RTOL = 0.2           # one Gaussian probe over ≥ 512 coordinates: ~6 % s
 REPLAY_ATOL = 1e-6         # a replayed block reproduces the output the model computed
 PREFLIGHT_SIGMA_RTOL = 1e-3  # preflight's short Lanczos (12 steps) vs a full SVD: σ_max
 PREFLIGHT_GAIN_RTOL = 0.05   # 4 Hutchinson probes over 1024 coordinates vs the exact gain
+GRAD_RTOL = 1e-4             # float32 parameter gradients, same graph, summed in another order
+JAC_ATOL = 1e-9              # the softmax Jacobian norm in float64 vs an explicit Jacobian
 
 
 def encoder(norm_first: bool, layers: int = 3, d: int = 32, seed: int = 0) -> nn.Module:
@@ -251,6 +254,28 @@ def test_attention_entropy_matches_reference():
     w = w.detach().double()
     h = -(w * w.log()).sum(-1) / math.log(7)
     assert got == pytest.approx(float(h.mean()), abs=ENTROPY_ATOL)
+    # the softmax Jacobian of each row, built explicitly and differentiated by autograd
+    rows = w.reshape(-1, 7)
+    norms = torch.stack([torch.linalg.matrix_norm(torch.diag(p) - torch.outer(p, p)) for p in rows])
+    z = rows.log()[0].clone()
+    auto = torch.autograd.functional.jacobian(lambda v: torch.softmax(v, 0), z)
+    assert torch.allclose(auto, torch.diag(rows[0]) - torch.outer(rows[0], rows[0]), atol=JAC_ATOL)
+    s = probe.summary()["l"]
+    assert s["attention_jacobian_norm"] == pytest.approx(float(norms.mean()), abs=ENTROPY_ATOL)
+    assert s["attention_saturated_rows"] == pytest.approx(float((norms < SOFTMAX_SATURATED).double().mean()))
+
+
+def test_two_key_softmax_saturates_at_the_recorder_sigmoid_bound():
+    """With two keys the softmax is a sigmoid of the score difference: a row is saturated
+    exactly where the recorder calls a sigmoid output saturated (beyond 0.015 / 0.985)."""
+    lo, hi = SATURATION_BOUNDS["sigmoid"]
+    for p_top, saturated in ((hi - 0.003, False), (hi + 0.003, True), (0.6, False)):
+        s = math.log(p_top / (1 - p_top))          # score gap giving p_top on the second key
+        q = torch.ones(1, 1, 1, 1)
+        k = torch.tensor([0.0, s], dtype=torch.float64).reshape(1, 1, 2, 1)
+        _, jac = _row_entropy(q, k, None, False, 1.0, False)
+        assert float(jac) == pytest.approx(2 * p_top * (1 - p_top), rel=1e-9)
+        assert bool(jac < SOFTMAX_SATURATED) == saturated
 
 
 def test_saturated_attention_is_found():
@@ -261,8 +286,17 @@ def test_saturated_attention_is_found():
     r = gt.preflight(model, torch.randn(2, 16, 32), compute_spectrum=False)
     f = next(f for f in r if f.kind == "saturated_units")
     assert f.layers and all(v < 0.5 for v in f.evidence["attention_entropy"].values())
+    assert all(v > PreflightThresholds().saturated_frac for v in f.evidence["attention_saturated_rows"].values())
     healthy = gt.preflight(encoder(True, layers=2, d=32), torch.randn(2, 16, 32), compute_spectrum=False)
     assert "saturated_units" not in [f.kind for f in healthy]
+    # peaked but not one-hot (q/k ×4): low entropy, the softmax still passes gradient
+    peaked = encoder(True, layers=2, d=32)
+    with torch.no_grad():
+        for layer in peaked.layers:
+            layer.self_attn.in_proj_weight[:64].mul_(4.0)
+    r = gt.preflight(peaked, torch.randn(2, 16, 32), compute_spectrum=False)
+    assert min(row["attention_entropy"] for row in r.summary["blocks"]) < 0.5
+    assert "saturated_units" not in [f.kind for f in r]
 
 
 def test_branch_gain_matches_exact_jacobian():
@@ -301,25 +335,61 @@ def test_find_branches_of_hf_blocks():
                                                  "mlp": ("intermediate", "output.dense")}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_post_ln_needs_warmup_pre_ln_does_not(seed):
-    def model(norm_first):
-        torch.manual_seed(seed)
-        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True, norm_first=norm_first)
-        return nn.Sequential(nn.TransformerEncoder(layer, 6, enable_nested_tensor=False), nn.Linear(64, 10))
+def _stack(norm_first: bool, layers: int, seed: int = 1, d: int = 32) -> nn.Module:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True, norm_first=norm_first)
+    return nn.Sequential(nn.TransformerEncoder(layer, layers, enable_nested_tensor=False), nn.Linear(d, 10))
 
-    x = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(seed))
-    blocks = [f"0.layers.{i}" for i in range(6)]
-    post = gt.preflight(model(False), x, blocks=blocks, compute_spectrum=False)
-    assert post.summary["transformer"]["layout"] == "post-LN"
-    f = next(f for f in post if f.kind == "vanishing_gradients")
-    assert f.evidence["layout"] == "post-LN" and f.severity == "warning"
-    assert any("norm_first=True" in fx.code for fx in f.fixes)
-    assert any("LinearLR" in fx.code for fx in f.fixes)
-    pre = gt.preflight(model(True), x, blocks=blocks, compute_spectrum=False)
+
+def test_post_ln_block_gain_matches_autograd_and_is_judged_both_ways():
+    """The per-block growth of the parameter gradients vs one computed with loss.backward(),
+    and the Xiong check firing exactly when it exceeds the threshold."""
+    L = 12
+    model, blocks = _stack(False, L), [f"0.layers.{i}" for i in range(L)]
+    x = torch.randn(8, 16, 32, generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(out):
+        return out.pow(2).mean()
+    r = gt.preflight(model, x, loss_fn, blocks=blocks, compute_spectrum=False)
+    tr = r.summary["transformer"]
+    assert tr["layout"] == "post-LN"
+    model.zero_grad()
+    loss_fn(model(x)).backward()
+    g = [math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in layer.parameters()))
+         for layer in model[0].layers]
+    med = sorted(g)[L // 2 - 1: L // 2 + 1]
+    ref = (g[-1] / (sum(med) / 2)) ** (2 / (L - 1))
+    assert tr["block_gain"] == pytest.approx(ref, rel=GRAD_RTOL)
+    model.zero_grad()
+    for th, fires in ((ref * 1.01, False), (ref * 0.99, True)):
+        got = gt.preflight(model, x, loss_fn, blocks=blocks, compute_spectrum=False,
+                           thresholds=PreflightThresholds(post_ln_block_gain=th))
+        f = [f for f in got if f.kind == "vanishing_gradients"]
+        assert bool(f) == fires, (th, ref)
+        if fires:
+            assert f[0].evidence["layout"] == "post-LN" and f[0].severity == "warning"
+            assert any("norm_first=True" in fx.code for fx in f[0].fixes)
+            assert any("LinearLR" in fx.code for fx in f[0].fixes)
+
+
+def test_post_ln_check_default_threshold():
+    """Default (1 / diagnosis's vanish_gain per block): a deep post-LN stack whose last
+    blocks get 1.29× more gradient per block fires; its pre-LN twin (level gradients, as
+    Xiong et al. predict) and a 6-layer post-LN stack with a mild last-block bump do not."""
+    x = torch.randn(8, 16, 32, generator=torch.Generator().manual_seed(1))
+    post = gt.preflight(_stack(False, 12), x, blocks=[f"0.layers.{i}" for i in range(12)],
+                        compute_spectrum=False)
+    assert post.summary["transformer"]["block_gain"] > PreflightThresholds().post_ln_block_gain
+    assert "vanishing_gradients" in [f.kind for f in post]
+    pre = gt.preflight(_stack(True, 12), x, blocks=[f"0.layers.{i}" for i in range(12)],
+                       compute_spectrum=False)
     assert pre.summary["transformer"]["layout"] == "pre-LN"
-    assert pre.summary["transformer"]["output_over_median"] < 1.0
     assert not [f for f in pre if f.kind == "vanishing_gradients"]
+    mild = gt.preflight(_stack(False, 6, seed=0), x, blocks=[f"0.layers.{i}" for i in range(6)],
+                        compute_spectrum=False)
+    tr = mild.summary["transformer"]
+    assert tr["output_over_median"] > 1.0 and tr["block_gain"] < PreflightThresholds().post_ln_block_gain
+    assert not [f for f in mild if f.kind == "vanishing_gradients"]
 
 
 @pytest.fixture

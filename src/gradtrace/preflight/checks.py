@@ -59,6 +59,44 @@ _CLIP = Fix("Gradients explode", "Clip the total gradient norm before each optim
             "gt.clip_grad_norm_(model.parameters(), max_norm=1.0)")
 
 
+def _saturating_outcome(rows: list[dict[str, Any]], th: Any, facts: dict[str, Any]) -> Finding | None:
+    """``saturated_units`` (error) when every activation is sigmoid/tanh and most blocks
+    are saturated already: the finding that replaces an explosion's error.
+
+    This is the chaotic phase of mean-field theory (χ₁ > 1 with a large fixed point q*,
+    so the pre-activations sit in the flat tails). A bounded activation caps the forward
+    signal, so the exploding gradient cannot overflow the loss; what its large first
+    updates do is push the units further into their flat ends, after which the gradient
+    vanishes and training stalls. (bench/preflight_grid.py: a 20-layer tanh MLP at 2.5×
+    the critical weight scale, 57 % saturated at init, ends with saturated units and
+    vanishing gradients at chance loss; the 6-layer twin, as saturated but below the
+    exploding threshold, trains.)
+    """
+    acts = facts["activations"]
+    sat = [r["saturated_fraction"] for r in rows if r.get("saturated_fraction") is not None]
+    if not acts or any(a not in ("Tanh", "Sigmoid") for a in acts) or not sat:
+        return None
+    median = float(np.median(sat))
+    if median <= th.saturated_frac:
+        return None
+    hot = [r for r in rows if (r.get("saturated_fraction") or 0.0) > th.saturated_frac]
+    mf = [r["saturated_mean_field"] for r in rows if r.get("saturated_mean_field") is not None]
+    theory = (f" (mean-field theory predicts {float(np.median(mf)):.0%} from each layer's "
+              "weight variance)" if mf else "")
+    return Finding(
+        "saturated_units", "error", [r["block"] for r in hot], None, None,
+        {"saturated_fraction": {r["block"]: r["saturated_fraction"] for r in hot},
+         "median_saturated_fraction": median, "threshold": th.saturated_frac,
+         **({"mean_field_saturated_fraction": float(np.median(mf))} if mf else {})},
+        f"The weights are so large that {median:.0%} of the {'/'.join(acts)} outputs already "
+        f"sit in their flat ends at initialisation{theory}, and the gradient explodes across "
+        "depth. A bounded activation cannot overflow, so the large first updates will push "
+        "the units deeper into saturation instead; their derivative then falls to zero, the "
+        "gradients vanish and training stalls near chance.",
+        [_init_fix(facts), Fix("Units saturated", "Add LayerNorm before each activation so the "
+                               "pre-activations stay near unit scale", "")])
+
+
 def findings(summary: dict[str, Any], rec_rows: list[dict[str, Any]], th: Any,
               facts: dict[str, Any], finite: bool) -> list[Finding]:
     out: list[Finding] = []
@@ -93,11 +131,13 @@ def findings(summary: dict[str, Any], rec_rows: list[dict[str, Any]], th: Any,
             f"gradient reaching {names[0]} is {ratio:.2g} times the one leaving {names[-1]}. "
             "Early layers will barely move while late ones train: the product of many "
             "Jacobians with singular values below one shrinks geometrically.", fixes))
+    saturating = _saturating_outcome(rows, th, facts)
     if ratio is not None and (not np.isfinite(ratio) or ratio > th.exploding_ratio):
         ranked = sorted((r for r in rows if not r["grad_ratio_to_last"] <= th.exploding_ratio),
                         key=lambda r: -r["grad_ratio_to_last"])
         out.append(Finding(
-            "exploding_gradients", "error" if not ratio <= th.exploding_ratio ** 2 else "warning",
+            "exploding_gradients",
+            "error" if not ratio <= th.exploding_ratio ** 2 and saturating is None else "warning",
             [r["block"] for r in ranked] or names[:1], None, None,
             {"grad_ratio_first_last": ratio, "threshold": th.exploding_ratio,
              "mean_backward_gain": summary["mean_backward_gain"], "depth": len(rows)},
@@ -106,6 +146,8 @@ def findings(summary: dict[str, Any], rec_rows: list[dict[str, Any]], th: Any,
             f"is {ratio:.2g} times the one at {names[-1]}. Updates of early layers will be huge "
             "and the loss can spike or turn non-finite.",
             [_CLIP, _init_fix(facts), Fix("Gradients explode", "Reduce the learning rate", "")]))
+        if saturating is not None:
+            out.append(saturating)
     fr = summary.get("forward_ratio_last_first")
     if fr is not None and np.isfinite(fr) and fr < th.shrinking_ratio:
         ranked = sorted(rows, key=lambda r: r["forward_rms"])
@@ -199,37 +241,38 @@ def _norm_first_fix(facts: dict[str, Any]) -> Fix:
 def _transformer_findings(summary: dict[str, Any], th: Any, facts: dict[str, Any]) -> list[Finding]:
     out: list[Finding] = []
     rows = summary["blocks"]
-    low = [r for r in rows if r.get("attention_entropy") is not None
-           and r["attention_entropy"] < th.attention_entropy_min]
+    low = [r for r in rows if r.get("attention_saturated_rows") is not None
+           and r["attention_saturated_rows"] > th.saturated_frac]
     if low:
-        low.sort(key=lambda r: r["attention_entropy"])
-        worst = low[0]["attention_entropy"]
+        low.sort(key=lambda r: -r["attention_saturated_rows"])
+        worst = low[0]
         out.append(Finding(
-            "saturated_units", "error" if worst < th.attention_entropy_min / 2 else "warning",
-            [r["block"] for r in low], None, None,
-            {"attention_entropy": {r["block"]: r["attention_entropy"] for r in low},
-             "low_entropy_rows": {r["block"]: r.get("attention_low_entropy_rows") for r in low},
-             "threshold": th.attention_entropy_min},
-            f"The attention softmax is already saturated at initialisation: the rows of "
-            f"{low[0]['block']} keep {worst:.2g} of the entropy of uniform attention, so each "
-            "query looks at one or two keys and the softmax passes almost no gradient to the "
-            "others (its Jacobian p_i(δ_ij − p_j) vanishes when one p_i is near 1). The query "
-            "and key weights are too large for their width.",
+            "saturated_units", "warning", [r["block"] for r in low], None, None,
+            {"attention_saturated_rows": {r["block"]: r["attention_saturated_rows"] for r in low},
+             "attention_entropy": {r["block"]: r.get("attention_entropy") for r in low},
+             "threshold": th.saturated_frac},
+            f"The attention softmax is already saturated at initialisation: in {worst['block']} "
+            f"{worst['attention_saturated_rows']:.0%} of the rows are so close to one-hot that "
+            "the softmax Jacobian p_i(δ_ij − p_j) passes almost no gradient to their attention "
+            "scores (below the recorder's sigmoid saturation bound), so the query and key "
+            "weights will barely learn. They are too large for their width.",
             [Fix("Attention saturated", "Initialise the query/key projections smaller (std about "
                  "d_model^-0.5 or 0.02) and keep the 1/sqrt(head_dim) score scaling", ""),
              Fix("Attention saturated", "Normalise queries and keys (QK-norm: LayerNorm on q and "
                  "k per head) so the logits cannot grow with the weights", "")]))
     tr = summary.get("transformer")
-    if tr and tr["layout"] == "post-LN" and tr["output_over_median"] > th.post_ln_ratio:
+    if tr and tr["layout"] == "post-LN" and tr["block_gain"] > th.post_ln_block_gain:
         early = sorted(rows, key=lambda r: r.get("param_grad_norm") or 0.0)
         out.append(Finding(
             "vanishing_gradients", "warning",
             [r["block"] for r in early[: max(1, len(early) // 2)]], None, None,
             {"layout": "post-LN", "param_grad_norm": {r["block"]: r.get("param_grad_norm") for r in rows},
-             "output_over_median": tr["output_over_median"], "threshold": th.post_ln_ratio},
+             "output_over_median": tr["output_over_median"], "block_gain": tr["block_gain"],
+             "threshold": th.post_ln_block_gain},
             f"Each block ends in a LayerNorm after the residual addition (post-LN), and the "
             f"parameter gradients are largest near the output at initialisation: the last block's "
-            f"are {tr['output_over_median']:.3g}× the median block's. Xiong et al. (2020) show this "
+            f"are {tr['output_over_median']:.3g}× the median block's, a growth of "
+            f"{tr['block_gain']:.3g}× per block toward the output. Xiong et al. (2020) show this "
             "is why post-LN transformers diverge with a large learning rate early and need a "
             "warm-up; pre-LN keeps the gradients level across depth.",
             [_norm_first_fix(facts), _WARMUP]))

@@ -66,15 +66,24 @@ class PreflightThresholds:
         time_exploding_ratio: measured ‖∂h_T/∂h_0‖ above this → ``exploding_through_time``.
         time_horizon: steps over which recurrent decay is judged; ``None`` uses the
             sequence length of the example batch.
-        attention_entropy_min: mean normalised entropy of a block's attention rows
-            (1 = uniform over the keys it may see) below this → ``saturated_units``
-            (the attention softmax is saturated at initialisation).
-        post_ln_ratio: in a post-LN transformer (each block ends in a norm), the
-            parameter-gradient norm of the last block over the median block's above this
-            → the pattern of Xiong et al. 2020 (gradients largest near the output at
-            init): a ``vanishing_gradients`` warning whose fixes are pre-LN
-            (``norm_first=True``) and a warm-up. Measured on 6- and 12-layer encoders
-            (4 seeds): 1.09–1.45 post-LN, 0.82–0.93 pre-LN.
+        saturated_frac: fraction of a sigmoid/tanh module's outputs in the flat range
+            (the recorder's ``SATURATION_BOUNDS``), or of a block's attention rows whose
+            softmax Jacobian norm is below the same bound's (see
+            :mod:`gradtrace.preflight.transformer`), above which they are saturated;
+            default diagnosis's ``saturated_frac``. Saturated attention is a
+            ``saturated_units`` warning. Saturated sigmoid/tanh units are a finding when
+            the gradients also explode and every activation is bounded: the saturation is
+            then the predicted outcome (see :mod:`gradtrace.preflight.checks`).
+        post_ln_block_gain: in a post-LN transformer (each block ends in a norm), the
+            per-block growth of the parameter-gradient norm from the median block to the
+            last, (last / median)^(2/(L − 1)) for L blocks, above this → the pattern of Xiong
+            et al. 2020 (gradients largest near the output at init): a
+            ``vanishing_gradients`` warning whose fixes are pre-LN (``norm_first=True``)
+            and a warm-up. The default is 1 / diagnosis's ``vanish_gain``: toward the
+            input each block shrinks the gradient by more than diagnosis calls vanishing
+            layer by layer. Measured with ``bench/preflight_grid.py --xiong`` (5 seeds,
+            3–12 blocks, d = 32/64): pre-LN's last/median ratio stays ≤ 1.05 (level, as
+            Xiong predict); post-LN's is 0.99–4.0, mostly a bump at the last block.
 
     Example:
         >>> PreflightThresholds(vanishing_ratio=1e-4).exploding_ratio
@@ -88,8 +97,8 @@ class PreflightThresholds:
     time_vanishing_ratio: float = 1e-3
     time_exploding_ratio: float = 1e3
     time_horizon: int | None = None
-    attention_entropy_min: float = 0.5
-    post_ln_ratio: float = 1.0
+    post_ln_block_gain: float = 1.0 / _DIAGNOSIS.vanish_gain
+    saturated_frac: float = _DIAGNOSIS.saturated_frac
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -99,6 +108,8 @@ class PreflightThresholds:
                     raise ValueError(f"time_horizon must be None or a positive int, got {v!r}")
             elif not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{f.name} must be a positive number, got {v!r}")
+        if self.saturated_frac > 1:
+            raise ValueError(f"saturated_frac must be a fraction in (0, 1], got {self.saturated_frac!r}")
 
 
 class PreflightResult(list):
@@ -202,6 +213,8 @@ def preflight(model: nn.Module, example_input: Any, loss_fn: Callable[[Any], tor
             row[f"{branch}_forward_ratio"] = fig["forward_ratio"]
             row[f"{branch}_gain"] = fig["gain"]
         row.update(sp.attention.get(k, {}))
+        if k in sp.saturated:
+            row["saturated_fraction"] = sp.saturated[k]
         rows.append(row)
     gains = [r["backward_gain"] for r in rows if r["backward_gain"] is not None and r["backward_gain"] > 0]
     mean_gain = float(np.exp(np.mean(np.log(gains)))) if gains else float("nan")
@@ -228,6 +241,8 @@ def preflight(model: nn.Module, example_input: Any, loss_fn: Callable[[Any], tor
         for r, p in zip(rows, prof):
             r["chi1_mean_field"] = p["chi1"]
             r["sigma_w2"] = p["sigma_w2"]
+            if p["saturated_fraction"] is not None:
+                r["saturated_mean_field"] = p["saturated_fraction"]
         hidden = mlp[1:-1] or mlp
         sw2 = float(np.mean([p["sigma_w2"] for p in prof[1:-1] or prof]))
         sb2 = float(np.mean([p["sigma_b2"] for p in prof[1:-1] or prof]))

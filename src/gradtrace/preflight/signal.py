@@ -4,7 +4,8 @@ A VJP with a Gaussian vector (not ``y.sum()``, which would bias the ratios) goes
 from the output. From that one pass we read, per block: the RMS of its input and output,
 the gradient norm at both ends (the gain through the residual stream), the norm of the
 gradient of its parameters (what an optimizer sees), and for transformer blocks the same
-at the ends of each branch (attention, MLP) and the entropy of the attention rows.
+at the ends of each branch (attention, MLP), the entropy of the attention rows, and the
+fraction of sigmoid/tanh outputs in their flat ends (the recorder's ``SATURATION_BOUNDS``).
 Training mode is kept (dropout, batch statistics); buffers and the RNG are restored.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..record.selection import SATURATION_BOUNDS
 from .blocks import NORM_TYPES, Capture, first_tensor, input_slot, model_kwargs
 from .transformer import AttentionEntropy, find_branches
 
@@ -50,6 +52,8 @@ class SignalPass:
     finite: bool
     #: blocks whose output is the output of a norm layer inside them (post-LN layout)
     ends_in_norm: dict[str, bool]
+    #: per block with a sigmoid/tanh: fraction of their outputs beyond SATURATION_BOUNDS
+    saturated: dict[str, float]
 
 
 def _branch_gains(io: dict[tuple[str, str, str], torch.Tensor]) -> dict[tuple[str, str], float]:
@@ -91,6 +95,20 @@ def signal_pass(model: nn.Module, args: tuple, groups: list[list[str]], loss_fn,
             def rpre(mod, a, kw, name=name):
                 rnn_inputs.setdefault(name, (a, kw))
             handles.append(m.register_forward_pre_hook(rpre, with_kwargs=True))
+    sat: dict[str, list[float]] = {}
+    for g in groups:
+        for m in {id(m): m for n in g for m in mods[n].modules()}.values():
+            kind = "tanh" if isinstance(m, nn.Tanh) else "sigmoid" if isinstance(m, nn.Sigmoid) else None
+            if kind is None:
+                continue
+
+            def spost(mod, a, out, key=g[0], lo=SATURATION_BOUNDS[kind][0], hi=SATURATION_BOUNDS[kind][1]):
+                if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+                    o = out.detach()
+                    c = sat.setdefault(key, [0.0, 0.0])
+                    c[0] += float(((o < lo) | (o > hi)).sum())
+                    c[1] += o.numel()
+            handles.append(m.register_forward_hook(spost))
     single = {g[0]: mods[g[0]] for g in groups if len(g) == 1}
     norm_out: dict[str, list[torch.Tensor]] = {}
     for key, block in single.items():
@@ -180,7 +198,8 @@ def signal_pass(model: nn.Module, args: tuple, groups: list[list[str]], loss_fn,
                 ends[k] = o is not None and any(t is o or (t.shape == o.shape and t.data_ptr() == o.data_ptr())
                                                 for t in norm_out.get(k, []))
         return SignalPass(keys, fwd, gnorm, {k: math.sqrt(v) for k, v in psq.items()}, branches,
-                          probe.summary(), rnn_inputs, finite, ends)
+                          probe.summary(), rnn_inputs, finite, ends,
+                          {k: c[0] / c[1] for k, c in sat.items() if k in fwd})
     finally:
         cap.close()
         for h in handles:

@@ -26,7 +26,8 @@ def format_table(summary: dict[str, Any]) -> str:
     cols = [("block", "block"), ("forward_rms", "fwd rms"), ("grad_norm_out", "grad norm"),
             ("backward_gain", "bwd gain"), ("chi1_mean_field", "χ₁ (MF)"),
             ("attention_gain", "attn gain"), ("mlp_gain", "mlp gain"),
-            ("attention_entropy", "attn H"),
+            ("attention_entropy", "attn H"), ("attention_saturated_rows", "attn sat"),
+            ("saturated_fraction", "sat frac"),
             ("jacobian_gain", "J gain"), ("sigma_max", "σ_max"), ("spread", "spread"),
             ("estimate", "estimate"), ("not_measured", "not measured because")]
     rows = summary["blocks"]

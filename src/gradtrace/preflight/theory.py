@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["mean_field"]
+from ..record.selection import SATURATION_BOUNDS
+
+__all__ = ["mean_field", "saturated_fraction"]
 
 
 _GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(100)  # even count: no node at 0
@@ -36,6 +38,10 @@ _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
              + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)),
     "silu": (lambda x: x * _sigmoid(x), lambda x: _sigmoid(x) * (1 + x * (1 - _sigmoid(x)))),
 }
+# pre-activation beyond which the output leaves SATURATION_BOUNDS (|tanh| > 0.97,
+# sigmoid outside (0.015, 0.985))
+_SAT_PRE = {"tanh": math.atanh(SATURATION_BOUNDS["tanh"][1]),
+            "sigmoid": math.log(SATURATION_BOUNDS["sigmoid"][1] / (1 - SATURATION_BOUNDS["sigmoid"][1]))}
 _MODULE_ACT = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.Identity: "linear",
                nn.GELU: "gelu", nn.SiLU: "silu"}
 
@@ -51,12 +57,27 @@ def _moments_q(act: str, q: float) -> tuple[float, float]:
     return float(_GH_W @ phi(h) ** 2), float(_GH_W @ dphi(h) ** 2)
 
 
+def saturated_fraction(activation: str, q: float) -> float | None:
+    """Fraction of φ(h), h ~ N(0, q), beyond the recorder's ``SATURATION_BOUNDS``
+    (tanh, sigmoid; None for unbounded activations). Both bounds are symmetric about the
+    activation's centre, so it is P(|h| > h_sat) = erfc(h_sat / √(2q)).
+
+    Example:
+        >>> round(saturated_fraction("tanh", 1.0), 4), saturated_fraction("relu", 1.0)
+        (0.0364, None)
+    """
+    if activation not in _SAT_PRE:
+        return None
+    return math.erfc(_SAT_PRE[activation] / math.sqrt(2 * q)) if q > 0 else 0.0
+
+
 def mean_field(activation: str, sigma_w2: float, sigma_b2: float = 0.0, q0: float = 1.0,
                depth: int = 500) -> dict[str, float]:
     """Mean-field fixed point q* and χ₁ = σ_w² E[φ′(√q* z)²] (Gauss–Hermite quadrature).
 
     Iterates q ← σ_w² E[φ(√q z)²] + σ_b² from ``q0`` for ``depth`` layers. Also returns the
-    depth scale ξ = 1/|ln χ₁| (``inf`` at χ₁ = 1).
+    depth scale ξ = 1/|ln χ₁| (``inf`` at χ₁ = 1) and, for tanh and sigmoid, the fraction
+    of outputs saturated at q* (:func:`saturated_fraction`; None otherwise).
 
     Example:
         >>> round(mean_field("relu", 2.0)["chi1"], 6)
@@ -73,7 +94,8 @@ def mean_field(activation: str, sigma_w2: float, sigma_b2: float = 0.0, q0: floa
         q = sigma_w2 * _moments_q(activation, q)[0] + sigma_b2
     chi1 = sigma_w2 * _moments_q(activation, q)[1]
     xi = math.inf if abs(math.log(chi1)) < 1e-12 else 1.0 / abs(math.log(chi1))
-    return {"q_star": q, "chi1": chi1, "depth_scale": xi}
+    return {"q_star": q, "chi1": chi1, "depth_scale": xi,
+            "saturated_fraction": saturated_fraction(activation, q)}
 
 
 def plain_mlp(model: nn.Module, groups: list[list[str]]) -> list[tuple[nn.Linear, str]] | None:
@@ -105,6 +127,6 @@ def mean_field_profile(layers: list[tuple[nn.Linear, str]], q_in: float) -> list
         q = sw2 * m2 + sb2
         phi2, dphi2 = _moments_q(act, q)
         rows.append({"sigma_w2": sw2, "sigma_b2": sb2, "q": q, "chi1": sw2 * dphi2,
-                     "activation": act})
+                     "activation": act, "saturated_fraction": saturated_fraction(act, q)})
         m2 = phi2
     return rows

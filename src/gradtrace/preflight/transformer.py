@@ -6,10 +6,19 @@
   each branch beside the gain through the whole block.
 * **Attention-softmax saturation.** :class:`AttentionEntropy` wraps
   ``torch.nn.functional.scaled_dot_product_attention`` (used by ``nn.MultiheadAttention``
-  and the Hugging Face SDPA attention) while the signal pass runs, and records the entropy
-  of every attention row over the keys it may see, divided by its maximum (1: uniform,
-  0: one key takes all). Rows that collapse at initialisation pass almost no gradient to
-  the other keys.
+  and the Hugging Face SDPA attention) while the signal pass runs, and records for every
+  attention row over the keys it may see (a) its entropy divided by its maximum (1:
+  uniform, 0: one key takes all) and (b) the norm of the softmax's Jacobian
+  diag(p) − ppᵀ, the local derivative that carries the gradient to the attention scores.
+  A row is saturated when that norm is below 2·0.015·0.985 ≈ 0.03: for two keys the
+  softmax is a sigmoid of the score difference with Jacobian norm 2p(1 − p), and this is
+  the recorder's sigmoid bound (``SATURATION_BOUNDS``: outputs beyond 0.015/0.985, the
+  derivative below ~6 % of its peak). A block whose rows are mostly saturated is
+  reported like a saturated sigmoid layer. The entropy alone is no finding: a peaked
+  row (entropy 0.3) passes more gradient to its scores than a uniform one. Measured
+  with ``bench/preflight_grid.py --ablation``: character LMs whose query/key weights
+  alone are ×4 start at entropy 0.33–0.35 and train to within 0.04–0.23 nats of their
+  ×1 twins, with a larger share of the gradient on the query/key weights than at ×1.
 * **Post-LN vs pre-LN.** Xiong et al. 2020 ("On Layer Normalization in the Transformer
   Architecture"): with LayerNorm after the residual addition, the gradients of the
   parameters are largest near the output at initialisation and shrink toward the input,
@@ -25,9 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..record.selection import SATURATION_BOUNDS
+
 __all__ = ["find_branches", "AttentionEntropy", "layout_from_gains"]
 
 _MLP_WORDS = ("mlp", "feedforward", "feed_forward", "ffn")
+
+_LO = SATURATION_BOUNDS["sigmoid"][0]
+#: Jacobian norm below which an attention row is saturated: 2p(1 − p) at the recorder's
+#: sigmoid bound (a two-key softmax is a sigmoid of the score difference)
+SOFTMAX_SATURATED = 2 * _LO * (1 - _LO)
 
 
 def _is_attention(m: nn.Module) -> bool:
@@ -66,8 +82,9 @@ def find_branches(block: nn.Module) -> dict[str, tuple[str, str]]:
 
 
 def _row_entropy(q: torch.Tensor, k: torch.Tensor, attn_mask: Any, is_causal: bool,
-                 scale: float | None, enable_gqa: bool) -> torch.Tensor:
-    """Normalised entropy of each attention row that can see at least two keys."""
+                 scale: float | None, enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per attention row that can see at least two keys: normalised entropy and the
+    Frobenius norm of the softmax Jacobian ‖diag(p) − ppᵀ‖_F."""
     q, k = q.detach().double(), k.detach().double()
     if enable_gqa and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
@@ -90,11 +107,14 @@ def _row_entropy(q: torch.Tensor, k: torch.Tensor, attn_mask: Any, is_causal: bo
     h = -torch.special.xlogy(p, p).nan_to_num(0.0).sum(-1)
     n = allowed.sum(-1)
     ok = n >= 2
-    return (h[ok] / torch.log(n[ok].double())).float()
+    # ‖diag(p) − ppᵀ‖²_F = Σp² − 2Σp³ + (Σp²)², without forming the n×n Jacobian
+    p2, p3 = (p * p).sum(-1), (p ** 3).sum(-1)
+    jac = (p2 - 2 * p3 + p2 * p2).clamp_min(0.0).sqrt()
+    return (h[ok] / torch.log(n[ok].double())).float(), jac[ok]
 
 
 class AttentionEntropy:
-    """Records the normalised entropy of attention rows per block while active.
+    """Records the entropy and the softmax Jacobian norm of attention rows per block while active.
 
     ``block_of`` maps a module to its block name; the entropy of a call is credited to
     the block whose forward is running. Use as a context manager around one forward.
@@ -103,8 +123,9 @@ class AttentionEntropy:
         >>> layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
         >>> with AttentionEntropy({"enc": layer}) as probe:
         ...     _ = layer(torch.randn(2, 5, 16))
-        >>> 0.5 < probe.summary()["enc"]["attention_entropy"] <= 1.0
-        True
+        >>> s = probe.summary()["enc"]
+        >>> 0.5 < s["attention_entropy"] <= 1.0, s["attention_saturated_rows"]
+        (True, 0.0)
     """
 
     def __init__(self, blocks: dict[str, nn.Module]) -> None:
@@ -147,13 +168,18 @@ class AttentionEntropy:
         self._handles.clear()
 
     def summary(self, peak: float = 0.5) -> dict[str, dict[str, float]]:
-        """Per block: mean normalised entropy and the fraction of rows below ``peak``."""
+        """Per block: mean normalised entropy, the fraction of rows below ``peak``, the mean
+        softmax Jacobian norm and the fraction of saturated rows (norm < SOFTMAX_SATURATED)."""
         out = {}
         for name, parts in self.rows.items():
-            e = torch.cat([p.flatten() for p in parts]) if parts else torch.zeros(0)
+            if not parts:
+                continue
+            e, jac = (torch.cat([p[i].flatten() for p in parts]) for i in range(2))
             if e.numel():
                 out[name] = {"attention_entropy": float(e.mean()),
-                             "attention_low_entropy_rows": float((e < peak).float().mean())}
+                             "attention_low_entropy_rows": float((e < peak).float().mean()),
+                             "attention_jacobian_norm": float(jac.mean()),
+                             "attention_saturated_rows": float((jac < SOFTMAX_SATURATED).double().mean())}
         return out
 
 
@@ -164,13 +190,15 @@ def layout_from_gains(rows: list[dict[str, Any]], ends_in_norm: list[bool]) -> d
     inside it (measured in the signal pass), else ``"pre-LN"``. ``output_over_median`` is
     the last block's parameter-gradient norm over the median block's: above 1 the
     gradients are largest near the output, the post-LN signature of Xiong et al. 2020.
-    None with fewer than two measured blocks.
+    ``block_gain`` turns it into a growth per block, (last / median)^(2 / (L − 1)) for L
+    blocks (the median sits (L − 1)/2 blocks before the last), so that one threshold
+    means the same at every depth. None with fewer than two measured blocks.
 
     Example:
         >>> rows = [{"param_grad_norm": v} for v in (3.0, 2.0, 2.0, 2.0, 4.0)]
         >>> t = layout_from_gains(rows, [True] * 5)
-        >>> t["output_over_median"], t["layout"]
-        (2.0, 'post-LN')
+        >>> t["output_over_median"], round(t["block_gain"], 4), t["layout"]
+        (2.0, 1.4142, 'post-LN')
     """
     g = [r.get("param_grad_norm") for r in rows]
     g = [v for v in g if v is not None and v > 0 and math.isfinite(v)]
@@ -179,7 +207,8 @@ def layout_from_gains(rows: list[dict[str, Any]], ends_in_norm: list[bool]) -> d
     med = statistics.median(g)
     return {"layout": "post-LN" if ends_in_norm and all(ends_in_norm) else "pre-LN",
             "param_grad_first": g[0], "param_grad_last": g[-1], "param_grad_median": med,
-            "output_over_median": g[-1] / med, "output_over_input": g[-1] / g[0]}
+            "output_over_median": g[-1] / med, "output_over_input": g[-1] / g[0],
+            "block_gain": (g[-1] / med) ** (2.0 / (len(g) - 1))}
 
 
 def norm_first_fix_target(model: nn.Module, blocks: list[str]) -> str | None:
