@@ -395,6 +395,21 @@ def run_lr_ramp(watch, steps=120):
                 lr_at=lambda s: 1e-3 * 1.08 ** s)
 
 
+def run_gpt2_lr_ramp(watch, steps=120):
+    """GPT-2 under AdamW with a rate that grows 8 % a step from 1e-4 (a schedule bug, or a
+    range test left running): the loss falls, bottoms out near lr 3e-2, then climbs for
+    some ten steps before it blows up - the slow divergence past the edge of stability."""
+    g = _seed()
+    data = cached("code")
+    model = gpt2(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def loss_at(step):
+        xb, yb = lm_batch(data, 8, 64, g)
+        return F.cross_entropy(model(xb).logits.reshape(-1, 256), yb.reshape(-1))
+    return loop(model, opt, steps, loss_at, watch, lr_at=lambda s: 1e-4 * 1.08 ** s)
+
+
 def run_attn_logits(watch, steps=120):
     g = _seed()
     model = AttnClassifier()
@@ -451,6 +466,8 @@ RUNS: dict[str, Run] = {r.name: r for r in (
         ("saturated_units", "shrinking_activations"), quick=True, note="16 sigmoid layers"),
     Run("long_tanh_rnn", run_long_tanh_rnn, False, "vanishing_through_time", ("vanishing_through_time",),
         (), note="tanh RNN, 64 steps, W_hh x0.5"),
+    Run("gpt2_lr_ramp", run_gpt2_lr_ramp, False, "loss_spike", ("loss_spike",), ("exploding_gradients",
+        "nonfinite", "loss_nonfinite", "growing_activations"), slow=True, note="AdamW lr 1e-4 x1.08 per step"),
     Run("lr_ramp", run_lr_ramp, False, "loss_spike", (), ("loss_spike", "exploding_gradients", "nonfinite",
         "loss_nonfinite", "saturated_units"), slow=True, note="SGD lr x1.08 per step"),
 )}

@@ -85,8 +85,51 @@ def divergence_index(loss: np.ndarray, th: Thresholds) -> int | None:
     return int(over[0]) if over.size else None
 
 
+def climb_index(loss: np.ndarray, th: Thresholds) -> tuple[int, dict] | None:
+    """First index that ends a climb: ``th.climb_steps`` rises in a row, each record above
+    the one before, ending ``th.spike_z`` robust z-scores above the ``th.baseline_window``
+    records before the climb began (and at least ``th.spike_min_rise`` of the early loss
+    level above their median). Returns ``(index, details)`` or None.
+
+    This is how a slow divergence looks (a learning rate past the edge of stability): no
+    single jump stands out against a window that already holds the rising records, but
+    the loss goes up step after step until it is far above where it was. Noise makes a
+    few rises in a row now and then; it does not end them far outside the earlier spread.
+    Only records before the first non-finite loss count; each index depends on earlier
+    records only.
+
+    Example:
+        >>> loss = np.r_[3.0 + 0.1 * np.sin(np.arange(30)), 3.2, 3.5, 3.9, 4.6]
+        >>> climb_index(loss, Thresholds())[0]
+        33
+    """
+    k = th.climb_steps
+    bad = np.flatnonzero(~np.isfinite(loss))
+    x = np.asarray(loss[: bad[0]] if bad.size else loss, dtype=np.float64)
+    if x.size <= k:
+        return None
+    fin = x[: th.baseline_window]
+    level = float(np.median(fin)) if fin.size else 0.0
+    up = np.r_[False, x[1:] > x[:-1]]
+    # length of the run of rises ending at each index
+    idx = np.arange(x.size)
+    last_flat = np.maximum.accumulate(np.where(up, 0, idx))
+    rises = idx - last_flat
+    for t in np.flatnonzero((rises >= k) & (idx - k >= th.warmup_steps)):
+        c = t - int(rises[t])                  # the record the climb started from
+        base = x[max(0, c - th.baseline_window + 1): c + 1]
+        if base.size < th.min_baseline:
+            continue
+        z, med = U.robust_z(float(x[t]), base)
+        if z >= th.spike_z and x[t] - med >= th.spike_min_rise * level:
+            return int(t), {"climb_from_index": c, "baseline_median": med, "robust_z": float(z),
+                            "rises": int(rises[t])}
+    return None
+
+
 def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
-    """``loss_spike``: a corroborated jump of the loss, or a gross divergence.
+    """``loss_spike``: a corroborated jump of the loss, a climb (:func:`climb_index`), or a
+    gross divergence.
 
     A candidate is a loss ``th.spike_z`` robust z-scores above the median of the
     ``th.baseline_window`` records before it, at least ``th.spike_min_fold`` times that
@@ -108,10 +151,12 @@ def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
     why = corroborated(steps, loss, cands, trace, th)
     hits = [h for h in cands if h[0] in why]
     div = divergence_index(loss, th)
-    if not hits and div is None:
+    climb = climb_index(loss, th)
+    if not hits and div is None and climb is None:
         return []
     evidence: dict = {}
-    first = min([h[0] for h in hits] + ([div] if div is not None else []))
+    marks = [h[0] for h in hits] + [i for i in (div, climb and climb[0]) if i is not None]
+    first = min(marks)
     fin = loss[np.isfinite(loss)]
     last = float(fin[-1]) if fin.size else math.nan
     severity = "warning"
@@ -138,17 +183,31 @@ def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
                      f"{th.baseline_window} steps before (robust z = {z0:.1f}; it {why[i0]})")
         if math.isfinite(last) and last >= th.spike_min_fold * med0:
             severity = "error"         # never came back
+    if climb is not None:
+        t, c = climb
+        evidence.update({"climb_at": int(steps[t]), "climb_started_at": int(steps[c["climb_from_index"]]),
+                         "climb_loss": float(loss[t]), "climb_baseline_median": c["baseline_median"],
+                         "climb_robust_z": c["robust_z"]})
+        parts.append(f"the loss rose {c['rises']} steps in a row from step {evidence['climb_started_at']} to "
+                     f"{U.sci(float(loss[t]))} at step {int(steps[t])}, {c['robust_z']:.0f} robust z above the "
+                     f"median {U.sci(c['baseline_median'])} before the climb")
+        if not math.isfinite(last) or last >= th.spike_min_fold * c["baseline_median"]:
+            severity = "error"         # the climb ended in nan or never came back
     evidence["recovered"] = bool(math.isfinite(last) and severity == "warning")
     evidence["summary"] = "; ".join(parts)
     expl = ("The loss jumped far above where it had been a moment before. A single oversized "
             "update (a learning rate at the edge of stability, an update rule that overshoots) "
             "throws the weights out of the region they had settled in; if the spikes grow or "
             "repeat, they are the prelude to divergence and nan.")
+    if climb is not None:
+        expl += (" Here it climbed step after step rather than jumping once: the signature of a "
+                 "learning rate that has crossed the edge of stability (a schedule that keeps "
+                 "raising it, or no decay), caught before the loss runs away.")
     if div is not None:
         expl += (" Here the loss rose to at least twice its starting value: training is moving "
                  "away from a solution, not towards it; a learning rate far too high for this "
                  "model (or no warm-up) is the usual cause.")
-    last_step = int(steps[max([h[0] for h in hits] + ([div] if div is not None else []))])
+    last_step = int(steps[max(marks)])
     return [Finding("loss_spike", severity, [], int(steps[first]), last_step, evidence, expl)]
 
 

@@ -37,6 +37,10 @@ class Thresholds:
             high loss on one batch (a hard example, BatchNorm batch statistics) is none of
             these and is not reported. A trace without gradient norms cannot corroborate, so
             there every spike is reported.
+        climb_steps: a loss that rises this many records in a row and ends ``spike_z``
+            robust z-scores above the ``baseline_window`` records before the climb began
+            is a slow divergence (reported even though no single jump stood out against a
+            trailing window that already held the climb).
         diverge_fold: within the records the spike rule cannot judge yet (``warmup_steps`` +
             ``min_baseline``), a loss at least this multiple of the run's first recorded loss
             is a gross divergence, reported at once and as an error: a run that doubles its
@@ -107,6 +111,7 @@ class Thresholds:
     explode_z: float = 8.0
     explode_fold: float = 10.0
     depth_min_layers: int = 4
+    climb_steps: int = 4
     vanish_gain: float = 0.85
     vanish_total: float = 1e-2
     explode_gain: float = 1.2
