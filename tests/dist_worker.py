@@ -45,10 +45,11 @@ def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
 
 def train(model, opt, mon, rank: int, steps: int = STEPS, nan_at: tuple[int, int] | None = None,
           clip: float | None = None, guard=None,
-          loss_add: tuple[int, int, float] | None = None) -> list:
+          loss_add: tuple[int, int, float] | None = None, after_backward=None) -> list:
     """The same loop for every setting. ``nan_at=(step, rank)`` poisons that rank's input;
     ``loss_add=(step, rank, c)`` adds the constant ``c`` (nan, a spike) to that rank's loss
-    only -- its gradients stay finite and unchanged. ``mon`` may be None."""
+    only -- its gradients stay finite and unchanged. ``mon`` may be None;
+    ``after_backward(step)`` runs between backward and the optimizer step."""
     import gradtrace as gt
     clip_totals = []
     for s in range(steps):
@@ -64,6 +65,8 @@ def train(model, opt, mon, rank: int, steps: int = STEPS, nan_at: tuple[int, int
         if mon is not None:
             mon.record_loss(loss)
         loss.backward()
+        if after_backward is not None:
+            after_backward(s)
         if clip is not None:
             total = gt.clip_grad_norm_(list(model.parameters()), clip)
             clip_totals.append(float(total.full_tensor() if hasattr(total, "full_tensor") else total))
@@ -73,6 +76,77 @@ def train(model, opt, mon, rank: int, steps: int = STEPS, nan_at: tuple[int, int
             opt.step()
         opt.zero_grad()
     return clip_totals
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _l1(grads, params, dev, uniform=False) -> torch.Tensor:
+    """Sum of |g| per tensor (float64): adds across shards like a "sum" figure."""
+    return torch.stack([g.abs().sum(dtype=torch.float64) for g in grads]).to(dev)
+
+
+def _pmax(grads, params, dev, uniform=False) -> torch.Tensor:
+    """Largest |w| per tensor; an empty shard (rank 1's part of a 1-element bias) gives 0."""
+    return torch.stack([p.abs().max() if p.numel() else p.new_zeros(()) for p in params]).to(dev)
+
+
+def extra_figures():
+    """Two statistics declared the way collectors.py declares one, as if added there: every
+    gradtrace module that imported PARAM_FIGURES sees them. Returns the undo."""
+    from gradtrace.record import collectors as C
+    figs = C.PARAM_FIGURES + (
+        C.ParamFigure("grad_l1", "gl1", True, "sum", _l1, lambda v: v.astype("float64")),
+        C.ParamFigure("param_maxabs", "pmax", False, "max", _pmax, lambda v: v.astype("float64")))
+    mods = [m for name, m in list(sys.modules.items())
+            if name.startswith("gradtrace") and hasattr(m, "PARAM_FIGURES")]
+    old = [m.PARAM_FIGURES for m in mods]
+    for m in mods:
+        m.PARAM_FIGURES = figs
+
+    def undo():
+        for m, f in zip(mods, old):
+            m.PARAM_FIGURES = f
+    return undo
+
+
+def reducer_parts(rank: int) -> dict:
+    """What each rank hands DistReducer.reduce in the direct check: 3 parameters (0: a
+    plain replicated tensor, 1: no gradient this step, 2: a DTensor sharded over both
+    ranks), idx=[0, 2]. Plain lists; the test reduces them by hand."""
+    nan, inf = float("nan"), float("inf")
+    return {"gsq": [1e40 if rank == 0 else inf, 2.5 + rank],   # 1e40: finite, no grad bit
+            "zsum": [nan if rank == 1 else 0.75, 1e-30 * (rank + 1)],   # rank 1's NaN is not owned
+            "zmax": [3.0 if rank == 0 else nan, 7.0 - rank],
+            "loss": [1.0, 2.0] if rank == 0 else [4.0],
+            "flag": [0.5, inf] if rank == 1 else [0.5, 0.25],
+            "bwd": [nan] if rank == 0 else [1.0],
+            "a_min": [float(rank), -1.0]}
+
+
+def check_reducer(rank: int) -> dict:
+    """DistReducer.reduce on hand-made parts, with a "sum" and a "max" figure added to
+    PARAM_FIGURES that distributed.py has never heard of."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from gradtrace.record import collectors as C
+    from gradtrace.record.distributed import DistReducer
+    mesh = init_device_mesh("cpu", (WORLD,))
+    params = [torch.zeros(3), torch.zeros(2), distribute_tensor(torch.zeros(4), mesh, [Shard(0)])]
+    old = C.PARAM_FIGURES
+    C.PARAM_FIGURES = old + (C.ParamFigure("test_sum", "zsum", False, "sum", _l1, None),
+                             C.ParamFigure("test_max", "zmax", False, "max", _pmax, None))
+    try:
+        red = DistReducer(params)
+        dt = {"gsq": torch.float64, "zsum": torch.float64, "loss": torch.float32}
+        parts = [(k, torch.tensor(v, dtype=dt.get(k, torch.float32)))
+                 for k, v in reducer_parts(rank).items()]
+        out = red.reduce(parts, idx=[0, 2])
+    finally:
+        C.PARAM_FIGURES = old
+    return {"parts": {k: [None if math.isnan(x) else x for x in t.tolist()] for k, t in out},
+            "dtypes": {k: str(t.dtype) for k, t in out}, "collectives": red.collectives}
 
 
 def _summary(mon) -> dict:
@@ -104,13 +178,37 @@ def worker(rank: int, out: str, mode: str, port: int) -> None:
                 fully_shard(layer)
         return fully_shard(m)
 
-    res: dict = {}
+    res: dict = {"reducer": check_reducer(rank)}
     for name, wrap in (("ddp", DDP), ("fsdp2", fsdp)):
         model = wrap(make_model())
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
         with gt.watch(model, opt, out=os.path.join(out, name), activations_every=2) as mon:
             train(model, opt, mon, rank)
         res[name] = _summary(mon)
+
+        # two figures declared only in PARAM_FIGURES (a "sum" and a "max"), against the
+        # full gradients and weights measured by hand on every rank before the step
+        undo = extra_figures()
+        try:
+            model = wrap(make_model())
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+            by_hand: dict = {"grad_l1": [], "param_maxabs": []}
+
+            def measure(step, model=model, by_hand=by_hand):
+                ps = list(model.parameters())
+                by_hand["grad_l1"].append([float(_full(p.grad).abs().sum(dtype=torch.float64))
+                                           for p in ps])
+                by_hand["param_maxabs"].append([float(_full(p.detach()).abs().max()) for p in ps])
+            with gt.watch(model, opt, out=None, activations_every=2) as mon:
+                train(model, opt, mon, rank, after_backward=measure)
+            tr = mon.trace
+            res[name + "_extra"] = {
+                **_summary(mon), "by_hand": by_hand, "steps": list(tr.steps_recorded),
+                **{stat: {"steps": [int(v) for v in tr.matrix(stat).steps],
+                          "values": tr.matrix(stat).values.tolist()}
+                   for stat in by_hand}}
+        finally:
+            undo()
 
         # every other step: collectives only on recorded steps
         model = wrap(make_model())

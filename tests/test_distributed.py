@@ -202,6 +202,90 @@ def test_clip_grad_norm_returns_what_torch_returns(job, mode):
             assert _rel(*got[f"norm{q}"]) < 1e-6, q
 
 
+SUM_TOL = 1e-12         # float64 sums of two shards' sums against one sum of the whole
+
+
+def _hand_reduce(per_rank: list[dict], owner: list[list[bool]]) -> dict:
+    """DistReducer.reduce's contract, written out with numpy: "sum" parts add the owning
+    ranks' values, "max" parts take the largest (NaN wins), the loss is the mean of every
+    value, other parts stay each rank's own, and each rank reports what it saw go
+    non-finite (the every-step gradient figure, forward and backward flags, loss)."""
+    def arr(r, k):
+        return np.asarray(per_rank[r][k], np.float64)
+    ranks = range(len(per_rank))
+    want = {"gsq": sum(np.where(owner[r], arr(r, "gsq"), 0.0) for r in ranks),
+            "zsum": sum(np.where(owner[r], arr(r, "zsum"), 0.0) for r in ranks),
+            "zmax": np.max([arr(r, "zmax") for r in ranks], axis=0),      # np.max keeps NaN
+            "loss": [np.mean(np.concatenate([arr(r, "loss") for r in ranks]))]}
+    codes = []
+    for r in ranks:
+        bad = lambda k: not np.isfinite(arr(r, k)).all()               # noqa: E731
+        codes.append(distributed.NF_FORWARD * bad("flag") + distributed.NF_BACKWARD * bad("bwd")
+                     + distributed.NF_LOSS * bad("loss") + distributed.NF_GRAD * bad("gsq"))
+    want["dist_ranks"] = codes
+    return want
+
+
+@pytest.mark.timeout(180)
+def test_reducer_follows_the_declared_reductions(job):
+    """A "sum" and a "max" figure added to PARAM_FIGURES (in the worker, as one entry in
+    collectors.py would) reduce correctly on 2 ranks; distributed.py never names them."""
+    _, ranks = job
+    per_rank = [W.reducer_parts(r) for r in range(W.WORLD)]
+    # parameter 0 is a plain (replicated) tensor: rank 0's copy stands for all; parameter
+    # 2 is a DTensor sharded over both ranks: both add in.
+    owner = [[r == 0, True] for r in range(W.WORLD)]
+    want = _hand_reduce(per_rank, owner)
+    for r, res in enumerate(ranks):
+        got = {k: np.asarray([np.nan if v is None else v for v in vals], np.float64)
+               for k, vals in res["reducer"]["parts"].items()}
+        assert res["reducer"]["collectives"] == 2
+        for k in ("gsq", "zsum", "zmax", "loss", "dist_ranks"):
+            assert _rel(got[k], want[k]) < SUM_TOL, (k, got[k], want[k])
+        for k in ("flag", "bwd", "a_min"):                    # per rank: this rank's own
+            assert _rel(got[k], per_rank[r][k]) == 0.0, k
+        assert res["reducer"]["dtypes"]["zmax"] == "torch.float32"   # a max keeps its dtype
+    # what the hand-made parts exercise: NaN kept by the max, an unowned NaN dropped from
+    # the sum, a finite 1e40 squared norm that is no "grad" non-finite (float32 would say inf)
+    assert np.isnan(want["zmax"][0]) and np.isfinite(want["zsum"]).all()
+    assert want["dist_ranks"] == [distributed.NF_BACKWARD, distributed.NF_FORWARD + distributed.NF_GRAD]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_a_new_figure_is_reduced_without_an_edit_here(job, mode):
+    """grad_l1 ("sum", every step) and param_maxabs ("max", activation steps) declared
+    only in PARAM_FIGURES equal the full gradients and weights measured by hand (FSDP2:
+    full_tensor() of the shards) on every rank, with two collectives per recorded step."""
+    _, ranks = job
+    for res in (r[mode + "_extra"] for r in ranks):
+        hand = res["by_hand"]
+        assert res["collectives"] == 2 * len(res["steps"]) == 2 * W.STEPS
+        assert res["param_maxabs"]["steps"] == list(range(0, W.STEPS, 2))   # activation steps
+        for stat, tol in (("grad_l1", SUM_TOL), ("param_maxabs", 0.0)):    # a max is exact
+            steps = res[stat]["steps"]
+            assert steps, stat
+            got = np.asarray(res[stat]["values"], np.float64)
+            want = np.asarray([hand[stat][s] for s in steps], np.float64)
+            assert got.shape == want.shape and _rel(got, want) <= tol, (stat, got, want)
+    assert ranks[0][mode + "_extra"]["grad_l1"] == ranks[1][mode + "_extra"]["grad_l1"]
+
+
+def test_part_rules_come_from_the_declarations():
+    from gradtrace.record import collectors
+    rules = distributed.part_rules()
+    for fig in collectors.PARAM_FIGURES:
+        assert rules[fig.part].how == fig.reduce and rules[fig.part].per_param
+    assert {k: rules[k] for k in distributed.STEP_PARTS} == distributed.STEP_PARTS
+    twice = collectors.PARAM_FIGURES + (collectors.PARAM_FIGURES[0],)
+    with pytest.raises(ValueError, match="declared twice"):
+        distributed.part_rules(twice)
+    with pytest.raises(ValueError, match="per_param"):
+        distributed.PartRule("max")
+    with pytest.raises(ValueError, match="how must be one of"):
+        distributed.PartRule("median", per_param=True)
+
+
 @pytest.mark.timeout(90)
 def test_a_failing_rank_does_not_hang(tmp_path):
     res = _run_worker(tmp_path, mode="fail")

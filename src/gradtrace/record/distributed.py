@@ -9,24 +9,29 @@ What each process holds depends on the wrapper:
   from rank 0's copy (other ranks contribute 0 to sums) — bitwise what rank 0 saw.
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters and gradients are
   ``DTensor`` shards of the reduced gradient. Squared norms add across the shard
-  mesh, max-abs values take the maximum, non-finite counts add. Along ``Replicate``
-  mesh dimensions (HSDP) only the replica at coordinate 0 contributes, so nothing
-  is counted twice.
+  mesh, max-abs values take the maximum. Along ``Replicate`` mesh dimensions
+  (HSDP) only the replica at coordinate 0 contributes, so nothing is counted twice.
 
 Losses, forward flags and activation figures are per rank: the recorded ``loss`` is
 the mean over every loss noted on every rank (the loss of the global batch when the
 ranks see equal batches); activation statistics are rank 0's own micro-batch.
 
+How each part combines is declared, not known here by name: a parameter figure says it
+in its ``reduce`` field (:data:`collectors.PARAM_FIGURES`), the few other parts in
+:data:`STEP_PARTS` (the loss is a mean, the forward and backward flags stay per rank);
+:func:`part_rules` merges the two. Adding a statistic to ``collectors.py`` needs no edit
+here.
+
 Collectives (the choice, and why): per recorded step exactly **two all-reduces**,
-issued together and awaited together — one ``SUM`` over a flat buffer of squared
-norms and loss sums, one ``MAX`` over a flat buffer of max-abs values, a NaN marker
-per parameter and one slot per rank saying what that rank saw go non-finite.
-Each buffer's length depends only on the model and the world size (so ranks can
-never disagree on sizes and hang), and the traffic is O(parameters), not
+issued together and awaited together — one ``SUM`` (float64) over every ``"sum"`` part
+and the loss sum and count, one ``MAX`` over every ``"max"`` part, a NaN marker per
+value and one slot per rank saying what that rank saw go non-finite.
+Each buffer's length depends only on the model, the declarations and the world size
+(so ranks can never disagree on sizes and hang), and the traffic is O(parameters), not
 O(parameters x ranks) as an all-gather would be. NaN is sent as ``+inf`` plus its
-marker, because not every backend's ``MAX`` propagates NaN. Nothing is exchanged
-on steps that record nothing. A third, tiny ``SUM`` runs only on a step where a
-gradient norm came out non-finite, to add up the per-shard non-finite counts.
+marker, because not every backend's ``MAX`` propagates NaN. Nothing is exchanged on
+steps that record nothing. (A parameter whose reduced gradient is non-finite reads a
+non-finite count of 1: counting every shard's entries would take a third collective.)
 
 The trace is written by rank 0 alone; other ranks keep an in-memory trace and feed
 no sinks. The trace's ``nonfinite`` events carry ``ranks`` and ``first_rank``.
@@ -46,16 +51,103 @@ Example (without a process group, nothing is attached):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from . import collectors
 
 F32 = torch.float32
 
 # Bits of the per-rank "what went non-finite here" code carried in the MAX buffer.
 NF_FORWARD, NF_BACKWARD, NF_LOSS, NF_GRAD = 1, 2, 4, 8
 _NF_NAMES = {NF_FORWARD: "forward", NF_BACKWARD: "backward", NF_LOSS: "loss", NF_GRAD: "grad"}
+
+#: How a part may combine across ranks: added up (float64), largest (NaN kept), the mean
+#: of every value on every rank, or this rank's own.
+HOWS = ("sum", "max", "mean", "local")
+
+
+@dataclass(frozen=True)
+class PartRule:
+    """How one named part of a step's buffer combines across ranks.
+
+    ``per_param``: one value per watched parameter of the step (``"sum"`` and ``"max"``
+    need it: their buffer slots are fixed by the model, so ranks never disagree on
+    sizes). ``nonfinite``: the ``NF_*`` bit a non-finite value in this part sets in
+    the rank's code.
+
+    Example:
+        >>> PartRule("mean", nonfinite=NF_LOSS).how
+        'mean'
+        >>> PartRule("min")
+        Traceback (most recent call last):
+        ...
+        ValueError: how must be one of ('sum', 'max', 'mean', 'local'), got 'min'
+    """
+
+    how: str
+    per_param: bool = False
+    nonfinite: int = 0
+
+    def __post_init__(self) -> None:
+        if self.how not in HOWS:
+            raise ValueError(f"how must be one of {HOWS}, got {self.how!r}")
+        if self.how in ("sum", "max") and not self.per_param:
+            raise ValueError(f"a {self.how!r} part must be per_param=True (its size must not "
+                             "depend on the rank)")
+
+
+#: The parts that are not :data:`collectors.PARAM_FIGURES`: the monitor's update, post-clip
+#: total and losses, the hooks' forward and backward flags. A part named nowhere is this
+#: rank's own (activation figures: rank 0's micro-batch).
+STEP_PARTS: dict[str, PartRule] = {
+    "dsq": PartRule("sum", per_param=True),         # squared norm of the update (update ratio)
+    "post": PartRule("local"),                      # the post-clip total is already global
+    "loss": PartRule("mean", nonfinite=NF_LOSS),
+    "flag": PartRule("local", nonfinite=NF_FORWARD),
+    "bwd": PartRule("local", nonfinite=NF_BACKWARD),
+}
+
+
+def part_rules(figures: tuple | None = None) -> dict[str, PartRule]:
+    """Every declared part's rule: each parameter figure's own ``reduce``, then
+    :data:`STEP_PARTS`. A non-finite value in an every-step parameter figure sets the
+    ``grad`` bit (the figures every recorded step reads, so the code does not depend on
+    whether the step records activations).
+
+    Example:
+        >>> r = part_rules()
+        >>> r["gsq"], r["gmax"].how, r["loss"].how
+        (PartRule(how='sum', per_param=True, nonfinite=8), 'max', 'mean')
+    """
+    figures = collectors.PARAM_FIGURES if figures is None else figures
+    rules: dict[str, PartRule] = {}
+    for fig in figures:
+        if fig.part in rules or fig.part in STEP_PARTS:
+            raise ValueError(f"part {fig.part!r} of figure {fig.stat!r} is declared twice")
+        rules[fig.part] = PartRule(fig.reduce, per_param=True,
+                                   nonfinite=NF_GRAD if fig.every_step else 0)
+    rules.update(STEP_PARTS)
+    return rules
+
+
+class _Layout:
+    """Where each declared part sits in the SUM and MAX buffers (fixed by the model)."""
+
+    def __init__(self, figures: tuple, rules: dict[str, PartRule], n: int, world: int):
+        self.figures, self.rules, self.slot = figures, rules, {}
+        n_sum = n_max = 0
+        for name, rule in rules.items():
+            if rule.how == "sum":
+                self.slot[name], n_sum = n_sum, n_sum + n
+            elif rule.how == "mean":                    # the sum of the values, their count
+                self.slot[name], n_sum = n_sum, n_sum + 2
+            elif rule.how == "max":                     # max|x| with NaN as +inf, NaN marker
+                self.slot[name], n_max = n_max, n_max + 2 * n
+        self.n_sum, self.code, self.n_max = n_sum, n_max, n_max + world
 
 
 def _dist():
@@ -173,6 +265,7 @@ class DistReducer:
         self._owner = torch.tensor([_contributes(p, dist.get_rank()) for p in params],
                                    dtype=torch.bool, device=device)
         self.collectives = 0                 # all-reduces issued so far (tests, benchmarks)
+        self._lay: _Layout | None = None
 
     @property
     def is_writer(self) -> bool:
@@ -194,53 +287,59 @@ class DistReducer:
                ) -> list[tuple[str, torch.Tensor]]:
         """Turn this rank's parts into the parts of the whole run (same names and sizes).
 
-        ``idx`` lists the watched-parameter indices the per-parameter parts
-        (``gsq``, ``gmax``, ``psq``, ``dsq``) are aligned with. A ``dist_ranks`` part
-        (one non-finite code per rank) is appended for :meth:`nonfinite_info`. Every rank
+        Each part combines as :func:`part_rules` declares it: per-parameter parts are
+        aligned with ``idx`` (the watched-parameter indices of the step), ``"sum"`` ones
+        come back float64, ``"max"`` ones in their own dtype, a ``"mean"`` part as one
+        value; an undeclared part is this rank's own. A ``dist_ranks`` part (one
+        non-finite code per rank) is appended for :meth:`nonfinite_info`. Every rank
         calls it on the same recorded step (the class docstring shows a call).
         """
         dist = _dist()
-        dev, n, w = self.device, self.n, self.world_size
+        lay = self._layout()
+        dev, n = self.device, self.n
         # A DTensor part (e.g. a clipper's total norm over FSDP2 shards) becomes the full
         # value; every rank holds the same parts, so every rank joins this collective.
         parts = [(k, t.full_tensor() if is_dtensor(t) else t) for k, t in parts]
-        got = dict(parts)
         out_dev = next((t.device for _, t in parts), dev)
         where = torch.tensor(idx if idx is not None else [], dtype=torch.long, device=dev)
         owner = self._owner[where]
-        zero = torch.zeros((), dtype=F32, device=dev)
-
-        # SUM buffer: [gsq | psq | dsq] in per-parameter slots, then loss sum and count.
-        # float64: squares of norms below ~1e-19 would underflow in float32.
-        sums = torch.zeros(3 * n + 2, dtype=torch.float64, device=dev)
-        for k, name in enumerate(("gsq", "psq", "dsq")):
-            if name in got and where.numel():
-                v = got[name].to(dev, torch.float64).reshape(-1)
-                sums[k * n + where] = torch.where(owner, v, zero.double())  # where(): 0*NaN would be NaN
-        losses = got.get("loss")
-        if losses is not None and losses.numel():
-            lv = losses.to(dev, torch.float64).reshape(-1)
-            sums[3 * n] = lv.sum()
-            sums[3 * n + 1] = float(lv.numel())
-
-        # MAX buffer: [max|g| with NaN as +inf | NaN marker] per parameter, then one code per rank.
-        maxes = torch.zeros(2 * n + w, dtype=F32, device=dev)
-        if "gmax" in got and where.numel():
-            g = got["gmax"].to(dev, F32).reshape(-1)
-            nan = torch.isnan(g)
-            maxes[where] = torch.where(nan, torch.full_like(g, float("inf")), g)
-            maxes[n + where] = nan.to(F32)
+        m = where.numel()
+        F64 = torch.float64
+        zero = torch.zeros((), dtype=F64, device=dev)
+        # float64 for both buffers: squares of norms below ~1e-19 would underflow in
+        # float32, and a float32 maximum is exact in float64 (it comes back in its dtype).
+        sums = torch.zeros(lay.n_sum, dtype=F64, device=dev)
+        maxes = torch.zeros(lay.n_max, dtype=F64, device=dev)
         code = zero.clone()
-        bad = lambda t: (~torch.isfinite(t.to(dev, F32).sum())).to(F32)  # noqa: E731
-        if "flag" in got:
-            code = code + NF_FORWARD * bad(got["flag"])
-        if "bwd" in got:
-            code = code + NF_BACKWARD * bad(got["bwd"])
-        if losses is not None and losses.numel():
-            code = code + NF_LOSS * bad(losses)
-        if "gsq" in got:
-            code = code + NF_GRAD * bad(got["gsq"])
-        maxes[2 * n + self.rank] = code
+        for name, t in parts:
+            rule = lay.rules.get(name)
+            if rule is None:
+                continue
+            if rule.nonfinite:
+                code = code + rule.nonfinite * (~torch.isfinite(t).all()).to(F64)
+            at = lay.slot.get(name)
+            if at is None:                               # "local": this rank's own
+                continue
+            if rule.how == "mean":
+                if t.numel():
+                    v = t.to(dev, F64).reshape(-1)
+                    sums[at] = v.sum()
+                    sums[at + 1] = float(v.numel())
+                continue
+            if not m:
+                continue
+            v = t.to(dev, F64).reshape(-1)
+            if v.numel() != m:
+                raise ValueError(f"part {name!r} has {v.numel()} values for {m} parameters "
+                                 f"(a per-parameter part must have one per entry of idx)")
+            if rule.how == "sum":
+                sums[at + where] = torch.where(owner, v, zero)    # where(): 0*NaN would be NaN
+            else:
+                # Not every backend's MAX propagates NaN: send +inf and a marker.
+                nan = torch.isnan(v)
+                maxes[at + where] = torch.where(nan, torch.full_like(v, float("inf")), v)
+                maxes[at + n + where] = nan.to(F64)
+        maxes[lay.code + self.rank] = code
 
         h1 = dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         h2 = dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
@@ -250,33 +349,27 @@ class DistReducer:
 
         out: list[tuple[str, torch.Tensor]] = []
         for name, t in parts:
-            if name in ("gsq", "psq", "dsq"):
-                k = ("gsq", "psq", "dsq").index(name)
-                t = sums[k * n + where]
-            elif name == "gmax":
-                t = torch.where(maxes[n + where] > 0, torch.full_like(maxes[where], float("nan")),
-                                maxes[where])
-            elif name == "loss":
-                t = (sums[3 * n] / sums[3 * n + 1]).reshape(1)
+            rule = lay.rules.get(name)
+            how = rule.how if rule is not None else "local"
+            at = lay.slot.get(name, 0)
+            if how == "sum":
+                t = sums[at + where]
+            elif how == "max":
+                t = torch.where(maxes[at + n + where] > 0, torch.full((m,), float("nan"), dtype=F64,
+                                                                     device=dev),
+                                maxes[at + where]).to(t.dtype)
+            elif how == "mean" and t.numel():
+                t = (sums[at] / sums[at + 1]).reshape(1)
             out.append((name, t.to(out_dev)))
-        out.append(("dist_ranks", maxes[2 * n:].to(out_dev)))
+        out.append(("dist_ranks", maxes[lay.code:].to(out_dev, torch.float32)))
         return out
 
-    def nonfinite_counts(self, counts: list[int], params: list[int]) -> list[int]:
-        """Add per-shard non-finite counts of the watched parameters ``params`` across ranks.
-
-        Called only on a step where a reduced norm came out non-finite; every rank sees
-        the same reduced norms, so every rank calls it together.
-        With 3 non-finite entries on this rank's shard of parameter 0 and 4 on the other
-        rank's, ``red.nonfinite_counts([3], [0])`` returns ``[7]`` on both.
-        """
-        dist = _dist()
-        c = torch.tensor(counts, dtype=torch.float64, device=self.device)
-        c = torch.where(self._owner[torch.tensor(params, dtype=torch.long, device=self.device)],
-                        c, torch.zeros_like(c))
-        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=self.group)
-        self.collectives += 1
-        return [int(v) for v in c.tolist()]
+    def _layout(self) -> "_Layout":
+        """Slots of each declared part in the two buffers (rebuilt if the figures change)."""
+        figs = collectors.PARAM_FIGURES
+        if self._lay is None or self._lay.figures is not figs:
+            self._lay = _Layout(figs, part_rules(figs), self.n, self.world_size)
+        return self._lay
 
     @staticmethod
     def nonfinite_info(host: dict) -> dict[str, Any]:
