@@ -47,6 +47,41 @@ def depth_profile(trace: Trace, stat: str, th: Thresholds, exclude_kinds: tuple 
     return steps[keep], layers, logs
 
 
+def blocks(layers: list[str]) -> list[tuple[str, list[int]]]:
+    """Group modules (in execution order) into the units of depth: ``(unit, indices)``.
+
+    Repeated children (``encoder.layers.3``, ``transformer.h.3``, ``encoder.layer.3``,
+    ``layer2.1``) are one unit each, however many weight-bearing modules they hold: a
+    transformer block has five or so, and a gain per module would spread one block's
+    shrinkage over all of them (a 12-block stack losing 1e-4 reads as 0.89 per module). A
+    module's unit is its name up to the numbered component whose container has the most
+    numbered children (the stack that repeats most); a module with no numbered component
+    is its own unit, and so is each layer of a plain ``nn.Sequential``.
+
+    Example:
+        >>> blocks(["emb", "enc.layers.0.attn", "enc.layers.0.fc", "enc.layers.1.attn", "head"])
+        [('emb', [0]), ('enc.layers.0', [1, 2]), ('enc.layers.1', [3]), ('head', [4])]
+        >>> [u for u, _ in blocks(["0", "2", "4"])]
+        ['0', '2', '4']
+    """
+    children: dict[str, set[str]] = {}
+    for name in layers:
+        parts = name.split(".")
+        for k, p in enumerate(parts):
+            if p.isdigit():
+                children.setdefault(".".join(parts[:k]), set()).add(p)
+    order: dict[str, list[int]] = {}
+    for i, name in enumerate(layers):
+        parts = name.split(".")
+        cands = [k for k, p in enumerate(parts) if p.isdigit()]
+        unit = name
+        if cands:
+            k = max(cands, key=lambda k: (len(children[".".join(parts[:k])]), -k))
+            unit = ".".join(parts[: k + 1])
+        order.setdefault(unit, []).append(i)
+    return list(order.items())
+
+
 def _activation_words(trace: Trace) -> str:
     kinds = Counter(m.get("activation") for m in trace.meta.get("modules", []))
     parts = []
@@ -83,13 +118,21 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
     prof = depth_profile(trace, "outgrad_norm", th)
     if prof is None:
         return []
-    steps, layers, logs = prof
+    steps, modules, mlogs = prof
+    # the depth is counted in blocks: a unit's level is the mean log over its modules
+    units = blocks(modules)
+    if len(units) < th.depth_min_layers:
+        return []
+    layers = [u for u, _ in units]
+    first_module = {u: modules[ix[0]] for u, ix in units}
+    logs = np.stack([mlogs[:, ix].mean(axis=1) for _, ix in units], axis=1)
     n = len(layers)
     slopes = np.array([U.fit_gain(row)[0] for row in logs])       # d log / d depth
     gains = np.exp(-slopes)                                         # backward gain per layer
     totals = np.exp(logs[:, 0] - logs[:, -1])                       # first / last
     out: list[Finding] = []
-    gn = _grad_norm_ends(trace, layers)
+    gn = _grad_norm_ends(trace, [modules[units[0][1][0]], modules[units[-1][1][-1]]])
+    unit = "block" if any(len(ix) > 1 for _, ix in units) else "layer"
     for kind, hit in (("vanishing_gradients", (gains < th.vanish_gain) & (totals < th.vanish_total)),
                       ("exploding_gradients", (gains > th.explode_gain) & (totals > th.explode_total))):
         flagged = U.persistent(hit, th)
@@ -104,15 +147,16 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
             affected = [layers[i] for i in range(n - 1) if rel[i] < limit]
         else:
             affected = [layers[i] for i in range(n - 1) if rel[i] > limit]
-        affected = affected or [layers[0]]
+        # name watched modules (the first of each affected block), earliest first
+        affected = [first_module[u] for u in (affected or [layers[0]])]
         ratio_txt = "0 (no gradient at all)" if total <= th.floor * 1e3 else U.sci(total)
         evidence = {
             "per_layer_gain": gain,
             "layers_in_profile": n,
             # a zero output gradient was floored for the logarithm: report 0, never the floor
             "first_to_last_outgrad_ratio": 0.0 if total <= th.floor * 1e3 else total,
-            "summary": (f"going backward each layer multiplies the gradient by about {U.sci(gain)}; "
-                        f"across {n} layers that is {U.sci(gain ** (n - 1))} (observed first/last "
+            "summary": (f"going backward each {unit} multiplies the gradient by about {U.sci(gain)}; "
+                        f"across {n} {unit}s that is {U.sci(gain ** (n - 1))} (observed first/last "
                         f"output-gradient ratio {ratio_txt})"),
             "outgrad_norm_median": {layers[i]: float(np.exp(med_log[i])) for i in range(n)},
             "steps_flagged": int(hit.sum()),
@@ -122,7 +166,7 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
         evidence["resolved"] = not bool(hit[-1])
         if kind == "vanishing_gradients":
             expl = ("The backward pass multiplies the gradient by one layer Jacobian after another. "
-                    f"Here that product shrinks by about {U.sci(gain)} per layer, so by the time the "
+                    f"Here that product shrinks by about {U.sci(gain)} per {unit}, so by the time the "
                     f"signal reaches `{affected[0]}` it is {ratio_txt} of what the last layer sees: "
                     "early layers get updates too small to learn from while the late layers train. "
                     + _activation_words(trace))
@@ -130,7 +174,7 @@ def detect_depth(trace: Trace, th: Thresholds) -> list[Finding]:
             sev = "error" if total < th.vanish_total ** 2 else "warning"
         else:
             expl = ("The backward pass multiplies the gradient by one layer Jacobian after another; "
-                    f"here each layer amplifies it by about {U.sci(gain)}, so `{affected[0]}` receives "
+                    f"here each {unit} amplifies it by about {U.sci(gain)}, so `{affected[0]}` receives "
                     f"{U.sci(total)} times the gradient of the last layer. Updates that size overshoot, "
                     "the loss jumps and the numbers can overflow to inf/nan. Weights initialised "
                     "with too large a scale (Jacobian singular values above one) are the usual cause.")
@@ -210,15 +254,12 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     loss_fin = np.array([loss_at.get(int(steps[j]), np.nan) for j in fin.tolist()], dtype=np.float64)
 
     def loss_improving(k: int) -> bool:
-        """Did the loss not rise over the window ending at record fin[k]: the median of its
-        later half is not above that of its earlier half by ``spike_min_rise`` of the run's
-        early loss level (the spike rule's notion of a real rise)? A gradient norm that
-        grows while the loss falls or holds is training reaching sharper regions, not an
-        explosion."""
-        ls = loss_fin[max(0, k - w + 1): k + 1]
+        """Did the loss not rise up to record fin[k] (:func:`_loss_rose`)? A gradient norm
+        that grows while the loss falls or holds is training reaching sharper regions, not
+        an explosion."""
+        ls = loss_fin[: k + 1]
         ls = ls[np.isfinite(ls)]
-        return ls.size >= 4 and (float(np.median(ls[ls.size // 2:])) - float(np.median(ls[: ls.size // 2]))
-                                 < th.spike_min_rise * level)
+        return ls.size >= 4 and not _loss_rose(ls, level, th)
     k0 = max(th.min_baseline, w - 1)    # a sustained climb needs a full window of records
     if fin.size > th.min_baseline and fin.size > k0:
         ks = np.arange(k0, fin.size)
@@ -248,9 +289,15 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
                 flagged[int(i)] = (math.inf, float(logs[first[0]]))
                 climb = climb or {"early_median": math.exp(logs[first[0]]), "first_step": int(steps[i]),
                                   "growth": math.exp(logs[i] - logs[first[0]]), "in_warmup": True}
-    if not flagged:
+    # Whoever clips: a flagged step whose applied update the user's clipping bounded, while
+    # the loss held up to it, is not reported. Clipping is the remedy for exploding gradients;
+    # a pre-clip norm that grows while the clipped updates keep training on course is that
+    # remedy doing its job (the chapter's clipped RNN), and nothing the user should change.
+    # Once the loss rises or goes non-finite despite the clipping, the steps count again.
+    # Each step is judged with the records up to it, so a live run says the same.
+    idx = [i for i in sorted(flagged) if not _contained(trace, int(steps[i]), loss_at, level, th)]
+    if not idx:
         return []
-    idx = sorted(flagged)
     i0 = idx[0]
     z0, med0 = flagged[i0]
     layers, growth = _growing_layers(trace, int(steps[i0]), th)
@@ -289,6 +336,44 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
                                 and logs[-1] - med0 < logfold)
     return [Finding("exploding_gradients", severity, layers, int(steps[i0]), int(steps[idx[-1]]),
                     evidence, expl)]
+
+
+def _contained(trace: Trace, step: int, loss_at: dict, level: float, th: Thresholds) -> bool:
+    """Did clipping bound the update applied at ``step`` (a finite post-clip total norm was
+    recorded) while the loss held: every loss up to ``step`` finite, and over the last
+    ``th.baseline_window`` of them the later half's median not above the earlier half's by
+    ``th.spike_min_rise`` of the run's early loss ``level`` (the spike rule's notion of a
+    real rise)? False without a post-clip norm or a loss to judge by."""
+    post = _clipped_norms(trace, [step])
+    if not post:
+        return False
+    ls = np.array([v for s, v in loss_at.items() if s <= step], dtype=np.float64)
+    return ls.size >= 4 and bool(np.all(np.isfinite(ls))) and not _loss_rose(ls, level, th)
+
+
+def _loss_rose(ls: np.ndarray, level: float, th: Thresholds) -> bool:
+    """Did the loss rise at the end of ``ls`` (finite losses in step order)? Over the last
+    ``2 * th.baseline_window`` of them (at least 4), the Theil-Sen trend (median of the
+    pairwise slopes) times their span must reach ``th.spike_min_rise`` of the run's early
+    loss ``level`` (the spike rule's notion of a real rise).
+
+    A median of pairwise slopes, not the medians of two halves: data loaders that cycle
+    through a few batches make the loss periodic, and a half holds an unequal share of the
+    hard batches (a 4-batch cycle in a 10-record half reads as a 15 % "rise" that is only
+    the phase), while pairwise slopes of a periodic series balance out. One outlier (a
+    hard batch) moves the median slope little.
+
+    Example:
+        >>> cyc = np.tile([0.78, 0.76, 0.98, 0.92], 10)     # flat, 4 batches cycling
+        >>> _loss_rose(cyc[:18], 0.9, Thresholds()), _loss_rose(cyc * np.linspace(1, 1.3, 40), 0.9, Thresholds())
+        (False, True)
+    """
+    x = ls[-2 * th.baseline_window:]
+    if x.size < 4:
+        return False
+    i, j = np.triu_indices(x.size, 1)
+    slope = float(np.median((x[j] - x[i]) / (j - i)))
+    return slope * (x.size - 1) >= th.spike_min_rise * level
 
 
 def _clipped_norms(trace: Trace, steps: list[int]) -> list[float]:

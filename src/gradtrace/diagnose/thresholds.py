@@ -84,6 +84,10 @@ class Thresholds:
         time_vanish_ratio: ratio of the gradient reaching the earliest time step to the
             one reaching the latest, below which gradients vanish through time.
         time_explode_ratio: that ratio above which gradients explode through time.
+        time_min_movement: vanishing through time is judged only over a stretch in which the
+            recurrent layer's weights travelled at least this fraction of their norm (summed
+            relative updates ``||dW|| / ||W||``): a profile the optimizer has not had the chance
+            to change says nothing yet about whether training can change it.
         overflow_frac: a value whose magnitude exceeds this fraction of the dtype's
             largest finite number (``torch.finfo(dtype).max``) counts as near overflow.
         divergence_fold: growth of the gradient or parameter norm over the steps before a
@@ -130,6 +134,7 @@ class Thresholds:
     saturated_frac: float = 0.5
     time_vanish_ratio: float = 1e-3
     time_explode_ratio: float = 1e3
+    time_min_movement: float = 0.1
     overflow_frac: float = 1e-2
     divergence_fold: float = 1e2
     divergence_update_ratio: float = 1.0
