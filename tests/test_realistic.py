@@ -118,3 +118,20 @@ def test_fixes_use_the_runs_device_and_the_lr_at_the_failing_step():
     cpu = fixes_for("nonfinite", {"device": "cpu"}, [], evidence={"cause": "overflow"})
     assert "device_type='cpu'" in " ".join(x.code for x in cpu)
     assert "parameters are" not in " ".join(x.action for x in fixes_for("nonfinite", None, [], evidence={}))
+
+
+def test_learning_rate_ramp_is_caught_while_the_loss_climbs():
+    # issue 11: a slow divergence (AdamW, lr x1.08 a step) is reported >= 3 steps before the
+    # damage, as a climb of the loss, and a live run says it at the same step as the end
+    pytest.importorskip("transformers")
+    trace, findings = _run("gpt2_lr_ramp")
+    steps, loss = trace.scalar("loss", with_steps=True)
+    dmg = bench.damage_step(steps.tolist(), loss.tolist())
+    live = bench.live_detection(trace, gt.diagnose, dmg)
+    assert findings[0].kind == "loss_spike" and "climb_at" in findings[0].evidence
+    assert dmg is not None and live is not None and dmg - live >= bench.SLOW_LEAD
+    assert live == findings[0].first_step == findings[0].evidence["climb_at"]
+    # the climb is really one: the loss rose at every step into it
+    c0, c1 = findings[0].evidence["climb_started_at"], findings[0].evidence["climb_at"]
+    seg = loss[(steps >= c0) & (steps <= c1)]
+    assert seg.size >= 5 and (seg[1:] > seg[:-1]).all()
