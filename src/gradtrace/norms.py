@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import types
 import warnings
 import weakref
@@ -91,6 +92,16 @@ _SCALE_DOWN = 2.0 ** -100
 #: accumulating in float64 (which costs +0.6 ms per 1.6 M values on one CPU thread,
 #: 3.3× the float32 norm). Tests empty it to run the accelerator path on the CPU.
 HOST_READ_FREE = frozenset({"cpu"})
+#: On those devices, 2-norms of tensors of at most this many entries are taken by one
+#: flat float64 ``segment_reduce`` instead of ``_foreach_norm``: measured on one CPU
+#: thread (``bench/norms.py``, route table), per tensor, float32 ``_foreach_norm`` costs
+#: ~2.7 µs up to 256 entries and ~2.9 µs at 1024, the flat route ~1.0 µs at 8-64 entries,
+#: ~1.7 µs at 256 and ~5 µs at 1024 (it copies every entry twice). Being float64, it
+#: needs no range check and nothing of it is ever redone.
+SMALL_NUMEL = 512
+#: sizes -> split plan (:func:`_plan`); a few models' worth, cleared when full.
+_plans: dict[tuple[int, ...], tuple] = {}
+_PLANS_KEPT = 64
 
 # ------------------------------------------------------------------ tensor helpers
 
@@ -295,23 +306,75 @@ def wide_norms(tensors: list[Tensor], p: float = 2.0, *, dense: bool = False) ->
         return torch.stack([n.to(dev) for n in torch._foreach_norm(vals, p, dtype=F64)])
 
 
+def _plan(sizes: tuple[int, ...]) -> tuple:
+    """How a group of tensors of these sizes splits between the two CPU routes (cached by
+    the sizes, so a training loop plans once): ``(small, large, lengths, small_at,
+    large_at, pick_small, pick_large)``, indices as lists and as index tensors, the small
+    tensors' lengths for ``segment_reduce`` and C-level pickers for the sub-lists."""
+    plan = _plans.get(sizes)
+    if plan is None:
+        if len(_plans) >= _PLANS_KEPT:
+            _plans.clear()
+        small = [i for i, n in enumerate(sizes) if n <= SMALL_NUMEL]
+        large = [i for i, n in enumerate(sizes) if n > SMALL_NUMEL]
+        plan = (small, large, torch.tensor([sizes[i] for i in small], dtype=torch.long),
+                torch.tensor(small, dtype=torch.long), torch.tensor(large, dtype=torch.long),
+                _picker(small), _picker(large))
+        _plans[sizes] = plan
+    return plan
+
+
+def _picker(idx: list[int]) -> Callable[[list], list]:
+    """``lambda xs: [xs[i] for i in idx]`` without a Python step per item."""
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda xs: [xs[i]]
+    get = operator.itemgetter(*idx) if idx else (lambda xs: ())
+    return lambda xs: list(get(xs))
+
+
+def _small_squares(group: list[Tensor], lengths: Tensor) -> Tensor:
+    """Sums of squares of small dense CPU tensors, accumulated in float64: one flat copy
+    (``flatten_dense_tensors``), one widening, one ``segment_reduce``. No entry of any
+    float dtype leaves float64's range when squared, so nothing is checked or redone."""
+    # Looked up at call time (tests count gradient reads through it). A single tensor
+    # comes back as a view of itself: hence the out-of-place square.
+    flat = torch._C._nn.flatten_dense_tensors(group).to(F64)
+    return torch.segment_reduce(flat * flat, "sum", lengths=lengths)
+
+
 def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float,
-                 foreach: bool | None, as_list: bool = True,
-                 check: bool = True) -> tuple[list[Tensor], Tensor]:
+                 foreach: bool | None, as_list: bool = True, check: bool = True,
+                 wide: bool = False) -> tuple[list[Tensor], Tensor]:
     """Norms of one (device, dtype) group, as a list of 0-d tensors (``as_list``; else the
-    list may be stale) and as one vector: float64 for float64 tensors, else float32."""
+    list may be stale) and as one vector: float64 for float64 tensors (and with ``wide``),
+    else float32."""
     # Only a finite p > 0 squares (or powers) entries; float16 and float64 cannot leave
     # the accumulator's range; complex tensors keep torch's own accumulation.
     at_risk = 0.0 < p < math.inf and dtype not in (F64, torch.float16) and not dtype.is_complex
     widen = at_risk and device.type not in HOST_READ_FREE and device.type != "mps"
+    plain = use_foreach(group, device, foreach)
+    if p == 2.0 and plain and device.type in HOST_READ_FREE and dtype.is_floating_point:
+        small, large, lengths, small_at, large_at, pick_small, pick_large = \
+            _plan(tuple(map(Tensor.numel, group)))
+        if small:
+            v = _small_squares(pick_small(group) if large else group, lengths).sqrt_()
+            if large:
+                big = _group_norms(pick_large(group), device, dtype, p, foreach, False, check,
+                                   wide)[1]
+                v = torch.empty(len(group), dtype=F64).index_copy_(0, small_at, v) \
+                    .index_copy_(0, large_at, big.to(F64))
+            if not wide and dtype != F64:
+                v = v.to(F32)
+            return (list(v.unbind(0)) if as_list else []), v
     acc = None if dtype.is_complex else (F64 if widen else _out_dtype(dtype))
-    if use_foreach(group, device, foreach):
+    if plain:
         out = list(torch._foreach_norm(group, p, dtype=acc))
     else:
         out = [torch.linalg.vector_norm(t, p, dtype=acc) for t in group]
     v = torch.stack(out)
     if widen:                             # accumulated in float64: one cast for the group
-        v = v.to(F32)
+        v = v if wide else v.to(F32)
         if as_list:
             out = list(v.unbind(0))
     elif check and at_risk and device.type in HOST_READ_FREE:
@@ -320,6 +383,8 @@ def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, 
             v = fixed
             if as_list:
                 out = list(v.unbind(0))
+    if wide and v.dtype != F64:
+        v = v.to(F64)
     return out, v
 
 
@@ -397,9 +462,9 @@ def _sharded_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> lis
 # ------------------------------------------------------------------ sharing within a step
 
 #: norm_type -> {id(tensor): (weak reference, _version, source, index)}: the norm is
-#: ``source[index]`` (a list of computed norms) or ``source.norms()[index]`` (a clipper's
-#: scaled norms, multiplied out only if someone asks). Filled only while someone listens;
-#: bounded by pruning dead or changed entries when it outgrows the live set.
+#: ``source[index]`` (a list of norms :func:`grad_norms` computed). Filled only while
+#: someone listens; bounded by pruning dead or changed entries when it outgrows the live
+#: set. Published vectors (a monitor's, a clipper's post-clip ones) are ``_batches``.
 _cache: dict[float, dict[int, tuple[Any, int, Any, int]]] = {}
 _cache_limit = 256
 
@@ -408,24 +473,117 @@ NormObserver = Callable[[list, list, Tensor, Union[Tensor, None], float], Any]
 _observers: "OrderedDict[int, Any]" = OrderedDict()
 
 
-class _Scaled:
-    """Post-clip norms ``pre * coef``, computed (one foreach op) on first use only: a
-    monitor told the coefficient by its observer never needs them."""
+class _Batch:
+    """The norms of a list of tensors as one vector, valid for the tensors' versions at
+    publication: a monitor's end-of-backward norms (:func:`publish`), or a clipper's
+    post-clip norms ``pre * coef`` (multiplied out on first use only). Holds the tensors
+    weakly; every per-tensor step below is a C-level ``map``, so publishing and matching
+    cost no Python call per tensor."""
 
-    __slots__ = ("pre", "coef", "_post")
+    __slots__ = ("refs", "versions", "pre", "coef", "key", "_vec", "_index")
 
-    def __init__(self, pre: list[Tensor], coef: Tensor) -> None:
-        self.pre, self.coef, self._post = pre, coef, None
+    def __init__(self, tensors: list[Tensor], pre: Any, coef: Tensor | None = None) -> None:
+        self.refs = list(map(weakref.ref, tensors))
+        self.versions = list(map(_VERSION, tensors))
+        self.pre, self.coef, self._vec, self._index = pre, coef, None, None
+        # (device, dtype) when all are plain dense tensors of one device and dtype: a
+        # clipper then scales them as one group without grouping them again.
+        kinds = set(zip(map(_DEVICE, tensors), map(_DTYPE, tensors), map(_LAYOUT, tensors),
+                        map(type, tensors)))
+        one = next(iter(kinds)) if len(kinds) == 1 else None
+        self.key = one[:2] if one is not None and one[2] == torch.strided and one[3] in _PLAIN \
+            else None
 
-    def norms(self) -> list[Tensor]:
-        if self._post is None:
+    def vector(self) -> Tensor:
+        """The norms as a 1-D tensor (post-clip ones computed here, once)."""
+        if self._vec is None:
+            pre = self.pre if isinstance(self.pre, Tensor) else _stack(list(self.pre))
             with torch.no_grad():
-                if len({n.device for n in self.pre}) > 1:
-                    self._post = [n * self.coef.to(n.device, n.dtype) for n in self.pre]
-                else:
-                    coef = self.coef.to(self.pre[0].device)
-                    self._post = list(torch._foreach_mul(self.pre, coef))
-        return self._post
+                self._vec = pre if self.coef is None else pre * self.coef.to(pre.device, pre.dtype)
+        return self._vec
+
+    def matches(self, tensors: list[Tensor]) -> bool:
+        """The same tensors, in the same order, unchanged since."""
+        return len(tensors) == len(self.refs) and \
+            list(map(_VERSION, tensors)) == self.versions and \
+            all(map(operator.is_, tensors, map(operator.call, self.refs)))
+
+    def find(self, t: Tensor) -> int | None:
+        """Position of ``t`` if it is one of these tensors and unchanged since."""
+        if self._index is None:
+            self._index = {id(r()): k for k, r in enumerate(self.refs)}
+        k = self._index.get(id(t))
+        if k is None or self.refs[k]() is not t or self.versions[k] != t._version:
+            return None
+        return k
+
+    def holds_any(self, ids: set[int]) -> bool:
+        return any(id(r()) in ids for r in self.refs)
+
+
+_VERSION = operator.attrgetter("_version")
+_DEVICE, _DTYPE, _LAYOUT = (operator.attrgetter(a) for a in ("device", "dtype", "layout"))
+#: norm_type -> published batches, newest first (a handful: a step's pre- and post-clip).
+_batches: dict[float, list[_Batch]] = {}
+_BATCHES_KEPT = 4
+
+
+def _add_batch(batch: _Batch, p: float) -> None:
+    kept = _batches.setdefault(p, [])
+    kept.insert(0, batch)
+    del kept[_BATCHES_KEPT:]
+
+
+def _clear() -> None:
+    _cache.clear()
+    _batches.clear()
+
+
+def publish(tensors: list[Tensor], norms: Tensor, norm_type: float = 2.0) -> None:
+    """Offer the norms of ``tensors`` (a 1-D tensor, one per tensor, in order) to every
+    later norm computation of this step: while someone listens (:func:`register`), a
+    clipper given the same, unchanged tensors uses them instead of reading the gradients,
+    and scales them by its coefficient for the post-clip norms. What a monitor calls at
+    the end of backward. DTensors (local shard norms) are never published.
+
+    Example:
+        >>> g = [torch.full((4,), 3.0)]
+        >>> with register(lambda *a: None):
+        ...     publish(g, torch.tensor([6.0]))
+        ...     float(grad_norms(g)[0])
+        6.0
+    """
+    if not tensors or not _observers:
+        return
+    if not all(map(_PLAIN_TYPES.__contains__, map(type, tensors))) and \
+            any(map(is_dtensor, tensors)):
+        return
+    if norms.dim() != 1 or norms.numel() != len(tensors):
+        raise ValueError(f"publish: norms must be a 1-D tensor of {len(tensors)} values, "
+                         f"got shape {tuple(norms.shape)}")
+    _add_batch(_Batch(tensors, norms), float(norm_type))
+
+
+def recall(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor | None:
+    """The published norms of exactly these tensors (same order, unchanged since) as a
+    1-D tensor, or None: pre-clip norms a monitor published, or post-clip norms a clipper
+    derived from them. No gradient is read.
+
+    Example:
+        >>> g = [torch.ones(4)]
+        >>> with register(lambda *a: None):
+        ...     publish(g, torch.tensor([2.0])); recall(g).tolist()
+        [2.0]
+    """
+    batch = _recall_batch(tensors, float(norm_type))
+    return None if batch is None else batch.vector()
+
+
+def _recall_batch(tensors: list[Tensor], p: float) -> _Batch | None:
+    for batch in _batches.get(p, ()):
+        if batch.matches(tensors):
+            return batch
+    return None
 
 
 def _remember(tensors: list[Tensor], source: Any, p: float) -> None:
@@ -444,17 +602,24 @@ def _remember(tensors: list[Tensor], source: Any, p: float) -> None:
 
 
 def _recall(tensors: list[Tensor], p: float) -> list[Tensor | None]:
-    table = _cache.get(p)
-    if table is None:
-        return [None] * len(tensors)
+    """Per tensor: a norm remembered or published for it (unchanged since), else None.
+    A Python step per tensor: the path of a clipper given another list than was
+    published (a subset, another order); the exact list takes :func:`recall`."""
+    table = _cache.get(p) or {}
+    batches = _batches.get(p, ())
     found: list[Tensor | None] = []
     for t in tensors:
         hit = table.get(id(t))
-        if hit is None or hit[1] != t._version or hit[0]() is not t:
-            found.append(None)
+        if hit is not None and hit[1] == t._version and hit[0]() is t:
+            found.append(hit[2][hit[3]])
+            continue
+        for batch in batches:
+            k = batch.find(t)
+            if k is not None:
+                found.append(batch.vector()[k].to(_out_dtype(t.dtype)))
+                break
         else:
-            src = hit[2]
-            found.append(src[hit[3]] if type(src) is list else src.norms()[hit[3]])
+            found.append(None)
     return found
 
 
@@ -467,11 +632,15 @@ def forget(tensors: Iterable[Tensor] | None = None) -> None:
         >>> forget()
     """
     if tensors is None:
-        _cache.clear()
+        _clear()
         return
-    for t in tensor_list(tensors, "tensors"):
+    ts = tensor_list(tensors, "tensors")
+    for t in ts:
         for table in _cache.values():
             table.pop(id(t), None)
+    ids = set(map(id, ts))
+    for p, kept in _batches.items():
+        kept[:] = [b for b in kept if not b.holds_any(ids)]
 
 
 def register(fn: NormObserver) -> RemovableHandle:
@@ -507,7 +676,7 @@ class _Handle(RemovableHandle):
     def remove(self) -> None:
         super().remove()
         if not _observers:
-            _cache.clear()
+            _clear()
             _watch_unscale(False)
 
 
@@ -525,7 +694,7 @@ def _watch_unscale(on: bool) -> None:
 
         def unscale_and_forget(grads, *args, **kwargs):
             out = _unscale(grads, *args, **kwargs)
-            if _cache:
+            if _cache or _batches:
                 forget(grads)
             return out
         torch._amp_foreach_non_finite_check_and_unscale_ = unscale_and_forget
@@ -544,18 +713,21 @@ def _live_observers() -> list[NormObserver]:
                 continue
         out.append(fn)
     if not _observers:
-        _cache.clear()
+        _clear()
         _watch_unscale(False)
     return out
 
 
-def notify_clipped(grads: list[Tensor], norms: list[Tensor], total: Tensor,
-                   coef: Tensor | None, norm_type: float) -> None:
-    """What a clipper calls after scaling: remember the post-clip norms, call observers.
+def notify_clipped(grads: list[Tensor], norms: Any, total: Tensor,
+                   coef: Tensor | None, norm_type: float, *, exact: Tensor | None = None) -> None:
+    """What a clipper calls after scaling: publish the post-clip norms, call observers.
 
-    ``norms`` are the pre-clip per-tensor norms; the post-clip ones are ``norms * coef``
-    (remembered for the gradients' new versions, so a monitor reading them after the
-    clip computes nothing). Does nothing when no observer is registered.
+    ``norms`` are the pre-clip per-tensor norms (a list of 0-d tensors or one 1-D
+    tensor); the post-clip ones are ``norms * coef``, published for the gradients' new
+    versions (one batch, multiplied out only if someone asks), so a monitor reading them
+    after the clip reads no gradient. ``exact``: the same pre-clip norms at a higher
+    precision (the float64 norms a monitor published), used for the post-clip ones
+    instead. Does nothing when no observer is registered.
 
     Example:
         >>> notify_clipped([torch.ones(4)], [torch.tensor(2.0)], torch.tensor(2.0), None, 2.0)
@@ -565,8 +737,9 @@ def notify_clipped(grads: list[Tensor], norms: list[Tensor], total: Tensor,
     observers = _live_observers()
     if not observers:
         return
-    if coef is not None:
-        _remember(grads, _Scaled(list(norms), coef), float(norm_type))
+    if coef is not None and (all(map(_PLAIN_TYPES.__contains__, map(type, grads)))
+                             or not any(map(is_dtensor, grads))):
+        _add_batch(_Batch(grads, norms if exact is None else exact, coef), float(norm_type))
     for fn in observers:
         fn(grads, norms, total, coef, float(norm_type))
 
@@ -597,11 +770,14 @@ def _grad_norms(ts: list[Tensor], p: float, foreach: bool | None,
     has it (the clippers group once per call and share it)."""
     if not ts:
         return []
-    if _cache and not _observers:     # a listener was freed unclosed: nothing is shared
-        _cache.clear()
+    if (_cache or _batches) and not _observers:  # a listener was freed unclosed: nothing shared
+        _clear()
         _watch_unscale(False)
     with torch.no_grad():
-        if _cache:
+        batch = _recall_batch(ts, p) if _batches else None
+        if batch is not None and batch.key is not None:    # exactly a published list
+            return list(batch.vector().to(_out_dtype(batch.key[1])).unbind(0))
+        if _cache or _batches:
             norms: list[Tensor | None] = _recall(ts, p)
             todo = [i for i, n in enumerate(norms) if n is None]
             if not todo:
@@ -632,35 +808,35 @@ def _grad_norms(ts: list[Tensor], p: float, foreach: bool | None,
 
 def norm_vector(tensors: list[Tensor], norm_type: float = 2.0, *,
                 device: torch.device | None = None, uniform: bool = False,
-                check: bool = True) -> Tensor:
+                check: bool = True, wide: bool = False) -> Tensor:
     """Per-tensor norms as one 1-D tensor on ``device`` (default: the first tensor's), no
     sync and nothing remembered: the recorder's entry point, taken every step.
 
-    One grouped ``_foreach_norm`` per (device, dtype) and one ``stack``: O(1) Python calls
-    in the number of tensors when they share a device and dtype. float32 (float64 if any
-    tensor is float64). Same numbers as :func:`grad_norms`: the same range check and
-    redo, sparse tensors by their stored values, DTensors as full norms (collective).
+    O(1) Python calls in the number of tensors when they share a device and dtype: on the
+    CPU, 2-norms of small tensors (up to :data:`SMALL_NUMEL` entries) come from one flat
+    float64 ``segment_reduce`` and the rest from one grouped ``_foreach_norm``; elsewhere
+    one grouped ``_foreach_norm`` per (device, dtype). float32 (float64 if any tensor is
+    float64, or with ``wide=True``, which keeps the float64 sums of the small tensors
+    unrounded). Same numbers as :func:`grad_norms`: the same range check and redo,
+    sparse tensors by their stored values, DTensors as full norms (collective).
     ``uniform=True``: the caller checked once that all are plain dense tensors of one
     device and dtype, so not even the grouping loop runs (a sparse gradient after all is
-    caught and grouped). ``check=False`` skips the CPU range check (no host read) for a
-    caller that checks the values itself once they are on the host and re-measures the
-    doubtful ones with :func:`wide_norms`, as the recorder does: on a vanishing network
-    (100 x Linear(8, 8) + Tanh, 95 of 200 norms below 1e-17) checking here as well cost
-    1.56 ms against 0.56 ms a call (measured), the same tensors being redone twice.
+    caught and grouped). ``check=False`` skips the CPU range check of the large tensors
+    (no host read) for a caller that checks them itself.
 
     Example:
         >>> [f"{v:.4g}" for v in norm_vector([torch.ones(4), torch.full((9,), 1e-30)]).tolist()]
         ['2', '3e-30']
     """
     if not tensors:
-        return torch.empty(0, dtype=F32, device=device)
+        return torch.empty(0, dtype=F64 if wide else F32, device=device)
     p = float(norm_type)
     dev = tensors[0].device if device is None else device
     with torch.no_grad():
         if uniform:
             t0 = tensors[0]
             try:
-                v = _group_norms(tensors, t0.device, t0.dtype, p, True, False, check)[1]
+                v = _group_norms(tensors, t0.device, t0.dtype, p, True, False, check, wide)[1]
                 return v if t0.device == dev else v.to(dev, non_blocking=dev.type != "cpu")
             except (TypeError, RuntimeError):   # not dense after all: group below
                 pass
@@ -669,10 +845,11 @@ def norm_vector(tensors: list[Tensor], norm_type: float = 2.0, *,
         if len(grouped) == 1 and (plain or not any(map(is_dtensor, tensors))):
             ((gdev, dtype), idx), = grouped.items()
             if len(idx) == len(tensors):  # the usual case: one device, one dtype, all dense
-                v = _group_norms(tensors, gdev, dtype, p, None, False, check)[1]
+                v = _group_norms(tensors, gdev, dtype, p, None, False, check, wide)[1]
                 return v if gdev == dev else v.to(dev, non_blocking=dev.type != "cpu")
-        return _stack([n.to(dev, non_blocking=dev.type != "cpu")
-                       for n in _grad_norms(list(tensors), p, None)])
+        v = _stack([n.to(dev, non_blocking=dev.type != "cpu")
+                    for n in _grad_norms(list(tensors), p, None)])
+        return v.to(F64) if wide else v
 
 
 def total_norm(norms: list[Tensor], norm_type: float = 2.0) -> Tensor:

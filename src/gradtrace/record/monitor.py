@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import operator
 import os
 import sys
@@ -47,14 +46,11 @@ from .assemble import Assembler, StepInfo
 from .capture import StepCapture, first_nonfinite_module, rng_state
 from .collectors import PARAM_FIGURES, squares
 from .hooks import StepHooks
-from .reduce import nonfinite_counts, wide_squares
+from .reduce import nonfinite_counts
 from .selection import SATURATION_BOUNDS, activation_kind, floating_tensors, select
 from .transfer import HostCopies
 
 F32, F64 = torch.float32, torch.float64
-#: Squared norms above this are trusted from a float32 accumulation: a norm of 1e-17 or
-#: more, made of entries whose squares lost nothing that matters to float32's range.
-_SQ_TRUSTED_BELOW = 1e-34
 _engine = torch.autograd.Variable._execution_engine
 _GRAD, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
 
@@ -258,6 +254,10 @@ class Monitor:
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
+        # Listening to the norm registry is what lets a gradtrace clipper reuse the norms
+        # published at the end of backward, and publish its post-clip ones (pre * coef)
+        # that _check_changed reads back: neither reads a gradient again.
+        self._handles.append(norms.register(self._on_clipped))
 
     def _watch_scaler(self, scaler: Any) -> None:
         # GradScaler.step() skips optimizer.step() after an overflow, so our step hooks
@@ -353,6 +353,8 @@ class Monitor:
             for fig in PARAM_FIGURES:
                 if fig.every_step or self._act:
                     parts[fig.part] = fig.compute(local, params, self._device, self._uniform)
+            if not self._sharded:           # for a clipper of these very gradients
+                norms.publish(local, parts["gsq"].sqrt(), 2.0)
             inv = self._inverse_scale()
             if inv is not None:             # GradScaler: figures of the unscaled gradient
                 parts["gsq"] = parts["gsq"] * inv.square()
@@ -368,6 +370,11 @@ class Monitor:
             self._copies.release(prev)
         self._bwd = {"idx": idx, "grads": grads, "versions": list(map(_VERSION, local)),
                      "parts": parts, "early": early}
+
+    def _on_clipped(self, grads: list, pre: Any, total: torch.Tensor, coef: Any, norm_type: float) -> None:
+        """The norm registry's observer: nothing to do here, since a gradtrace clipper
+        publishes its post-clip norms and :meth:`_check_changed` reads them back; being
+        registered is what turns the sharing on."""
 
     def _inverse_scale(self) -> torch.Tensor | None:
         scaler = self._scaler
@@ -405,12 +412,16 @@ class Monitor:
             versions = list(map(_VERSION, map(loc, now) if self._sharded else now))
             if versions == b["versions"]:
                 return
-        got = [g for g in now if g is not None]
-        if any(distributed.is_dtensor(g) for g in got):
+        got = list(itertools.compress(now, map(operator.is_not, now, itertools.repeat(None))))
+        if self._sharded and any(distributed.is_dtensor(g) for g in got):
             # Full norms of the shards (one collective; every rank changed its shards alike).
             post = torch.stack([loc(n).to(self._device, F64) for n in norms.grad_norms(got)]).square().sum()
         else:
-            post = squares(got, self._device, self._uniform).sum()
+            # After gradtrace's own clip, its post-clip norms (published: the ones of
+            # backward times its coefficient); only a foreign change is measured again.
+            known = norms.recall(got, 2.0)
+            post = known.to(self._device, F64).square().sum() if known is not None else \
+                squares(got, self._device, self._uniform).sum()
         self._post = post.reshape(1)
 
     def _look(self) -> None:
@@ -428,14 +439,9 @@ class Monitor:
         gsq, loss = vals[:n], vals[n:]
         bad = np.flatnonzero(~np.isfinite(gsq))
         loss_bad = bool(loss.size and not np.isfinite(loss).all())
-        # float32 accumulation (CPU) squared an entry past its range (inf for a finite
-        # gradient above ~1e19; 0 or too little below ~1e-19): measure those again.
-        doubt = np.flatnonzero(~(gsq > _SQ_TRUSTED_BELOW) | (gsq == np.inf)) if self._device.type == "cpu" else ()
+        # (Finite gradients gave finite squares: the norm engine keeps float32's range.)
         self._copies.release(early)
         b["early"] = None
-        if len(doubt):
-            self._rescue(b, gsq, doubt)
-            bad = np.asarray([k for k in bad if not math.isfinite(info.exact.get(int(k), math.inf))], dtype=int)
         if not len(bad) and not loss_bad:
             return
         info.counted = True
@@ -454,20 +460,6 @@ class Monitor:
         if self.flight_recorder and not self._flight_done and self.out is not None and fresh:
             self._flight_done = True
             self._save_flight(cap, "nonfinite_loss" if loss_bad and not len(bad) else "nonfinite_grad")
-
-    def _rescue(self, b: dict, gsq: np.ndarray, doubt: np.ndarray) -> None:
-        """Measure again, in float64, the gradients whose float32 squares left the range
-        (only while they are still what backward left). O(1) kernel launches."""
-        grads, versions, params, idx = b["grads"], b["versions"], self._params, b["idx"]
-        if self._sharded:
-            grads = [distributed.local(g) for g in grads]
-        keep = [k for k in doubt.tolist() if b["grads"][k] is params[idx[k]].grad
-                and grads[k]._version == versions[k]]
-        if keep:
-            copy = self._copies.start(wide_squares([grads[k] for k in keep], self._uniform))
-            for k, v in zip(keep, copy.values):         # on CPU: already landed
-                self._info.exact[k] = float(v)
-            self._copies.release(copy)
 
     def _save_flight(self, cap: StepCapture, reason: str) -> None:
         try:

@@ -18,11 +18,12 @@ __all__ = ["squared_norms", "max_abs", "wide_squares", "nonfinite_counts", "stor
 
 def squared_norms(tensors: list[torch.Tensor], device: torch.device,
                   uniform: bool = False) -> torch.Tensor:
-    """Squared L2 norms (float64, on ``device``): :func:`gradtrace.norms.norm_vector`
-    without its CPU range check (the caller re-measures with :func:`wide_squares` what
-    came out ``inf`` or too small), squared in float64, so the square of a vanishing
-    norm (3e-25 squared is below float32's smallest value) is kept and squares add up
-    across shards and ranks.
+    """Squared L2 norms (float64, on ``device``) from :func:`gradtrace.norms.norm_vector`
+    with ``wide=True``: on the CPU small tensors' sums of squares are float64 from the
+    start and large ones range-checked (lost ones redone in float64), elsewhere float64
+    accumulation; squared in float64, so the square of a vanishing norm (3e-25 squared
+    is below float32's smallest value) is kept and squares add up across shards and
+    ranks. Finite tensors give finite squares: nothing is left to re-measure.
 
     Example:
         >>> squared_norms([torch.ones(4), torch.ones(9)], torch.device("cpu"))
@@ -30,10 +31,7 @@ def squared_norms(tensors: list[torch.Tensor], device: torch.device,
     """
     if not tensors:
         return torch.empty(0, dtype=torch.float64, device=device)
-    # check=False: the monitor checks the squares once they are on the host and
-    # re-measures the doubtful ones (wide_squares); checking here too redid them twice.
-    return norm_vector(tensors, 2.0, device=device, uniform=uniform,
-                       check=False).double().square()
+    return norm_vector(tensors, 2.0, device=device, uniform=uniform, wide=True).square()
 
 
 def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -60,15 +60,19 @@ def _locals(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def _total(tensors: list[Tensor], p: float, foreach: bool | None
-           ) -> tuple[list[Tensor], Tensor, dict]:
+           ) -> tuple[Any, Tensor, dict, Tensor | None]:
     """Per-tensor norms (engine precision), the total as torch computes it (each norm
-    rounded to its tensor's dtype, combined, in the promoted dtype) and the grouping of
-    the local tensors by (device, dtype), for scaling them afterwards."""
+    rounded to its tensor's dtype, combined, in the promoted dtype), the grouping of the
+    local tensors by (device, dtype), for scaling them afterwards, and the published
+    norms they came from, if they did (at their full precision), else None."""
+    batch = N._recall_batch(tensors, p) if N._batches else None
+    if batch is not None and batch.key is not None:
+        return _published_total(tensors, batch, p)
     locs = _locals(tensors)
     grouped = N.groups(locs)
     norms = N._grad_norms(tensors, p, foreach, grouped if locs is tensors else None)
     if not norms:
-        return norms, torch.tensor(0.0), grouped
+        return norms, torch.tensor(0.0), grouped, None
     first = tensors[0].device
     wide = N.wide_dtype(first)
     with torch.no_grad():
@@ -84,7 +88,22 @@ def _total(tensors: list[Tensor], p: float, foreach: bool | None
             dtypes.add(dtype)
         out = functools.reduce(torch.promote_types, dtypes)
         total = torch.linalg.vector_norm(parts[0] if len(parts) == 1 else torch.cat(parts), p)
-    return norms, total.to(out), grouped
+    return norms, total.to(out), grouped, None
+
+
+def _published_total(tensors: list[Tensor], batch: Any, p: float
+                     ) -> tuple[Tensor, Tensor, dict, Tensor]:
+    """:func:`_total` from norms published for exactly these tensors (a monitor's, at the
+    end of backward): no gradient is read and nothing is grouped in Python. The same
+    rounding as :func:`_total`: each norm to the gradients' dtype, combined wide."""
+    device, dtype = batch.key
+    exact = batch.vector()
+    with torch.no_grad():
+        v = exact.to(N._out_dtype(dtype))
+        if dtype.is_floating_point and dtype.itemsize < 4:
+            v = v.to(dtype)
+        total = torch.linalg.vector_norm(v.to(tensors[0].device, N.wide_dtype(device)), p)
+    return v, total.to(dtype), {batch.key: list(range(len(tensors)))}, exact
 
 
 def _replicated_like(total: Tensor, grads: list[Tensor]) -> Tensor:
@@ -111,7 +130,7 @@ def get_total_norm(tensors: Tensor | Iterable[Tensor], norm_type: float = 2.0,
     """
     ts = N.tensor_list(tensors, "tensors")
     p = N.check_norm_type(norm_type)
-    _, total, _ = _total(ts, p, foreach)
+    _, total, _, _ = _total(ts, p, foreach)
     if ts and error_if_nonfinite and not bool(torch.isfinite(total)):
         raise _nonfinite_error(p)
     return _replicated_like(total, ts)
@@ -207,13 +226,13 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
     """
     grads = _grads_of(parameters)
     p = N.check_norm_type(norm_type)
-    norms, total, grouped = _total(grads, p, foreach)
+    norms, total, grouped, exact = _total(grads, p, foreach)
     if not grads:
         return total
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise _nonfinite_error(p)
     coef = clip_with_norms_(grads, total, max_norm, foreach, grouped)
-    N.notify_clipped(grads, norms, total, coef, p)
+    N.notify_clipped(grads, norms, total, coef, p, exact=exact)
     return _replicated_like(total, grads)
 
 
