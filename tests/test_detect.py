@@ -128,11 +128,36 @@ def test_depth_threshold_override():
 def test_exploding_gradients_spike_over_steps():
     meta = mlp_meta(3)
     norms = noisy(40, 1.0, 0.1, 1)
-    norms[30] = 500.0
+    norms[30:34] = 500.0                  # persists: the 3 records after it stay that high
     tr = Trace(meta, [rec(meta, s, grad=float(n), loss=float(1 + 0.01 * (s % 3))) for s, n in enumerate(norms)])
     f = [x for x in diagnose(tr) if x.kind == "exploding_gradients"]
     assert f and f[0].first_step == 30
     assert f[0].evidence["fold_over_baseline"] > 100
+    # live: reported once the records after it are in, never before, never taken back
+    assert not any(x.kind == "exploding_gradients" for x in diagnose(tr.upto(30)))
+    assert any(x.kind == "exploding_gradients" for x in diagnose(tr.upto(31)))   # 31 repeats it
+
+
+def test_isolated_gradient_spike_the_run_absorbs_is_not_reported():
+    # one record of a large gradient, the next ones back at the baseline, the loss flat: a hard
+    # batch (or Adam bounding the step) - mirrors the loss-spike corroboration rule
+    meta = mlp_meta(3)
+    norms = noisy(40, 1.0, 0.1, 1)
+    norms[30] = 500.0
+    loss = [float(1 + 0.01 * (s % 3)) for s in range(40)]
+    tr = Trace(meta, [rec(meta, s, grad=float(n), loss=loss[s]) for s, n in enumerate(norms)])
+    assert [x for x in diagnose(tr) if x.kind == "exploding_gradients"] == []
+    # the same spike with the loss jumping at the next step: corroborated
+    loss[31] = 50.0
+    tr = Trace(meta, [rec(meta, s, grad=float(n), loss=loss[s]) for s, n in enumerate(norms)])
+    f = [x for x in diagnose(tr) if x.kind == "exploding_gradients"]
+    assert f and f[0].first_step == 30 and f[0].severity == "warning"
+    # a second spike within the baseline window: both count (it repeats)
+    norms[40 - 5] = 500.0
+    loss[31] = loss[30]
+    tr = Trace(meta, [rec(meta, s, grad=float(n), loss=loss[s]) for s, n in enumerate(norms)])
+    f = [x for x in diagnose(tr) if x.kind == "exploding_gradients"]
+    assert f and f[0].first_step == 30 and f[0].evidence["steps_flagged"] == [30, 35]
 
 
 def test_exploding_gradients_steady_climb():
@@ -146,8 +171,8 @@ def test_exploding_gradients_steady_climb():
 def test_exploding_severity_isolated_spike_vs_climb_vs_clipped():
     meta = mlp_meta(3)
     norms = noisy(40, 1.0, 0.1, 1)
-    norms[30] = 500.0
-    spike = Trace(meta, [rec(meta, s, grad=float(n)) for s, n in enumerate(norms)])
+    norms[30] = 500.0                     # one spike the loss answers (corroborated), then gone
+    spike = Trace(meta, [rec(meta, s, grad=float(n), loss=50.0 if s == 30 else 1.0) for s, n in enumerate(norms)])
     assert [f.severity for f in diagnose(spike) if f.kind == "exploding_gradients"] == ["warning"]
     climb = 1.3 ** np.arange(40) * (1 + 0.05 * np.random.default_rng(2).standard_normal(40))
     records = [rec(meta, s, grad=float(n)) for s, n in enumerate(climb)]

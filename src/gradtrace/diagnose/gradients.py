@@ -233,8 +233,10 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     spikes = [(i, z, med) for i, z, med in U.trailing_spikes(
         logs, warmup=th.warmup_steps, window=th.baseline_window, min_baseline=th.min_baseline,
         z_limit=th.explode_z) if logs[i] - med >= logfold]
+    why = _spikes_corroborated(trace, steps, logs, spikes, th)
     for i, z, med in spikes:
-        flagged[i] = (z, med)
+        if i in why:
+            flagged[i] = (z, med)
     # A climb: a trailing window follows it (its baseline holds the climb), so each record
     # is also compared with the first stretch after warm-up. A record counts when it and
     # the median of the min_baseline records up to it are both explode_fold above that
@@ -336,6 +338,41 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
                                 and logs[-1] - med0 < logfold)
     return [Finding("exploding_gradients", severity, layers, int(steps[i0]), int(steps[idx[-1]]),
                     evidence, expl)]
+
+
+def _spikes_corroborated(trace: Trace, steps: np.ndarray, logs: np.ndarray,
+                         spikes: list[tuple[int, float, float]], th: Thresholds) -> dict[int, str]:
+    """Which gradient-norm spikes (indices) are corroborated, and by what, mirroring the
+    loss-spike rule: ``"persists"`` (the median of the ``th.spike_persist`` records after it
+    is still ``th.explode_fold`` above the baseline, or one of them is non-finite),
+    ``"repeats"`` (another spike within ``th.baseline_window`` records before it) or
+    ``"loss"`` (a loss spike candidate at it or within ``spike_persist`` records after).
+
+    A single record of a large gradient that the run absorbs at once - one hard batch, an
+    optimizer whose update is bounded whatever the gradient (Adam) - is none of these and
+    is not reported. Each verdict uses records up to ``spike_persist`` after the spike, so a
+    live run says it that many records later and never takes it back.
+    """
+    from .loss import spike_indices
+
+    logfold = math.log(th.explode_fold)
+    loss_spikes = np.array([], dtype=np.int64)
+    if U.has_stat(trace, "loss"):
+        lsteps, loss = trace.scalar("loss", with_steps=True)
+        loss_spikes = lsteps[[i for i, _, _ in spike_indices(np.asarray(loss, dtype=np.float64), th)]]
+    out: dict[int, str] = {}
+    prev: list[int] = []
+    for i, _, med in spikes:
+        nxt = logs[i + 1: i + 1 + th.spike_persist]
+        if prev and i - prev[-1] <= th.baseline_window:
+            out[i] = "repeats"
+            out.setdefault(prev[-1], "repeats")
+        elif np.isnan(nxt).any() or (nxt.size == th.spike_persist and float(np.median(nxt)) - med >= logfold):
+            out[i] = "persists"
+        elif np.any((loss_spikes >= steps[i]) & (loss_spikes <= steps[min(i + th.spike_persist, steps.size - 1)])):
+            out[i] = "loss"
+        prev.append(i)
+    return out
 
 
 def _contained(trace: Trace, step: int, loss_at: dict, level: float, th: Thresholds) -> bool:
