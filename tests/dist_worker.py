@@ -1,9 +1,10 @@
-"""Two-process (gloo, CPU) worker for tests/test_distributed.py and bench/scale.py.
+"""Two-process (gloo, CPU) worker for tests/test_distributed.py.
 
-Run: ``python tests/dist_worker.py OUTDIR [--mode all|fail] [--port N]``. It spawns two
-ranks that train the same tiny model under DDP and under FSDP2 and write traces (rank
-0) and per-rank summaries (``rank{r}.json``) into OUTDIR. The reference (one process,
-the global batch) is computed by the test itself from :func:`make_model`/:func:`batch`.
+Run: ``python tests/dist_worker.py OUTDIR [--mode all|fail] [--port N] [--start fork|spawn]``.
+It starts two ranks that train the same tiny model under DDP and under FSDP2 and write
+traces (rank 0) and per-rank summaries (``rank{r}.json``) into OUTDIR. The reference
+(one process, the global batch) is computed by the test itself from
+:func:`make_model`/:func:`batch`.
 """
 from __future__ import annotations
 
@@ -300,10 +301,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("out")
     ap.add_argument("--mode", default="all", choices=["all", "fail"])
     ap.add_argument("--port", type=int, default=29611)
+    ap.add_argument("--start", default="fork", choices=["fork", "spawn"])
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    # Forked ranks inherit the imports (torch alone takes seconds to import on a loaded
+    # machine; spawned ranks imported it twice more). The parent has run no torch op, so
+    # no thread pool or process group is forked along.
+    if a.mode != "fail":
+        import gradtrace  # noqa: F401
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
     # join() raises as soon as a rank dies and terminates the others: no hang on failure.
-    mp.spawn(worker, args=(a.out, a.mode, a.port), nprocs=WORLD, join=True)
+    mp.start_processes(worker, args=(a.out, a.mode, a.port), nprocs=WORLD, join=True,
+                       start_method=a.start)
     return 0
 
 
