@@ -6,6 +6,7 @@ so a failing rank can never hang the suite.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -280,6 +281,10 @@ def test_part_rules_come_from_the_declarations():
     twice = collectors.PARAM_FIGURES + (collectors.PARAM_FIGURES[0],)
     with pytest.raises(ValueError, match="declared twice"):
         distributed.part_rules(twice)
+    mean = collectors.PARAM_FIGURES + (dataclasses.replace(collectors.PARAM_FIGURES[0], part="m",
+                                                           reduce="mean"),)
+    with pytest.raises(ValueError, match="reduce must be 'sum' or 'max'"):
+        distributed.part_rules(mean)
     with pytest.raises(ValueError, match="per_param"):
         distributed.PartRule("max")
     with pytest.raises(ValueError, match="how must be one of"):

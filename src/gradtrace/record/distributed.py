@@ -76,8 +76,9 @@ class PartRule:
 
     ``per_param``: one value per watched parameter of the step (``"sum"`` and ``"max"``
     need it: their buffer slots are fixed by the model, so ranks never disagree on
-    sizes). ``nonfinite``: the ``NF_*`` bit a non-finite value in this part sets in
-    the rank's code.
+    sizes; a rank's empty shard must give the operation's identity, 0 for a sum or for a
+    max of absolute values). ``nonfinite``: the ``NF_*`` bit a non-finite value in this
+    part sets in the rank's code.
 
     Example:
         >>> PartRule("mean", nonfinite=NF_LOSS).how
@@ -126,6 +127,9 @@ def part_rules(figures: tuple | None = None) -> dict[str, PartRule]:
     figures = collectors.PARAM_FIGURES if figures is None else figures
     rules: dict[str, PartRule] = {}
     for fig in figures:
+        if fig.reduce not in ("sum", "max"):
+            raise ValueError(f"figure {fig.stat!r}: reduce must be 'sum' or 'max' (a per-parameter "
+                             f"value across shards and ranks), got {fig.reduce!r}")
         if fig.part in rules or fig.part in STEP_PARTS:
             raise ValueError(f"part {fig.part!r} of figure {fig.stat!r} is declared twice")
         rules[fig.part] = PartRule(fig.reduce, per_param=True,
