@@ -163,3 +163,69 @@ def test_units_dead_from_initialisation_get_the_depth_fix_not_the_lr_fix():
     later = fixes_for("dead_units", ctx, ["1"], evidence={})
     assert any("residual" in f.action for f in start) and not any("learning rate" in f.action.lower() for f in start)
     assert any("learning rate" in f.action.lower() for f in later)
+
+
+def _sample(tp, name: str):
+    """A value of the annotated evidence type (the first non-None member of a union)."""
+    import types
+    import typing
+
+    from gradtrace.diagnose.evidence import Detail
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _sample(next(a for a in args if a is not type(None)), name)
+    if origin is dict:
+        return {_sample(args[0], name): _sample(args[1], name)}
+    if origin is list:
+        return [_sample(args[0], name)]
+    if isinstance(tp, type) and issubclass(tp, Detail):
+        return _full(tp)
+    return {float: 0.25, int: 3, bool: True, typing.Any: 1.0}.get(
+        tp, {"phase": "forward", "cause": "overflow", "dtype": "float16", "bias": "net.0.bias",
+             "biases": "net.0.bias"}.get(name, "net.1"))
+
+
+def _full(cls):
+    import dataclasses
+    import typing
+
+    from gradtrace.diagnose import evidence as E
+
+    hints = typing.get_type_hints(cls, vars(E))
+    return cls.from_mapping({f.name: _sample(hints[f.name], f.name) for f in dataclasses.fields(cls)
+                             if f.name != "also"})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_read_every_evidence_class_of_the_kind_by_attribute(kind):
+    """Every renderer of the kind runs on each of its typed evidence classes, empty and with
+    every field set: a row reading a field its evidence does not declare fails here."""
+    from gradtrace.diagnose.evidence import EVIDENCE, problems
+
+    for cls in EVIDENCE[kind]:
+        full = _full(cls)
+        assert problems(full) == []
+        for ev in (cls.from_mapping({}), full):
+            fixes = fixes_for(kind, mlp_context("relu", "ReLU"), ["net.1"], evidence=ev)
+            assert fixes and all(isinstance(f, Fix) and f.action for f in fixes)
+
+
+def test_rows_use_typed_evidence():
+    from gradtrace.diagnose import evidence as E
+
+    surge = _full(E.GradientNormSurge)
+    surge = E.GradientNormSurge.from_mapping({**surge, "baseline_grad_norm": 0.2})
+    assert "max_norm=0.4" in fixes_for("exploding_gradients", None, [], evidence=surge)[0].code
+    depth = _full(E.ExplodingGradients)     # a depth profile adds the initialisation row
+    assert any("init_for_activation" in f.code for f in fixes_for("exploding_gradients", None, [], evidence=depth))
+    assert not any("init_for_activation" in f.code for f in fixes_for("exploding_gradients", None, [], evidence=surge))
+    nf = E.NonFinite.from_mapping({**_full(E.NonFinite), "phase": "loss", "step": 11})
+    assert "log space" in fixes_for("nonfinite", None, ["net.1"], evidence=nf)[0].action
+    cev = {**_full(E.NonFiniteCause), "optimizer": "AdamW", "dtype": "float16"}
+    opt = E.NonFinite.from_mapping({**_full(E.NonFinite), "cause": "optimizer_step", "cause_evidence": cev})
+    assert "AdamW" in fixes_for("nonfinite", None, ["net.1"], evidence=opt)[0].action
+    tt = E.VanishingThroughTime.from_mapping({**_full(E.VanishingThroughTime), "time_steps": 40})
+    assert any("40 steps" in f.action for f in fixes_for("vanishing_through_time", None, [], evidence=tt))
+    with pytest.raises(ValueError, match="GradientNormSurge is not evidence of a dead_units finding"):
+        fixes_for("dead_units", None, [], evidence=surge)

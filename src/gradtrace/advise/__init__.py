@@ -10,8 +10,10 @@ recorded layers, dtype, device and learning rate at the failing step.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Iterable
 
+from ..diagnose.evidence import Evidence, coerce
 from ..diagnose.finding import KINDS, Finding, Fix
 from .checklist import CHECKLIST, DEFAULT_MAX_NORM, KIND_ROWS, LR_CUT, MAX_LINES, ChecklistRow
 from .context import RunContext, module_ref
@@ -44,12 +46,12 @@ def advise(findings: Iterable[Finding], trace: Any = None) -> list[Finding]:
         if not isinstance(f, Finding):
             raise TypeError(f"findings must be Finding objects, got {type(f).__name__}")
         out.append(f if f.fixes else dataclasses.replace(
-            f, fixes=_render(f.kind, ctx, list(f.layers), f.evidence or {}, f.first_step)))
+            f, fixes=_render(f.kind, ctx, list(f.layers), f.evidence, f.first_step)))
     return out
 
 
 def fixes_for(kind: str, trace_or_context: Any = None, layers: list[str] | None = None, *,
-              evidence: dict | None = None, step: int | None = None) -> list[Fix]:
+              evidence: Mapping[str, Any] | None = None, step: int | None = None) -> list[Fix]:
     """Checklist rows for a finding kind, rendered for this model.
 
     Args:
@@ -58,7 +60,9 @@ def fixes_for(kind: str, trace_or_context: Any = None, layers: list[str] | None 
             ``modules``/``params`` (as in the trace's meta), ``exec_order``, ``lr``,
             ``time_steps``, ``dtype``, ``device``; or ``None`` for generic rows.
         layers: the finding's layers (qualified names, most affected first).
-        evidence: the finding's evidence, used to tune the rows (e.g. the cause of a nan).
+        evidence: the finding's evidence (its typed :mod:`~gradtrace.diagnose.evidence`
+            object or a dict of any of its fields), used to tune the rows (e.g. the cause
+            of a nan).
         step: the finding's first step (the learning rate quoted is the one in force then).
 
     Example:
@@ -73,12 +77,12 @@ def fixes_for(kind: str, trace_or_context: Any = None, layers: list[str] | None 
         layers = []
     if isinstance(layers, str) or not all(isinstance(l, str) for l in layers):
         raise TypeError("layers must be a list of qualified module names (str)")
-    if evidence is not None and not isinstance(evidence, dict):
-        raise TypeError(f"evidence must be a dict or None, got {type(evidence).__name__}")
-    return _render(kind, RunContext(trace_or_context), list(layers), evidence or {}, step)
+    if evidence is not None and not isinstance(evidence, Mapping):
+        raise TypeError(f"evidence must be a dict, a typed Evidence or None, got {type(evidence).__name__}")
+    return _render(kind, RunContext(trace_or_context), list(layers), coerce(kind, evidence), step)
 
 
-def _render(kind: str, ctx: RunContext, layers: list[str], evidence: dict, step: int | None) -> list[Fix]:
+def _render(kind: str, ctx: RunContext, layers: list[str], evidence: Evidence, step: int | None) -> list[Fix]:
     out: list[Fix] = []
     for key in KIND_ROWS[kind]:
         out.extend(RENDERERS[key](CHECKLIST[key], kind, ctx, layers, evidence, step))

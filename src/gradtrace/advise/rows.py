@@ -1,15 +1,19 @@
 """One renderer per checklist row: the row's fix written for this run's layers, dtype, device and lr.
 
 :data:`RENDERERS` maps a row key of :data:`~gradtrace.advise.checklist.CHECKLIST` to a
-function ``(row, kind, ctx, layers, evidence, step) -> list[Fix]``. Evidence is read by
-the keys each detector documents; a figure the run did not record is never replaced by a
-default that would read as a measurement.
+function ``(row, kind, ctx, layers, evidence, step) -> list[Fix]``. Evidence is the
+finding's typed object (:mod:`gradtrace.diagnose.evidence`), read by attribute after an
+``isinstance`` on its class, so a misspelt field fails at test time; a figure the run did
+not record is ``None`` and is never replaced by a default that would read as a measurement.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable
 
+from ..diagnose.evidence import (DeadUnits, Evidence, ExplodingGradients, ExplodingThroughTime,
+                                 GradientNormSurge, LossNonFinite, LossSpike, NonFinite,
+                                 NonFiniteCause, VanishingThroughTime)
 from ..diagnose.finding import Fix
 from ..numerics import fmt_code
 from .checklist import CHECKLIST, DEFAULT_MAX_NORM, LR_CUT, ChecklistRow
@@ -36,9 +40,10 @@ def _lr_fix(row: ChecklistRow, ctx: RunContext, why: str, step: int | None) -> F
                f"for group in optimizer.param_groups: group['lr'] /= {LR_CUT:g}")
 
 
-def _clip_fix(row: ChecklistRow, evidence: dict) -> Fix:
+def _clip_fix(row: ChecklistRow, evidence: Evidence | None) -> Fix:
     max_norm = DEFAULT_MAX_NORM
-    base = evidence.get("baseline_grad_norm")
+    # Only a surge of the total norm measured its usual level; other evidence has none.
+    base = evidence.baseline_grad_norm if isinstance(evidence, GradientNormSurge) else None
     note = ""
     if isinstance(base, (int, float)) and math.isfinite(base) and base > 0:
         max_norm = float(f"{2 * base:.1g}")
@@ -116,15 +121,15 @@ def activations_grow(row, kind, ctx, layers, evidence, step):
 
 
 def gradients_explode(row, kind, ctx, layers, evidence, step):
-    clip = _clip_fix(row, evidence if kind != "loss_spike" else {})
+    clip = _clip_fix(row, evidence)
     lr = _lr_fix(row, ctx, "so one large gradient cannot throw the weights far", step)
-    if kind == "loss_spike" and evidence.get("diverged_at") is not None:
+    if isinstance(evidence, LossSpike) and evidence.diverged_at is not None:
         warm = Fix(row.problem, "Warm the learning rate up from a small value over the first few hundred steps "
                    "(the loss rose above twice its starting value at once: the first updates overshoot)",
                    "sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 500))")
         return [lr, warm, clip]
     fixes = [clip, lr]
-    if kind == "exploding_gradients" and "per_layer_gain" in evidence:
+    if isinstance(evidence, ExplodingGradients) and evidence.per_layer_gain is not None:
         fixes.append(_init_fix(row, ctx, layers))
     return fixes
 
@@ -134,13 +139,13 @@ def _autocast_code(ctx: RunContext) -> str:
     return f"with torch.autocast(device_type={device}, dtype=torch.bfloat16): loss = loss_fn(model(x), y)"
 
 
-def _eps_fix(row: ChecklistRow, ctx: RunContext, cev: dict) -> Fix:
+def _eps_fix(row: ChecklistRow, ctx: RunContext, cev: NonFiniteCause | None) -> Fix:
     import torch
 
-    dtype = cev.get("dtype") or ctx.dtype
+    dtype = (cev.dtype if cev is not None else None) or ctx.dtype
     tiny = float(torch.finfo(getattr(torch, dtype)).tiny) if dtype and hasattr(torch, dtype) else None
-    opt = cev.get("optimizer") or "the optimizer"
-    lr = ctx.lr_at(cev.get("updated_at_step"))
+    opt = (cev.optimizer if cev is not None else None) or "the optimizer"
+    lr = ctx.lr_at(cev.updated_at_step if cev is not None else None)
     lr_arg = f"lr={fmt_code(lr)}, " if lr else ""
     if tiny is not None and dtype in ("float16", "bfloat16"):
         return Fix(row.problem, f"{opt}'s update produced the nan with finite gradients: its eps must be "
@@ -155,16 +160,18 @@ def _eps_fix(row: ChecklistRow, ctx: RunContext, cev: dict) -> Fix:
 
 
 def loss_nan(row, kind, ctx, layers, evidence, step):
-    cause = evidence.get("cause")
+    nf = evidence if isinstance(evidence, NonFinite) else None    # the trace's nan origin
+    cause = nf.cause if nf is not None else None
     origin = layers[0] if layers else None
-    at = evidence.get("step", evidence.get("first_step", step))
-    cev = evidence.get("cause_evidence") or {}
+    at = nf.step if nf is not None else evidence.first_step if isinstance(evidence, LossNonFinite) else None
+    at = step if at is None else at
+    cev = nf.cause_evidence if nf is not None else None
     lr = _lr_fix(row, ctx, "and restart from a checkpoint before the nan", at)
-    dtype = cev.get("dtype") or ctx.dtype
+    dtype = (cev.dtype if cev is not None else None) or ctx.dtype
     dt = Fix(row.problem, "Check the dtype: " + (f"parameters are {dtype}; " if dtype else "") +
              "values near its largest finite number overflow. Compute in float32 or bfloat16 (wider range "
              "than float16), and scale the loss with a GradScaler under float16", _autocast_code(ctx))
-    suspects = evidence.get("suspects")
+    suspects = nf.suspects if nf is not None else None
     where = (f" in the backward of {names(suspects)} (run right after `{origin}`)" if suspects
              else f" in `{origin}`" if origin else "")
     inv = Fix(row.problem, "Look for an invalid operation" + where + (f" at step {at}" if at is not None else "") +
@@ -173,8 +180,8 @@ def loss_nan(row, kind, ctx, layers, evidence, step):
               "torch.autograd.set_detect_anomaly(True)  # then reproduce the failing step")
     guard = Fix(row.problem, "Skip steps whose gradients are non-finite instead of writing nan into "
                 "every weight, while you fix the cause", "optimizer = gt.Guard(optimizer, skip_nonfinite=True)")
-    clip = _clip_fix(row, {})
-    if evidence.get("phase") == "loss":
+    clip = _clip_fix(row, None)
+    if nf is not None and nf.phase == "loss":
         fix_loss = Fix(row.problem, "The loss itself made the nan/inf with every model output finite: compute it "
                        "in log space (log_softmax / F.cross_entropy take logits) instead of log(softmax(x)), "
                        "or clamp probabilities away from 0 before a log" + (f" (step {at})" if at is not None else ""),
@@ -190,7 +197,8 @@ def loss_nan(row, kind, ctx, layers, evidence, step):
 def relu_die(row, kind, ctx, layers, evidence, step):
     dead = [l for l in layers if ctx.kind(l) == "relu"] or layers
     fixes = []
-    biases = evidence.get("biases") or []
+    dead_ev = evidence if isinstance(evidence, DeadUnits) else None
+    biases = (dead_ev.biases if dead_ev is not None else None) or []
     if biases:
         fixes.append(Fix(row.problem, f"The biases {names(biases)} hold the pre-activations feeding the dead "
                          "units below zero: reset them to 0 (or a small positive value)",
@@ -199,7 +207,7 @@ def relu_die(row, kind, ctx, layers, evidence, step):
                      "(a small slope for negative inputs keeps a gradient flowing so units can recover) "
                      "or nn.GELU()", assign_lines(dead, "nn.LeakyReLU(0.01)") if dead
                      else "nn.LeakyReLU(0.01)  # in place of each nn.ReLU()"))
-    if evidence.get("from_initialisation"):
+    if dead_ev is not None and dead_ev.from_initialisation:
         if not biases:   # silent from the start with no bias to blame: the depth did it
             res = _residual_norm_fix(CHECKLIST["activations_shrink"], ctx, dead)
             if res is not None:
@@ -234,7 +242,8 @@ def rnn_unstable(row, kind, ctx, layers, evidence, step):
                              "forget-gate bias to 1 or more so the cell keeps its memory longer",
                              f"# LSTM gate order i, f, g, o: {module_ref(r)}.bias_hh_l0.data[H:2*H].fill_(1.0)"))
     fixes.append(_clip_fix(row, evidence))
-    t = ctx.time_steps or evidence.get("time_steps")
+    t = ctx.time_steps or (evidence.time_steps if isinstance(evidence, (VanishingThroughTime, ExplodingThroughTime))
+                           else None)
     chunk = max(1, int(t) // 4) if t else None
     fixes.append(Fix(row.problem, "Shorten the unroll length (truncated BPTT)" +
                      (f": the sequences here are {t} steps; backpropagate through chunks of about {chunk} "

@@ -82,7 +82,7 @@ def follow(args: Any) -> int:
                     line = f"step {f.first_step}: {f.kind} ({f.severity})"
                     if f.layers:
                         line += f" in {', '.join(f.layers[:3])}"
-                    if isinstance(f.evidence, dict) and f.evidence.get("summary"):
+                    if f.evidence.get("summary"):      # typed evidence: a Mapping
                         line += f": {f.evidence['summary']}"
                     print(line, flush=True)
                     if f.fixes:

@@ -2,7 +2,9 @@
 
 Each detector is a small function ``(trace, thresholds) -> list[Finding]`` in the module
 of its family; :func:`diagnose` runs them all, merges one finding per kind and ranks the
-result root cause first. Fixes are added afterwards by :mod:`gradtrace.advise` (the
+result root cause first. Every finding's evidence is checked against its typed declaration
+in :mod:`~gradtrace.diagnose.evidence` (a detector whose keys drifted raises ``ValueError``).
+Fixes are added afterwards by :mod:`gradtrace.advise` (the
 public ``gt.diagnose`` composes the two); this package never imports it.
 
 Every detector judges each step against the steps before it (or a window ending at it),
@@ -16,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import evidence
+from .evidence import EVIDENCE, Evidence
 from .finding import KINDS, Finding, Fix
 from ..trace import Trace
 from . import activations, gradients, loss, nonfinite, through_time, units
@@ -23,7 +27,7 @@ from .loss import spike_indices as _spike_indices
 from .thresholds import Thresholds
 
 __all__ = ["diagnose", "rank", "loss_spike_candidates", "Thresholds", "DETECTORS", "Finding", "Fix",
-           "KINDS"]
+           "KINDS", "Evidence", "EVIDENCE", "evidence"]
 
 #: Every detector, in the order they run. Each is ``(trace, Thresholds) -> list[Finding]``.
 DETECTORS: tuple[Callable[[Trace, Thresholds], list[Finding]], ...] = (
@@ -63,7 +67,7 @@ def diagnose(trace: Trace, thresholds: Thresholds | dict[str, Any] | None = None
     th = Thresholds.coerce(thresholds)
     found: list[Finding] = []
     for det in DETECTORS:
-        found.extend(det(trace, th))
+        found.extend(evidence.check(f) for f in det(trace, th))
     return rank(_merge(found))
 
 
@@ -118,7 +122,7 @@ def _merge(found: list[Finding]) -> list[Finding]:
         a = by_kind[f.kind]
         first, second = (a, f) if (a.first_step or 0) <= (f.first_step or 0) else (f, a)
         lasts = [x for x in (a.last_step, f.last_step) if x is not None]
-        also = first.evidence.get("also", []) + [second.evidence]   # every merged finding kept
+        also = [*(first.evidence.also or ()), second.evidence]   # every merged finding kept
         merged = Finding(first.kind, "error" if "error" in (a.severity, f.severity) else "warning",
                          first.layers + [l for l in second.layers if l not in first.layers],
                          first.first_step, max(lasts) if lasts else None,

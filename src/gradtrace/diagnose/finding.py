@@ -1,14 +1,17 @@
 """The frozen `Finding` type shared by diagnosis (from a trace) and preflight (before training).
 
 A finding says what is wrong (`kind`), where (`layers`, most affected first), since when
-(`first_step`), why we think so (`evidence`, the numbers), what the mechanism is
-(`explanation`) and what to do (`fixes`, rows of the stable-training checklist rendered
-for this model).
+(`first_step`), why we think so (`evidence`, the numbers: typed per kind in
+:mod:`gradtrace.diagnose.evidence`), what the mechanism is (`explanation`) and what to do
+(`fixes`, rows of the stable-training checklist rendered for this model).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from . import evidence as _evidence
 
 #: Every finding kind gradtrace can report, exactly these strings.
 KINDS = (
@@ -26,6 +29,7 @@ KINDS = (
 )
 
 SEVERITIES = ("warning", "error")
+assert set(_evidence.EVIDENCE) == set(KINDS), "every kind needs its evidence class in evidence.py"
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,15 @@ class Fix:
 class Finding:
     """A diagnosed problem (frozen: fixes are added by a new finding, ``dataclasses.replace``).
 
+    ``evidence`` may be given as a dict; it is held as the kind's typed class from
+    :mod:`gradtrace.diagnose.evidence` (read ``f.evidence.dead``; ``f.evidence["dead"]``
+    works too), and ``to_dict`` gives the dict back.
+
     Example:
         >>> f = Finding("dead_units", "warning", ["net.1"], 0, 40, {"dead": {"net.1": 12}},
         ...             "12 ReLU units never fired.", [])
-        >>> f.to_dict()["kind"]
-        'dead_units'
+        >>> f.to_dict()["kind"], type(f.evidence).__name__, f.evidence.dead
+        ('dead_units', 'DeadUnits', {'net.1': 12})
     """
 
     kind: str
@@ -68,7 +76,7 @@ class Finding:
     layers: list[str]
     first_step: int | None
     last_step: int | None
-    evidence: dict[str, Any] = field(default_factory=dict)
+    evidence: _evidence.Evidence | Mapping[str, Any] = field(default_factory=dict)
     explanation: str = ""
     fixes: list[Fix] = field(default_factory=list)
 
@@ -77,6 +85,8 @@ class Finding:
             raise ValueError(f"kind={self.kind!r} is not a finding kind; valid: {', '.join(KINDS)}")
         if self.severity not in SEVERITIES:
             raise ValueError(f"severity={self.severity!r}; valid: {', '.join(SEVERITIES)}")
+        # The one place a detector's dict becomes its kind's typed evidence.
+        object.__setattr__(self, "evidence", _evidence.coerce(self.kind, self.evidence))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the schema of `gradtrace doctor --json`).
@@ -114,7 +124,7 @@ def _jsonable(x: Any) -> Any:
     """Numbers from numpy/torch become plain Python numbers; NaN/inf become strings."""
     import math
 
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):        # typed evidence (and nested records) too
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]

@@ -50,7 +50,7 @@ def log_finding(finding: Finding) -> None:
     where = ", ".join(finding.layers[:3])
     if where:
         line += f" in {where}"
-    summary = finding.evidence.get("summary") if isinstance(finding.evidence, dict) else None
+    summary = finding.evidence.get("summary")      # typed evidence is a Mapping, not a dict
     if summary:
         line += f": {summary}"
     _log.log(logging.ERROR if finding.severity == "error" else logging.WARNING, line)

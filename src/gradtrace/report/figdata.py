@@ -152,11 +152,14 @@ def spike_marks(steps: np.ndarray, loss: np.ndarray, findings: Sequence[Any] = (
         >>> spike_marks(np.arange(30), np.r_[np.ones(27), np.nan, 1.0, 1.0], [f])
         [25, 27]
     """
+    from ..diagnose.evidence import LossSpike     # lazily, like the report's other diagnose imports
+
     out: set[int] = set()
     for f in findings:
         if getattr(f, "kind", "") in ("loss_spike", "loss_nonfinite") and f.first_step is not None:
-            ev = f.evidence or {}
-            listed = ev.get("spike_steps", ev.get("steps", [f.first_step]))
+            ev = f.evidence
+            spikes = ev.spike_steps if isinstance(ev, LossSpike) else None
+            listed = [f.first_step] if spikes is None else spikes
             out.update(int(s) for s in listed if isinstance(s, (int, float)))
     bad = ~np.isfinite(np.asarray(loss, dtype=np.float64))
     out |= {int(steps[k]) for k in np.nonzero(bad)[0] if k == 0 or not bad[k - 1]}

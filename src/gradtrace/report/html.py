@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
@@ -92,7 +93,7 @@ def kind_title(kind: str) -> str:
 def _evidence_value(v: Any) -> str:
     if isinstance(v, float):
         return fmt(v)
-    if isinstance(v, dict):
+    if isinstance(v, Mapping):       # nested evidence records are typed Mappings
         items = list(v.items())
         s = ", ".join(f"{k}: {_evidence_value(x)}" for k, x in items[:8])
         return s + (f", … ({len(items) - 8} more)" if len(items) > 8 else "")
