@@ -776,3 +776,37 @@ def test_loss_spike_candidates_public_and_checked():
     assert loss_spike_candidates(steps, loss, {"spike_z": 1e9}) == []
     with pytest.raises(ValueError, match="same length"):
         loss_spike_candidates(steps[:-1], loss)
+
+
+def _watched_layers(model, x, loss_fn) -> list[str]:
+    """The modules of the output-gradient depth profile of ``model`` after 2 watched steps."""
+    from gradtrace.diagnose.gradients import depth_profile
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gt.watch(model, opt, out=None, activations_every=1) as mon:
+        for _ in range(2):
+            loss = loss_fn(model(x))
+            mon.record_loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return depth_profile(mon.trace, "outgrad_norm", Thresholds(depth_min_layers=2))[1]
+
+
+def test_blocks_of_real_transformer_stacks():
+    from gradtrace.diagnose.gradients import blocks
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=False)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16),
+                                torch.nn.TransformerEncoder(layer, 6, enable_nested_tensor=False),
+                                torch.nn.Linear(16, 1))
+    mods = _watched_layers(model, torch.randn(4, 5, 8), lambda y: y.pow(2).mean())
+    units = [u for u, _ in blocks(mods)]
+    # the input projection, one unit per encoder block (5 watched modules each), the head
+    assert units == ["0"] + [f"1.layers.{i}" for i in range(6)] + ["2"]
+    assert sum(len(ix) for _, ix in blocks(mods)) == len(mods) > len(units)
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=3, n_head=2))
+    ids = torch.randint(0, 32, (2, 8))
+    units = [u for u, _ in blocks(_watched_layers(gpt, ids, lambda out: out.logits.pow(2).mean()))]
+    assert [u for u in units if u.startswith("transformer.h.")] == [f"transformer.h.{i}" for i in range(3)]
