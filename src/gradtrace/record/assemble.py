@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..trace import MISSING, pack_mask
+from ..trace import MISSING
 from .collectors import PARAM_FIGURES
 from .selection import SATURATION_BOUNDS
 
@@ -40,7 +40,8 @@ class StepInfo:
     seen: set[int] = field(default_factory=set)
     bwd: list[int] = field(default_factory=list)
     bwd_order: list[int] = field(default_factory=list)
-    mask_ids: list[int] = field(default_factory=list)
+    mask_ids: list[int] = field(default_factory=list)      # per mask row: module, -1 to skip
+    mask_units: list[int] = field(default_factory=list)    # per mask row: its unit count
     time_ids: list[int] = field(default_factory=list)
     exact: dict[int, float] = field(default_factory=dict)   # position -> exact squared norm
     counts: dict[int, int] = field(default_factory=dict)    # position -> non-finite entries
@@ -125,14 +126,14 @@ class Assembler:
         if "flag" in host:
             flags = host["flag"]
             nonfinite_mod = np.zeros(n_m, dtype=bool)
-            nonfinite_mod[[i for i, f in zip(info.call_idx, flags) if not math.isfinite(f)]] = True
+            nonfinite_mod[np.asarray(info.call_idx, dtype=np.intp)[~np.isfinite(flags)]] = True
             seen = np.fromiter(info.seen, dtype=np.intp, count=len(info.seen))
             col = np.full(n_m, MISSING)
             col[seen] = 0.0
             col[nonfinite_mod] = 1.0
             module["out_flag_nonfinite"] = col
             first_fwd = next((self.module_names[i] for i in info.order if nonfinite_mod[i]), None)
-            if info.acts:
+            if len(info.acts):
                 self._activations(host, flags, info, module, vectors)
         if first_fwd is None:
             first_fwd = info.replayed
@@ -199,17 +200,41 @@ class Assembler:
         relu = {k: np.full(n_m, MISSING) for k in ("zero_frac", "dead_units", "units", "unit_samples")}
         is_relu, is_sat = ok & self._relu, ok & self._sat
         relu["zero_frac"][is_relu] = 1.0 - active[is_relu] / entries[is_relu]
-        for i in info.mask_ids:
-            if broken[i]:
-                continue
-            on = host[f"mask{i}"] > 0.5
-            relu["dead_units"][i] = float(on.size - on.sum())
-            relu["units"][i] = float(on.size)
-            relu["unit_samples"][i] = entries[i] / on.size   # rows each unit saw this step
-            vectors.setdefault("active_mask", {})[self.module_names[i]] = pack_mask(on)
+        if info.mask_ids:
+            self._masks(host["masks"], info, broken, entries, relu, vectors)
         if is_relu.any():
             module.update(relu)
         if is_sat.any():
             sat = np.full(n_m, MISSING)
             sat[is_sat] = active[is_sat] / entries[is_sat]
             module["saturated_frac"] = sat
+
+    def _masks(self, flat: np.ndarray, info: StepInfo, broken: np.ndarray, entries: np.ndarray,
+               relu: dict, vectors: dict) -> None:
+        """Per ReLU module: its active-unit mask (OR over its calls), dead units, packed
+        masks; numpy over all rows of one unit count at once (no loop per module)."""
+        mods = np.asarray(info.mask_ids, dtype=np.intp)
+        units = np.asarray(info.mask_units, dtype=np.intp)
+        start = np.concatenate(([0], np.cumsum(units)[:-1]))
+        use = mods >= 0
+        use[use] = ~broken[mods[use]]       # a non-finite output would read as dead units
+        names, out = self.module_names, vectors.setdefault("active_mask", {})
+        for u in np.unique(units[use]).tolist():     # one pass per distinct unit count
+            rows = np.flatnonzero(use & (units == u))
+            on = flat[start[rows, None] + np.arange(u)] > 0.5       # (rows, u)
+            ids, inv = np.unique(mods[rows], return_inverse=True)
+            if ids.size < rows.size:          # a module called several times: OR its calls
+                acc = np.zeros((ids.size, u), dtype=bool)
+                np.logical_or.at(acc, inv, on)
+                on = acc
+            else:
+                on = on[np.argsort(inv)]
+            n_on = on.sum(1)
+            relu["dead_units"][ids] = u - n_on
+            relu["units"][ids] = float(u)
+            relu["unit_samples"][ids] = entries[ids] / u      # rows each unit saw this step
+            packed = np.packbits(on, axis=1, bitorder="little")
+            head = f"{u}:"
+            out.update(zip([names[i] for i in ids.tolist()], [head + r.tobytes().hex() for r in packed]))
+        if not out:
+            del vectors["active_mask"]

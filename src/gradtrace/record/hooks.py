@@ -1,27 +1,71 @@
-"""Per-module hooks of one activation step: output figures, output-gradient norms, time steps.
+"""Per-module hooks of one activation step: they keep references; figures come in batches.
 
 These hooks exist only while a step records activations (or output-gradient flags, with
 ``backward_flags=True``): the monitor attaches them when such a step begins and removes
 them when it ends, so that every other step runs the model with no per-module hook at
 all (a module with a forward hook leaves torch's fast call path, about 5-10 us a call).
 
-Per module call, on the device: the output's sum (a non-finite flag: nan and inf
-propagate, so it also says whether the call held a nan/inf: counting the entries,
-``count_nonzero(td * 0)``, cost 0.2-0.4 ms per 128 x 256 output on CPU, more than every
-other figure of the call together) and on activation steps min/max, the spread about the
-call's own mean and, by kind, active ReLU entries and units or saturated entries. Calls are kept as columns so the step's end stacks a handful of lists.
+A forward hook does no math: it keeps a reference to the call's output (and its version
+counter). When the root module's forward returns (or the held outputs pass
+:data:`HOLD_BYTES`, or the step ends), the held calls are grouped by (shape, dtype, kind)
+and :func:`batched.figures` takes every figure of a group in a few kernels. Memory: the
+outputs autograd does not keep anyway (a Linear's output feeding a ReLU) stay alive until
+then, at most :data:`HOLD_BYTES` of them. Output-gradient norms work alike: a hook on the
+output's autograd node keeps the gradient, and one grouped norm per shape runs at the end
+of the backward (an autograd final callback).
+
+A reference is only good if nothing changes the tensor in place after the module returned
+(``ReLU(inplace=True)`` after a BatchNorm, a residual ``out += x``). So a module's first
+calls are measured in the hook, as before, and its outputs' version counters are checked
+at the end of that forward: untouched -> its later calls are deferred; changed -> its
+figures stay in the hook. A deferred output found changed later (data-dependent code)
+loses that call's figures for the step, and the module is measured in the hook from then on.
 """
 from __future__ import annotations
 
+import operator
 from functools import partial
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from .selection import SATURATION_BOUNDS, floating_tensors, unit_view
+from . import batched
+from .selection import floating_tensors
 
 F32 = torch.float32
+#: Held outputs (or gradients) are reduced early once they pass this many bytes.
+HOLD_BYTES = 64 << 20
+_FIGS = ("flag", "a_min", "a_max", "a_norm", "a_extra")
+_VERSION = operator.attrgetter("_version")
+_engine = torch.autograd.Variable._execution_engine
+
+
+class _Held:
+    """Calls whose tensors wait for a batched reduction (parallel lists)."""
+
+    def __init__(self) -> None:
+        self.idx: list[int] = []
+        self.tensors: list[torch.Tensor] = []
+        self.versions: list[int] = []
+        self.bytes = 0
+
+    def add(self, idx: int, t: torch.Tensor) -> None:
+        self.idx.append(idx)
+        self.tensors.append(t)
+        self.versions.append(t._version)
+        self.bytes += t.numel() * t.element_size()
+
+    def take(self) -> tuple[list[int], list[torch.Tensor], list[int]]:
+        """The held calls, and the modules of those changed in place since (dropped)."""
+        idx, ts, vs = self.idx, self.tensors, self.versions
+        self.__init__()
+        if list(map(_VERSION, ts)) == vs:
+            return idx, ts, []
+        keep = [k for k, (t, v) in enumerate(zip(ts, vs)) if t._version == v]
+        changed = [idx[k] for k in range(len(idx)) if ts[k]._version != vs[k]]
+        return [idx[k] for k in keep], [ts[k] for k in keep], changed
 
 
 class StepHooks:
@@ -29,34 +73,56 @@ class StepHooks:
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
-        >>> h = StepHooks(list(net), [None, "relu"], on_error=print)
+        >>> h = StepHooks(list(net), [None, "relu"], on_error=print, root=net)
         >>> h.attach(activations=True, backward=False, time_gradients=False)
         >>> _ = net(torch.ones(3, 2)); h.detach()
-        >>> h.order
-        [0, 1]
+        >>> h.order, [name for name, _ in h.parts(torch.device("cpu"))]
+        ([0, 1], ['flag', 'a_min', 'a_max', 'a_norm', 'a_extra', 'masks'])
     """
 
     def __init__(self, modules: list[nn.Module], kinds: list[str | None],
-                 on_error: Callable[[Exception], None]):
-        self.modules, self.kinds, self._on_error = modules, kinds, on_error
+                 on_error: Callable[[Exception], None], root: nn.Module | None = None):
+        self.modules, self.kinds, self._on_error, self.root = modules, kinds, on_error, root
         self._handles: list[Any] = []
         self.active = self.act = self.backward = False
+        self._safe: set[int] = set()          # outputs never changed after return: deferred
+        self._unsafe: set[int] = set()        # changed in place after return: measured in the hook
+        self._grad_unsafe: set[int] = set()   # output gradients changed before the backward's end
+        self._units: dict[int, tuple[int, int]] = {}   # ReLU module -> (unit count, run number)
         self.reset()
 
     # ---- lifecycle ----------------------------------------------------------------
     def reset(self) -> None:
         """Forget the previous step's figures."""
-        self.call_idx: list[int] = []            # module index of each call
-        self.flags: list[torch.Tensor] = []      # each call's output sum (device)
-        self.acts: list[tuple[int, int, int]] = []   # (call position, module idx, entries)
-        self.cols: tuple[list, ...] = ([], [], [], [])  # min, max, norm, extra
-        self.bwd: list[tuple[int, torch.Tensor]] = []    # (module idx, output-grad norm)
         self.order: list[int] = []               # first-call order of modules
         self.seen: set[int] = set()
         self.bwd_order: list[int] = []
         self.bwd_seen: set[int] = set()
-        self.masks: dict[int, torch.Tensor] = {}
         self.time: dict[int, list[torch.Tensor]] = {}
+        self._fwd, self._learn, self._grads = _Held(), _Held(), _Held()
+        self._bwd_queued = self._ret_hooked = False
+        # Outputs whose gradient a C++ hook retains (read at the end of the backward).
+        self._ret: list[torch.Tensor] = []
+        self._ret_idx: list[int] = []
+        self._ret_bytes = 0
+        # Reduced so far: figure name -> list of 1-D tensors, and per row the module,
+        # its entry count; mask rows with their module, unit count and run number.
+        self._figs: dict[str, list[torch.Tensor]] = {k: [] for k in _FIGS}
+        self.call_idx: list[int] = []
+        self._entries: list[int] = []
+        self._mask_rows: list[torch.Tensor] = []
+        self._mask_meta: list[tuple[int, int, int]] = []
+        self._bwd_vals: list[torch.Tensor] = []
+        self.bwd_idx: list[int] = []
+        # Filled by parts(): what the assembler needs to read the step's parts.
+        self.acts: Any = []
+        self.mask_ids: list[int] = []
+        self.mask_units: list[int] = []
+
+    @property
+    def flags(self) -> bool:
+        """Whether any call's forward figures were taken (or are held) this step."""
+        return bool(self.call_idx or self._fwd.idx)
 
     def attach(self, *, activations: bool, backward: bool, time_gradients: bool) -> None:
         """Hook every watched module for this step (once per activation step: O(modules))."""
@@ -67,6 +133,8 @@ class StepHooks:
             self._handles.append(m.register_forward_hook(partial(self._on_forward, i)))
             if time_gradients and activations and self.kinds[i] == "recurrent":
                 self._handles.append(m.register_forward_pre_hook(partial(self._on_rnn_input, i)))
+        if self.root is not None:   # after the modules' own: the root's output is final
+            self._handles.append(self.root.register_forward_hook(self._on_root_output))
         self.active = True
 
     def detach(self) -> None:
@@ -92,49 +160,87 @@ class StepHooks:
             if idx not in self.seen:
                 self.seen.add(idx)
                 self.order.append(idx)
+            grads = self.act or self.backward
+            held = self._fwd
             for t in tensors:
                 td = t.detach()
-                self.call_idx.append(idx)
-                # A sum is finite iff every entry is: one cheap kernel, and on activation
-                # steps it doubles as the first moment.
-                self.flags.append(self._activation_stats(idx, td) if self.act else td.sum(dtype=F32))
-                if t.requires_grad and (self.act or self.backward):
-                    t.register_hook(partial(self._on_out_grad, idx))
+                if idx in self._safe:
+                    held.add(idx, td)
+                    if grads and t.requires_grad and t.grad_fn is not None and not t.retains_grad \
+                            and self._ret_bytes < HOLD_BYTES:
+                        # A C++ hook keeps the gradient (a copy): no Python runs in the
+                        # backward for this call (2-3x cheaper than a Python hook, measured).
+                        t.retain_grad()
+                        self._ret.append(t)
+                        self._ret_idx.append(idx)
+                        self._ret_bytes += 2 * td.numel() * td.element_size()
+                        continue
+                else:
+                    self._reduce([idx], [td])
+                    if idx not in self._unsafe:
+                        self._learn.add(idx, td)
+                if grads and t.requires_grad:
+                    fn = t.grad_fn
+                    if fn is None:          # a leaf output: only a tensor hook sees its gradient
+                        t.register_hook(partial(self._on_grad, idx))
+                    else:                   # the gradient of the output as the module returned it
+                        fn.register_prehook(partial(self._on_node_grad, idx, t.output_nr))
+            if held.bytes > HOLD_BYTES:
+                self.flush_forward()
         except Exception as e:  # a monitoring bug must never stop the user's training
             self._on_error(e)
 
-    def _activation_stats(self, idx: int, td: torch.Tensor) -> torch.Tensor:
-        """Queue this call's activation figures; return its sum (reused as the flag)."""
-        kind = self.kinds[idx]
-        mn, mx = td.aminmax()
-        total = td.sum(dtype=F32)
-        # Norm about the call's own mean: the spread survives a large offset (100 + 1e-3 x),
-        # where E[x^2] - E[x]^2 in float32 would cancel to zero.
-        norm = torch.linalg.vector_norm(td - total / td.numel(), dtype=F32)
-        # Counts below use sign() and a sum: 3x faster than count_nonzero on CPU (measured).
-        if kind == "relu":
-            extra = td.sign().sum(dtype=F32)                   # active entries (outputs >= 0)
-            active = unit_view(td).amax(0) > 0                 # units that fired at least once
-            prev = self.masks.get(idx)
-            self.masks[idx] = active if prev is None or prev.shape != active.shape else prev | active
-        elif kind in SATURATION_BOUNDS:
-            lo, hi = SATURATION_BOUNDS[kind]                   # symmetric about their middle
-            extra = (td - (lo + hi) / 2).abs_().sub_((hi - lo) / 2).sign_().clamp_(min=0).sum(dtype=F32)
-        else:
-            extra = total  # placeholder of the right dtype and device; ignored for this kind
-        self.acts.append((len(self.flags), idx, td.numel()))  # the flag about to be appended
-        for col, v in zip(self.cols, (mn, mx, norm, extra)):
-            col.append(v)
-        return total
+    def _on_root_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        try:
+            self.flush_forward()
+            if self._ret and not self._ret_hooked:
+                # One hook per forward, on the root's output: it queues the read of the
+                # retained gradients for the end of the backward.
+                outs = [output] if isinstance(output, torch.Tensor) else floating_tensors(output)
+                t = next((o for o in outs if o.grad_fn is not None), None)
+                if t is not None:
+                    self._ret_hooked = True
+                    t.grad_fn.register_prehook(self._on_root_grad)
+        except Exception as e:
+            self._on_error(e)
 
-    def _on_out_grad(self, idx: int, grad: torch.Tensor) -> None:
+    def _on_root_grad(self, grads: tuple) -> None:
+        if self.active and not self._bwd_queued:
+            self._bwd_queued = True
+            _engine.queue_callback(self._on_backward_end)
+
+    def _on_node_grad(self, idx: int, nr: int, grads: tuple) -> None:
+        g = grads[nr] if nr < len(grads) else None
+        if g is not None:
+            self._on_grad(idx, g)
+
+    def _on_grad(self, idx: int, grad: torch.Tensor) -> None:
         if not self.active:
             return
         try:
             if idx not in self.bwd_seen:
                 self.bwd_seen.add(idx)
                 self.bwd_order.append(idx)
-            self.bwd.append((idx, torch.linalg.vector_norm(grad.detach(), dtype=F32)))
+            g = grad.detach()
+            if idx in self._grad_unsafe:
+                self._bwd_vals.append(batched.grad_norms([g]))
+                self.bwd_idx.append(idx)
+                return
+            self._grads.add(idx, g)
+            if not self._bwd_queued:
+                self._bwd_queued = True
+                _engine.queue_callback(self._on_backward_end)
+            if self._grads.bytes > HOLD_BYTES:
+                self.flush_grads()
+        except Exception as e:
+            self._on_error(e)
+
+    def _on_backward_end(self) -> None:
+        self._bwd_queued = False
+        try:
+            self.flush_grads()
         except Exception as e:
             self._on_error(e)
 
@@ -158,27 +264,121 @@ class StepHooks:
         x.register_hook(per_step)
         return (x,) + tuple(args[1:])
 
+    # ---- batched reductions ----------------------------------------------------------
+    def flush_forward(self) -> None:
+        """Reduce the held outputs, and learn which modules' outputs were left unchanged."""
+        idx, ts, changed = self._fwd.take()
+        for i in changed:
+            self._safe.discard(i)
+            self._unsafe.add(i)
+        if idx:
+            self._reduce(idx, ts)
+        lidx, _, lchanged = self._learn.take()
+        self._unsafe.update(lchanged)
+        self._safe.update(i for i in lidx if i not in self._unsafe)
+
+    def _reduce(self, idx: list[int], ts: list[torch.Tensor]) -> None:
+        groups: dict[tuple, list[int]] = {}
+        kinds, act = self.kinds, self.act
+        runs: dict[int, int] = {}
+        for k, (i, t) in enumerate(zip(idx, ts)):
+            kind = kinds[i]
+            groups.setdefault((t.shape, t.dtype, t.device, kind), []).append(k)
+            if act and kind == "relu":
+                # In call order: a module called with another unit count starts a new run,
+                # and only its last run's calls make its mask (as when masks were per call).
+                u = batched.units_of(t.shape)
+                cur = self._units.get(i)
+                if cur is None or cur[0] != u:
+                    cur = self._units[i] = (u, (cur[1] + 1) if cur else 0)
+                runs[k] = cur[1]
+        figs = self._figs
+        for (shape, _, _, kind), pos in groups.items():
+            mods = [idx[k] for k in pos] if len(pos) < len(idx) else idx
+            out = batched.figures([ts[k] for k in pos], kind, act)
+            for name, v in out.items():
+                if name in figs:
+                    figs[name].append(v)
+            self.call_idx.extend(mods)
+            self._entries.extend([shape.numel()] * len(mods))
+            if "units" in out:
+                u = batched.units_of(shape)
+                self._mask_rows.append(out["units"].reshape(-1))
+                self._mask_meta.extend((i, u, runs[k]) for i, k in zip(mods, pos))
+
+    def flush_grads(self) -> None:
+        """Reduce the held output gradients: one grouped norm per (shape, dtype, device)."""
+        idx, gs, changed = self._grads.take()
+        self._grad_unsafe.update(changed)
+        if self._ret:
+            got = self._take_retained()
+            if got:
+                # No hook saw their order: for a chain of modules the backward visits
+                # them in reverse call order, so that order names the first non-finite.
+                for i in reversed(got[0]):
+                    if i not in self.bwd_seen:
+                        self.bwd_seen.add(i)
+                        self.bwd_order.append(i)
+                idx, gs = idx + got[0], gs + got[1]
+        groups: dict[tuple, list[int]] = {}
+        for k, g in enumerate(gs):
+            groups.setdefault((g.shape, g.dtype, g.device), []).append(k)
+        for pos in groups.values():
+            self._bwd_vals.append(batched.grad_norms([gs[k] for k in pos]))
+            self.bwd_idx.extend(idx[k] for k in pos)
+
+    def _take_retained(self) -> tuple[list[int], list[torch.Tensor]] | None:
+        """The retained gradients that arrived (cleared from their tensors); outputs that
+        got none yet stay for a later backward of the step."""
+        grads = [t.grad for t in self._ret]
+        if not any(g is not None for g in grads):
+            return None
+        idx, gs, wait, wait_idx = [], [], [], []
+        for i, t, g in zip(self._ret_idx, self._ret, grads):
+            if g is None:
+                wait.append(t)
+                wait_idx.append(i)
+            else:
+                t.grad = None
+                idx.append(i)
+                gs.append(g.detach())
+        self._ret, self._ret_idx = wait, wait_idx
+        self._ret_hooked = False
+        return idx, gs
+
     # ---- the step's device figures ----------------------------------------------------
     def parts(self, dev: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """This step's figures as named 1-D float32 tensors on ``dev``."""
+        """This step's figures as named 1-D float32 tensors on ``dev``; fills ``acts``,
+        ``mask_ids`` and ``mask_units`` (per mask row: its module, -1 for a row left out,
+        and its unit count) for the assembler."""
+        self.flush_forward()
+        self.flush_grads()
         parts: list[tuple[str, torch.Tensor]] = []
-        if self.flags:
-            parts.append(("flag", _stack(self.flags, dev)))
-            for name, col in zip(("a_min", "a_max", "a_norm", "a_extra"), self.cols):
-                if col:
-                    parts.append((name, _stack(col, dev)))
-        if self.bwd:
-            parts.append(("bwd", _stack([b[1] for b in self.bwd], dev)))
-        for i, m in self.masks.items():
-            parts.append((f"mask{i}", m.to(dev, F32)))
+        self.seen = set(self.call_idx)     # a call dropped above was not measured
+        if self.call_idx:
+            for name in _FIGS:
+                if self._figs[name]:
+                    parts.append((name, _cat(self._figs[name], dev)))
+            if self.act:
+                n = len(self.call_idx)
+                self.acts = np.stack([np.arange(n), np.asarray(self.call_idx), np.asarray(self._entries)], 1)
+        if self._bwd_vals:
+            parts.append(("bwd", _cat(self._bwd_vals, dev)))
+        if self._mask_rows:
+            units = self._units
+            self.mask_ids = [i if units[i][1] == run else -1 for i, _, run in self._mask_meta]
+            self.mask_units = [u for _, u, _ in self._mask_meta]
+            parts.append(("masks", _cat(self._mask_rows, dev)))
         for i, seqs in self.time.items():
             parts.append((f"time{i}", torch.stack([s.to(dev) for s in seqs]).pow(2).sum(0).sqrt()))
         return parts
 
 
-def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Stack 0-d tensors into one float32 vector on ``device`` (converting only if needed)."""
-    if all(v.dtype == F32 and v.device == device for v in values):
-        return torch.stack(values)
+def _cat(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Concatenate 1-D float32 tensors onto ``device`` (converting only if needed)."""
+    if len(values) == 1 and values[0].device == device:
+        return values[0]
+    if all(v.device == device for v in values):
+        return torch.cat(values)
     nb = device.type != "cpu"  # a copy to the host must land before it is read
-    return torch.stack([v.to(device=device, dtype=F32, non_blocking=nb) for v in values])
+    return torch.cat([v.to(device=device, non_blocking=nb) for v in values])

@@ -173,7 +173,7 @@ class Monitor:
         self._all_idx = list(range(len(self._params)))
         self._assembler = Assembler(self._param_names, self._mod_names, self._kinds)
         self._copies = HostCopies()
-        self._hooks = StepHooks(self._modules, self._kinds, self._internal_error)
+        self._hooks = StepHooks(self._modules, self._kinds, self._internal_error, root=root)
 
         # Cross-rank reductions when a process group is active (DDP, FSDP2); else None.
         self._dist = distributed.attach(model, self._params)
@@ -536,8 +536,8 @@ class Monitor:
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None and self.optimizer.param_groups else None
         info.lr = float(lr) if isinstance(lr, (int, float)) else None
         info.call_idx, info.acts, info.order, info.seen = hooks.call_idx, hooks.acts, hooks.order, hooks.seen
-        info.bwd, info.bwd_order = [i for i, _ in hooks.bwd], hooks.bwd_order
-        info.mask_ids, info.time_ids = list(hooks.masks), list(hooks.time)
+        info.bwd, info.bwd_order = hooks.bwd_idx, hooks.bwd_order
+        info.mask_ids, info.mask_units, info.time_ids = hooks.mask_ids, hooks.mask_units, list(hooks.time)
         layout = [(name, t.numel()) for name, t in parts]
         copy = self._copies.start(torch.cat([t.reshape(-1).to(F64) for _, t in parts])) if parts else None
         self._queue.append((copy, layout, info))

@@ -1,0 +1,162 @@
+"""Cost of the recorder's activation steps, measured interleaved (A B A B ...) in one run.
+
+    python bench/activations.py [--steps 40] [--rounds 7] [--threads 1] [--quick]
+
+The gradient-only steps are ``bench/overhead.py``'s; this bench isolates what an
+activation step adds: the module hooks, the batched figures at the end of the step, and
+the record's assembly. For each model it trains the same seeded model as
+
+  bare        plain training
+  gt default  ``gt.watch(model, opt)``: activations every 10th step
+  gt full     ``preset="full"``: activations and output-gradient norms on every step
+  gt grads    ``activations_every=0``: gradient figures only (what an activation step
+              costs on top of it is full minus grads)
+
+and reports the median step time and the median over rounds of each round's ratio to
+bare (per-pair ratios), plus the mean ratio (the default preset's activation step is one
+step in ten: the mean shows it where the median may hide it). A last table times the
+host side of one full-preset record (assemble + write) per model.
+
+Targets (issue 9): defaults <= 1.03x (MLP, transformer), <= 1.15x (100 x Linear(8, 8));
+full <= 1.25x (MLP), <= 1.20x (transformer), <= 2x (100 x Linear(8, 8)).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gradtrace as gt  # noqa: E402
+from overhead import Encoder, mlp  # noqa: E402  (the same models as the overhead bench)
+
+MODES = {"bare": None, "gt default": {}, "gt full": {"preset": "full"},
+         "gt grads": {"activations_every": 0}}
+
+
+class Variant:
+    def __init__(self, name: str, make_model, batch):
+        torch.manual_seed(0)
+        self.name = name
+        self.model = make_model()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.x, self.y = batch
+        kw = MODES[name]
+        self.mon = None if kw is None else gt.watch(self.model, self.opt,
+                                                    out=tempfile.mkdtemp(prefix="gt-act-"), **kw)
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        out = self.model(self.x)
+        loss = nn.functional.cross_entropy(out, self.y)
+        if self.mon is not None:
+            self.mon.record_loss(loss)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def run(self, steps: int) -> None:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.times.append((time.perf_counter() - t0) / steps)
+
+    def close(self) -> None:
+        if self.mon is not None:
+            self.mon.close()
+
+
+def compare(title: str, make_model, batch, steps: int, rounds: int) -> None:
+    variants = [Variant(n, make_model, batch) for n in MODES]
+    for v in variants:                 # warm-up: allocator, kernels, first-step caches
+        v.run(10)
+        v.times.clear()
+    for _ in range(rounds):
+        for v in variants:
+            v.run(steps)
+    base = variants[0]
+    print(f"\n{title}")
+    print("| variant | ms / step | ratio to bare (median of per-round) | mean ratio |")
+    print("|---|---:|---:|---:|")
+    for v in variants:
+        r = [t / b for t, b in zip(v.times, base.times)]
+        print(f"| {v.name} | {statistics.median(v.times) * 1e3:.2f} | {statistics.median(r):.3f}x "
+              f"| {statistics.mean(r):.3f}x |")
+        v.close()
+
+
+def record_cost(title: str, make_model, batch, n: int = 30) -> None:
+    """Host time of one full-preset record: assemble (numpy) and write (encode + file)."""
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mon = gt.watch(model, opt, out=tempfile.mkdtemp(prefix="gt-act-"), preset="full")
+    build, write = [], []
+    orig_build, orig_write = mon._assembler.build, mon._write
+
+    def timed_build(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return orig_build(*a, **k)
+        finally:
+            build.append(time.perf_counter() - t0)
+
+    def timed_write(rec):
+        t0 = time.perf_counter()
+        try:
+            return orig_write(rec)
+        finally:
+            write.append(time.perf_counter() - t0)
+    mon._assembler.build, mon._write = timed_build, timed_write
+    x, y = batch
+    for _ in range(n):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    mon.close()
+    print(f"| {title} | {statistics.median(build) * 1e6:.0f} | {statistics.median(write) * 1e6:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="steps per round and variant")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    ap.add_argument("--only", choices=("mlp", "transformer", "narrow"), default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 10, 2
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
+          "interleaved")
+    g = torch.Generator().manual_seed(0)
+    models = {
+        "mlp": ("24-layer MLP, width 256, batch 128 (Linear+ReLU)", lambda: mlp(24),
+                (torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g))),
+        "transformer": ("6-layer pre-LN transformer encoder (d=128, 4 heads, seq 64, batch 16)", Encoder,
+                        (torch.randn(16, 64, 32, generator=g), torch.randint(0, 10, (16,), generator=g))),
+        "narrow": ("100 x (Linear(8, 8) + Tanh), batch 16 (launch-bound)",
+                   lambda: nn.Sequential(*mlp(100, 8, nn.Tanh)[:-1]),
+                   (torch.randn(16, 8, generator=g), torch.randint(0, 8, (16,), generator=g))),
+    }
+    chosen = [args.only] if args.only else list(models)
+    for k in chosen:
+        compare(*models[k], args.steps, args.rounds)
+    print("\nHost side of one full-preset record (median)")
+    print("| model | assemble us | write us |")
+    print("|---|---:|---:|")
+    for k in chosen:
+        title, make, batch = models[k]
+        record_cost(title.split(",")[0].split(" (")[0], make, batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Figures of many module calls in a few kernels: same-shape outputs stacked, reduced per row.
+
+The step's module hooks keep references; at the end of the forward (or of the backward, for
+output gradients) the calls are grouped by (shape, dtype, kind) and each group is stacked
+once and reduced over its stacked rows: O(number of groups) kernel launches instead of
+about ten per call. A call's figures are exactly those of the per-call definitions:
+
+* ``flag``: the sum of its entries in float32 (finite iff every entry is; the first moment)
+* ``a_min`` / ``a_max``: smallest and largest entry
+* ``a_norm``: the norm about the call's own mean (a spread that survives a large offset,
+  100 + 1e-3 x, where E[x^2] - E[x]^2 in float32 would cancel to zero)
+* ``a_extra``: ReLU: ``sum(sign(x))`` (active entries); sigmoid/tanh: entries outside the
+  saturation bounds; other kinds: the sum again (a placeholder the assembler ignores)
+* ``units`` (ReLU only): per unit, 1.0 if it was positive for at least one sample
+
+Measured on CPU (one thread, 24 rows of 128 x 256): ``aminmax(dim=1)`` takes 1.7 ms where
+``amin`` + ``amax`` take 71 us, and ``var_mean`` 8.4 ms where a sum, a subtraction and a
+norm take 0.29 ms, so those are used. ``sign().sum()`` is 6x faster than a comparison's sum.
+"""
+from __future__ import annotations
+
+import torch
+
+from .selection import SATURATION_BOUNDS
+
+F32 = torch.float32
+#: At most this many bytes are stacked at once (a transient copy of a group's outputs).
+STACK_BYTES = 16 << 20
+
+
+def units_of(shape: torch.Size) -> int:
+    """Unit count of an output of ``shape``, as :func:`selection.unit_view` sees it.
+
+    Example:
+        >>> units_of(torch.Size([8, 3, 5, 5])), units_of(torch.Size([4, 7])), units_of(torch.Size([5]))
+        (3, 7, 5)
+    """
+    if len(shape) >= 4:
+        return shape[1]
+    return shape[-1] if len(shape) else 1
+
+
+def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The calls as the rows of a (k, *shape) tensor (a view when there is one call)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _unit_active(s: torch.Tensor) -> torch.Tensor:
+    """Per row and unit of a stacked (k, *shape) ReLU output: 1.0 if any sample was > 0."""
+    k = s.shape[0]
+    if s.dim() >= 5:          # conv outputs: channels are dim 1 of each call
+        v = s.transpose(2, -1).reshape(k, -1, s.shape[2])
+    elif s.dim() == 1:        # 0-d outputs: one unit
+        v = s.reshape(k, 1, 1)
+    else:
+        v = s.reshape(k, -1, s.shape[-1])
+    return (v.amax(1) > 0).to(F32)
+
+
+def figures(tensors: list[torch.Tensor], kind: str | None, act: bool) -> dict[str, torch.Tensor]:
+    """Per-call figures of same-shape, same-dtype outputs of one activation ``kind``.
+
+    Returns 1-D float32 tensors of length ``len(tensors)`` (``units``: one row per call),
+    ``flag`` alone when ``act`` is false.
+
+    Example:
+        >>> f = figures([torch.tensor([[-1.0, 2.0]]), torch.tensor([[0.0, 3.0]])], "relu", True)
+        >>> f["flag"].tolist(), f["a_min"].tolist(), f["a_extra"].tolist(), f["units"].tolist()
+        ([1.0, 3.0], [-1.0, 0.0], [0.0, 1.0], [[0.0, 1.0], [0.0, 1.0]])
+    """
+    per = tensors[0].numel() * tensors[0].element_size()
+    chunk = max(1, STACK_BYTES // max(per, 1))
+    if len(tensors) > chunk:   # bound the transient copy; rare (large outputs, many calls)
+        parts = [figures(tensors[i:i + chunk], kind, act) for i in range(0, len(tensors), chunk)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    s = _rows(tensors)
+    flat = s.reshape(s.shape[0], -1)
+    total = flat.sum(1, dtype=F32)
+    if not act:
+        return {"flag": total}
+    n = flat.shape[1]
+    out = {"flag": total, "a_min": flat.amin(1).to(F32), "a_max": flat.amax(1).to(F32)}
+    out["a_norm"] = torch.linalg.vector_norm(flat - (total / n).unsqueeze(1), dim=1, dtype=F32)
+    if kind == "relu":
+        out["a_extra"] = flat.sign().sum(1, dtype=F32)
+        out["units"] = _unit_active(s)
+    elif kind in SATURATION_BOUNDS:
+        lo, hi = SATURATION_BOUNDS[kind]                 # symmetric about their middle
+        out["a_extra"] = (flat - (lo + hi) / 2).abs_().sub_((hi - lo) / 2).sign_().clamp_(min=0).sum(1, dtype=F32)
+    else:
+        out["a_extra"] = total
+    return out
+
+
+def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Float32 norms of same-shape, same-dtype gradients, one per tensor.
+
+    Example:
+        >>> grad_norms([torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])]).tolist()
+        [5.0, 1.0]
+    """
+    per = grads[0].numel() * grads[0].element_size()
+    chunk = max(1, STACK_BYTES // max(per, 1))
+    if len(grads) > chunk:
+        return torch.cat([grad_norms(grads[i:i + chunk]) for i in range(0, len(grads), chunk)])
+    s = _rows(grads)
+    return torch.linalg.vector_norm(s.reshape(s.shape[0], -1), dim=1, dtype=F32)

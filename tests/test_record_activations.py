@@ -1,0 +1,317 @@
+"""The recorder's batched activation figures equal per-call references, step after step.
+
+A module's first activation step is measured call by call in its hook; from its next
+one on, its calls are held and reduced in groups (``record/batched.py``) and its output
+gradients come from retained gradients. These tests therefore compare several steps of
+each run with figures computed by the test's own hooks (float64, from clones taken when
+each module returned): mixed shapes, conv outputs, a ReLU shared across calls of
+different shapes, RNN time steps, tuple outputs, in-place changes after return, early
+flushes, and non-finite outputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradtrace as gt
+from gradtrace.record import hooks as hooks_mod
+from gradtrace.record.selection import SATURATION_BOUNDS
+
+STAT_RTOL = 1e-4      # float32 reductions against float64 references
+NORM_RTOL = 1e-5
+ATOL = 1e-6
+
+
+class Pair(nn.Module):
+    """Returns a tuple of two tensors of different shapes (owns its weight: watched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 16) * 0.25)
+
+    def forward(self, x):
+        h = x @ self.weight
+        return h, h[:, :4] * 2.0
+
+
+class Mixed(nn.Module):
+    """Mixed shapes, kinds and repeated calls in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.crelu = nn.ReLU()
+        self.fc = nn.Linear(3 * 4 * 4, 16)
+        self.shared = nn.ReLU()           # called on (B, 16) and (B, 8) outputs
+        self.pair = Pair()
+        self.down = nn.Linear(16, 8)
+        self.tanh = nn.Tanh()
+        self.sig = nn.Sigmoid()
+        self.cell = nn.RNNCell(8, 8)      # called once per time step
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.crelu(self.conv(x)).flatten(1)
+        h = self.shared(self.fc(h))
+        a, b = self.pair(h)
+        h = self.shared(self.down(a)) + b.sum(1, keepdim=True)
+        h = self.tanh(h * 3.0)
+        s = self.sig(h * 4.0)
+        state = torch.zeros_like(s)
+        for _ in range(3):
+            state = self.cell(s, state)
+        return self.head(state)
+
+
+class Reference:
+    """The test's own hooks: each call's output and output gradient, cloned at once."""
+
+    def __init__(self, model: nn.Module):
+        self.outs: dict[str, list[torch.Tensor]] = {}
+        self.grads: dict[str, list[torch.Tensor]] = {}
+        watched = gt.record.selection.select(model).modules
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if n in watched]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            outs = [output] if isinstance(output, torch.Tensor) else [o for o in output if isinstance(o, torch.Tensor)]
+            for o in outs:
+                self.outs.setdefault(name, []).append(o.detach().clone().double())
+                if o.requires_grad:
+                    o.register_hook(lambda g, n=name: self.grads.setdefault(n, []).append(g.detach().clone().double()))
+        return hook
+
+    def clear(self):
+        self.outs, self.grads = {}, {}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _units(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, -1).reshape(-1, t.shape[1]) if t.dim() >= 4 else t.reshape(-1, t.shape[-1])
+
+
+def at(t: gt.Trace, stat: str, name: str, step: int):
+    """The value of ``stat`` for ``name`` at ``step`` (nan where it was not recorded)."""
+    steps, values = t.series(stat, name, with_steps=True)
+    hit = np.flatnonzero(steps == step)
+    return values[hit[0]] if hit.size else np.nan
+
+
+def check_step(t: gt.Trace, row: int, ref: Reference, kinds: dict[str, str | None], outgrad: bool = True):
+    """Every module figure of recorded row ``row`` against the reference's calls."""
+    for name, outs in ref.outs.items():
+        flat = torch.cat([o.reshape(-1) for o in outs])
+        np.testing.assert_allclose(at(t, "out_mean", name, row), flat.mean().item(), rtol=STAT_RTOL, atol=ATOL,
+                                   err_msg=f"out_mean {name}")
+        np.testing.assert_allclose(at(t, "out_std", name, row), flat.std(unbiased=False).item(),
+                                   rtol=STAT_RTOL, atol=ATOL, err_msg=f"out_std {name}")
+        np.testing.assert_allclose(at(t, "out_maxabs", name, row), flat.abs().max().item(), rtol=NORM_RTOL,
+                                   err_msg=f"out_maxabs {name}")
+        kind = kinds[name]
+        if kind == "relu":
+            np.testing.assert_allclose(at(t, "zero_frac", name, row), (flat <= 0).double().mean().item(),
+                                       rtol=NORM_RTOL, atol=ATOL, err_msg=f"zero_frac {name}")
+            # the mask of the last run of calls with one unit count, OR-ed over those calls
+            k = len(outs)
+            while k > 0 and _units(outs[k - 1]).shape[1] == _units(outs[-1]).shape[1]:
+                k -= 1
+            last = outs[k:]
+            want = torch.stack([(_units(o).amax(0) > 0) for o in last]).any(0).numpy()
+            np.testing.assert_array_equal(at(t, "active_mask", name, row), want, err_msg=f"mask {name}")
+            assert at(t, "dead_units", name, row) == (~want).sum()
+        elif kind in SATURATION_BOUNDS:
+            lo, hi = SATURATION_BOUNDS[kind]
+            np.testing.assert_allclose(at(t, "saturated_frac", name, row),
+                                       ((flat < lo) | (flat > hi)).double().mean().item(), rtol=NORM_RTOL,
+                                       atol=ATOL, err_msg=f"saturated_frac {name}")
+    if outgrad:
+        for name, gs in ref.grads.items():
+            want = torch.sqrt(sum(g.pow(2).sum() for g in gs)).item()
+            np.testing.assert_allclose(at(t, "outgrad_norm", name, row), want, rtol=NORM_RTOL, atol=1e-9,
+                                       err_msg=f"outgrad_norm {name}")
+
+
+def _kinds(mon) -> dict[str, str | None]:
+    return dict(zip(mon._mod_names, mon._kinds))
+
+
+def run_and_check(model: nn.Module, make_x, steps: int = 4, **watch):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = Reference(model)
+    g = torch.Generator().manual_seed(3)
+    with gt.watch(model, opt, preset="full", **watch) as mon:
+        for step in range(steps):
+            ref.clear()
+            model(make_x(g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            check_step(mon.trace, step, ref, _kinds(mon))
+    ref.remove()
+    return mon
+
+
+def test_mixed_shapes_shared_modules_tuples_and_time_steps_match_per_call_reference():
+    torch.manual_seed(0)
+    model = Mixed()
+    mon = run_and_check(model, lambda g: torch.randn(6, 2, 4, 4, generator=g))
+    t = mon.trace
+    # the shared ReLU saw (6, 16) then (6, 8): its mask is the last call's 8 units
+    assert t.series("units", "shared")[-1] == 8
+    assert t.series("units", "crelu")[-1] == 3          # conv channels are the units
+    # from the second step on the calls were held and reduced in groups
+    assert mon._hooks._safe and not mon._hooks._unsafe
+
+
+def test_batched_path_is_what_ran():
+    """Guard for the other tests: after the first step, no call is measured in its hook."""
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    calls = []
+    orig = hooks_mod.StepHooks._reduce
+
+    def spy(self, idx, ts):
+        calls.append(len(idx))
+        return orig(self, idx, ts)
+    hooks_mod.StepHooks._reduce = spy
+    try:
+        with gt.watch(model, opt, preset="full"):
+            for step in range(3):
+                calls.clear()
+                model(torch.randn(6, 2, 4, 4)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                if step == 0:
+                    assert set(calls) == {1}            # learning: one call per reduction
+                else:
+                    assert len(calls) == 1 and calls[0] > 10   # one batch for the whole forward
+    finally:
+        hooks_mod.StepHooks._reduce = orig
+
+
+def test_outputs_changed_in_place_after_return_keep_their_figures():
+    torch.manual_seed(0)
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.relu = nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU(inplace=True)
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = self.b(x)
+            h += x                      # changes b's output after b returned
+            return self.out(self.relu(self.a(h)))   # the in-place ReLU changes a's output
+
+    model = Residual()
+    mon = run_and_check(model, lambda g: torch.randn(16, 8, generator=g))
+    assert {"a", "b"} <= {mon._mod_names[i] for i in mon._hooks._unsafe}
+
+
+def test_a_deferred_output_changed_later_is_dropped_for_that_step_not_misread():
+    torch.manual_seed(0)
+
+    class Sometimes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(8, 8), nn.Linear(8, 1)
+            self.change = False
+
+        def forward(self, x):
+            h = self.lin(x)
+            if self.change:
+                h.mul_(100.0)          # after lin returned: its held output is no longer its output
+            return self.out(h)
+
+    model = Sometimes()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = Reference(model)
+    g = torch.Generator().manual_seed(0)
+    with gt.watch(model, opt, preset="full") as mon:
+        for step in range(4):
+            model.change = step == 2
+            ref.clear()
+            model(torch.randn(16, 8, generator=g)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if step != 2:
+                check_step(mon.trace, step, ref, _kinds(mon))
+            else:
+                out_mean = ref.outs["out"][0].mean().item()
+    t = mon.trace
+    assert np.isnan(at(t, "out_mean", "lin", 2))       # missing, not the changed values
+    np.testing.assert_allclose(at(t, "out_mean", "out", 2), out_mean, rtol=STAT_RTOL)
+    assert mon._mod_names.index("lin") in mon._hooks._unsafe   # measured in its hook from then on
+
+
+def test_early_flushes_under_a_small_hold_budget_give_the_same_figures(monkeypatch):
+    monkeypatch.setattr(hooks_mod, "HOLD_BYTES", 256)
+    torch.manual_seed(0)
+    run_and_check(Mixed(), lambda g: torch.randn(6, 2, 4, 4, generator=g), steps=3)
+
+
+def test_gradient_accumulation_pools_every_micro_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = Reference(model)
+    g = torch.Generator().manual_seed(1)
+    with gt.watch(model, opt, preset="full") as mon:
+        for step in range(3):
+            ref.clear()
+            for _ in range(3):
+                model(torch.randn(4, 8, generator=g)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            check_step(mon.trace, step, ref, _kinds(mon))
+
+
+@pytest.mark.parametrize("where", ["0", "2"])
+def test_nonfinite_output_on_a_batched_step_is_flagged_at_its_module(where):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def poison(module, inputs, output):
+        if poison.on:
+            output = output.clone()
+            output[0, 0] = float("inf")
+            return output
+    poison.on = False
+    model[int(where)].register_forward_hook(poison)
+    with gt.watch(model, None, preset="full") as mon:      # no update: the weights stay finite
+        for step in range(4):
+            poison.on = step == 2
+            model(torch.randn(4, 8)).sum().backward()
+            mon.step()
+            model.zero_grad()
+    t = mon.trace
+    flags = t.series("out_flag_nonfinite", where)
+    assert flags.tolist() == [0, 0, 1, 0]
+    assert t.series("out_nonfinite", where)[2] == 1
+    ev = t.events("nonfinite")
+    assert [e["step"] for e in ev] == [2] and ev[0]["forward"] == where
+    if where == "2":          # inf reached the ReLU: not read as dead or live units
+        assert np.isnan(at(t, "dead_units", "3", 2))
+
+
+def test_unit_count_runs_keep_the_last_run_like_per_call_masks():
+    """A ReLU called on 4, then 6, then 4 units: its mask is the last call's alone."""
+    torch.manual_seed(0)
+
+    class Runs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.relu = nn.Linear(3, 4), nn.Linear(3, 6), nn.ReLU()
+
+        def forward(self, x):
+            first = self.relu(self.a(x))
+            mid = self.relu(self.b(x))
+            last = self.relu(self.a(-x))
+            return first.sum() + mid.sum() + last.sum()
+
+    run_and_check(Runs(), lambda g: torch.randn(5, 3, generator=g), steps=3)
