@@ -229,3 +229,16 @@ def test_rows_use_typed_evidence():
     assert any("40 steps" in f.action for f in fixes_for("vanishing_through_time", None, [], evidence=tt))
     with pytest.raises(ValueError, match="GradientNormSurge is not evidence of a dead_units finding"):
         fixes_for("dead_units", None, [], evidence=surge)
+
+
+def test_a_merged_explosion_uses_both_parts():
+    """Depth profile first, the norm surge merged under ``also``: the clip limit comes from
+    the surge's baseline and the initialisation row from the depth profile, in either order."""
+    from gradtrace.diagnose import evidence as E
+
+    depth = _full(E.ExplodingGradients)
+    surge = E.GradientNormSurge.from_mapping({**_full(E.GradientNormSurge), "baseline_grad_norm": 0.2})
+    for first, other in ((depth, surge), (surge, depth)):
+        f = gt.Finding("exploding_gradients", "error", ["net.0"], 3, 9, {**first, "also": [other]})
+        codes = [x.code for x in gt.advise([f])[0].fixes]
+        assert any("max_norm=0.4" in c for c in codes) and any("init_for_activation" in c for c in codes)

@@ -40,10 +40,19 @@ def _lr_fix(row: ChecklistRow, ctx: RunContext, why: str, step: int | None) -> F
                f"for group in optimizer.param_groups: group['lr'] /= {LR_CUT:g}")
 
 
+def _part(evidence: Evidence | None, cls: type) -> Evidence | None:
+    """The evidence of class ``cls`` in a finding: its own or one merged into it (``also``:
+    an explosion seen across depth and over the steps is one finding with both)."""
+    if evidence is None:
+        return None
+    return next((e for e in (evidence, *(evidence.also or ())) if isinstance(e, cls)), None)
+
+
 def _clip_fix(row: ChecklistRow, evidence: Evidence | None) -> Fix:
     max_norm = DEFAULT_MAX_NORM
     # Only a surge of the total norm measured its usual level; other evidence has none.
-    base = evidence.baseline_grad_norm if isinstance(evidence, GradientNormSurge) else None
+    surge = _part(evidence, GradientNormSurge)
+    base = surge.baseline_grad_norm if surge is not None else None
     note = ""
     if isinstance(base, (int, float)) and math.isfinite(base) and base > 0:
         max_norm = float(f"{2 * base:.1g}")
@@ -129,7 +138,8 @@ def gradients_explode(row, kind, ctx, layers, evidence, step):
                    "sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 500))")
         return [lr, warm, clip]
     fixes = [clip, lr]
-    if isinstance(evidence, ExplodingGradients) and evidence.per_layer_gain is not None:
+    depth = _part(evidence, ExplodingGradients)
+    if depth is not None and depth.per_layer_gain is not None:
         fixes.append(_init_fix(row, ctx, layers))
     return fixes
 
