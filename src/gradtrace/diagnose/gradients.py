@@ -259,7 +259,7 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
         """Did the loss not rise up to record fin[k] (:func:`_loss_rose`)? A gradient norm
         that grows while the loss falls or holds is training reaching sharper regions, not
         an explosion."""
-        ls = loss_fin[: k + 1]
+        ls = loss_fin[max(0, k + 1 - 4 * w): k + 1]    # enough for _loss_rose's 2 windows
         ls = ls[np.isfinite(ls)]
         return ls.size >= 4 and not _loss_rose(ls, level, th)
     k0 = max(th.min_baseline, w - 1)    # a sustained climb needs a full window of records
@@ -297,7 +297,8 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     # remedy doing its job (the chapter's clipped RNN), and nothing the user should change.
     # Once the loss rises or goes non-finite despite the clipping, the steps count again.
     # Each step is judged with the records up to it, so a live run says the same.
-    idx = [i for i in sorted(flagged) if not _contained(trace, int(steps[i]), loss_at, level, th)]
+    held = _contained(trace, [int(steps[i]) for i in flagged], loss_at, level, th)
+    idx = [i for i in sorted(flagged) if int(steps[i]) not in held]
     if not idx:
         return []
     i0 = idx[0]
@@ -375,17 +376,26 @@ def _spikes_corroborated(trace: Trace, steps: np.ndarray, logs: np.ndarray,
     return out
 
 
-def _contained(trace: Trace, step: int, loss_at: dict, level: float, th: Thresholds) -> bool:
-    """Did clipping bound the update applied at ``step`` (a finite post-clip total norm was
-    recorded) while the loss held: every loss up to ``step`` finite, and over the last
-    ``th.baseline_window`` of them the later half's median not above the earlier half's by
-    ``th.spike_min_rise`` of the run's early loss ``level`` (the spike rule's notion of a
-    real rise)? False without a post-clip norm or a loss to judge by."""
-    post = _clipped_norms(trace, [step])
-    if not post:
-        return False
-    ls = np.array([v for s, v in loss_at.items() if s <= step], dtype=np.float64)
-    return ls.size >= 4 and bool(np.all(np.isfinite(ls))) and not _loss_rose(ls, level, th)
+def _contained(trace: Trace, steps: list[int], loss_at: dict, level: float, th: Thresholds) -> set[int]:
+    """The ``steps`` at which clipping bounded the applied update (a finite post-clip total
+    norm was recorded) while the loss held: every loss up to the step finite and no rise
+    (:func:`_loss_rose`) at it. Empty without post-clip norms or a loss to judge by."""
+    if not steps or not loss_at or not U.has_stat(trace, "total_grad_norm_post_clip"):
+        return set()
+    rec_steps, post = trace.series("total_grad_norm_post_clip", with_steps=True)
+    post_at = dict(zip(rec_steps.tolist(), post.tolist()))
+    lsteps = np.array(sorted(loss_at), dtype=np.int64)
+    lvals = np.array([loss_at[k] for k in lsteps.tolist()], dtype=np.float64)
+    bad = np.concatenate([[0], np.cumsum(~np.isfinite(lvals))])
+    out = set()
+    for step in steps:
+        v = post_at.get(step)
+        n = int(np.searchsorted(lsteps, step, side="right"))
+        if v is None or not math.isfinite(v) or n < 4 or bad[n] > 0:
+            continue
+        if not _loss_rose(lvals[max(0, n - 2 * th.baseline_window): n], level, th):
+            out.add(step)
+    return out
 
 
 def _loss_rose(ls: np.ndarray, level: float, th: Thresholds) -> bool:
