@@ -330,3 +330,75 @@ def test_zero_norms_are_told_apart_without_float64(monkeypatch):
     assert v[1].item() == 0.0 and v[3].item() == 0.0
     assert v[2].item() == pytest.approx(ref_norm(vanished, 2.0), rel=RTOL, abs=0.0)
     assert torch.equal(N.norm_vector([zero], 1.0), torch.zeros(1))
+
+
+# ------------------------------------------------------------------ the flat CPU route
+
+RTOL_WIDE = 1e-12    # float64 sums of squares of the same entries, summed in another order
+
+
+def _route_mix(seed: int = 7) -> list[torch.Tensor]:
+    """Small and large tensors (either side of SMALL_NUMEL), entries from 1e-25 to 1e20,
+    an empty one, a non-contiguous one, zeros, and float16/bfloat16/float64 neighbours."""
+    g = torch.Generator().manual_seed(seed)
+    cut = N.SMALL_NUMEL
+    return [torch.randn(8, 8, generator=g), torch.randn(cut, generator=g) * 1e-25,
+            torch.randn(cut + 1, generator=g), torch.full((16,), 1e20), torch.empty(0),
+            torch.randn(12, 5, generator=g).t(), torch.zeros(9), torch.randn(40, 40, generator=g),
+            torch.randn(3, generator=g) * 1e-30, torch.randn(1, generator=g)]
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_flat_route_matches_a_float64_reference(uniform):
+    ts = _route_mix()
+    wide = N.norm_vector(ts, wide=True, uniform=uniform)
+    narrow = N.norm_vector(ts, uniform=uniform)
+    assert wide.dtype == torch.float64 and narrow.dtype == torch.float32
+    for t, w, n, m in zip(ts, wide.tolist(), narrow.tolist(), N.grad_norms(ts)):
+        ref = ref_norm(t, 2.0)
+        # small tensors: float64 sums, near-exact; large ones: float32 foreach (checked)
+        tol = RTOL_WIDE if t.numel() <= N.SMALL_NUMEL else RTOL
+        assert w == pytest.approx(ref, rel=tol, abs=0.0)
+        assert n == pytest.approx(ref, rel=RTOL, abs=0.0) and n == float(m)
+    assert wide[4].item() == 0.0 and wide[6].item() == 0.0
+    for t in _mixed():                          # half/bfloat16/float64 alone: same route
+        assert N.norm_vector([t], wide=True).item() == pytest.approx(ref_norm(t, 2.0),
+                                                                     rel=RTOL_WIDE)
+
+
+def test_flat_route_reads_once_and_redoes_nothing(monkeypatch):
+    # Tiny, huge and zero small tensors: one flat read, no range check, no float64 redo.
+    g = torch.Generator().manual_seed(8)
+    small = [torch.randn(8, 8, generator=g) * 1e-25, torch.full((8,), 1e20), torch.zeros(64),
+             torch.randn(8, 8, generator=g) * 1e-13]
+    wide_calls = _count_wide(monkeypatch)
+    count = _Counter(monkeypatch)
+    v = N.norm_vector(small, wide=True)
+    assert count.calls == 1 and wide_calls == []
+    for t, n in zip(small, v.tolist()):
+        assert n == pytest.approx(ref_norm(t, 2.0), rel=RTOL_WIDE, abs=0.0)
+    # a mixed list: one flat read for the small ones, one foreach for the large ones
+    count.calls = 0
+    N.norm_vector(small + [torch.randn(N.SMALL_NUMEL + 1, generator=g)])
+    assert count.calls == 2 and wide_calls == []
+
+
+def test_published_norms_live_while_their_token_is_held():
+    ts = [torch.randn(4, 4), torch.randn(3)]
+    exact = torch.tensor([ref_norm(t, 2.0) for t in ts], dtype=torch.float64)
+    assert N.publish(ts, exact) is None                  # nobody listens: nothing kept
+    with N.register(lambda *a: None):
+        token = N.publish(ts, exact)
+        assert N.recall(ts) is exact
+        assert N.recall(list(reversed(ts))) is None       # another order: not the batch ...
+        again = N.grad_norms(list(reversed(ts)))          # ... but found per tensor
+        assert [float(n) for n in again] == pytest.approx(exact.flip(0).tolist(), rel=RTOL)
+        with pytest.raises(ValueError, match="1-D tensor of 2"):
+            N.publish(ts, exact[:1])
+        ts[1].mul_(2.0)                                   # changed: not recalled
+        assert N.recall(ts) is None
+        ts[1].div_(2.0)
+        token = N.publish(ts, exact)
+        del token
+        gc.collect()
+        assert N.recall(ts) is None                       # withdrawn with its token

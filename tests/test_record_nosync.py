@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -19,6 +20,7 @@ from gradtrace import norms
 
 CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "__index__")
 CPU_ONLY = {(norms.__file__, "_rescue")}
+RTOL_WIDE = 1e-12    # float64 sums of squares of the same float32 entries, another order
 
 
 class Counter:
@@ -64,3 +66,46 @@ def test_no_host_read_on_any_step_recorded_or_not(monkeypatch):
     t = mon.trace
     assert list(t.steps_recorded) == list(range(14))
     assert "out_mean" in t.stats() and "total_grad_norm_post_clip" in t.stats()  # both kinds ran
+
+
+def test_one_read_of_the_gradients_per_step_and_nothing_measured_again(monkeypatch):
+    # A vanishing network (norms down to ~1e-17, squares below float32's normal range)
+    # with a dead layer (earlier gradients exactly zero): every step reads the gradients
+    # once (one flat float64 pass) and re-measures none of them, and the figures match a
+    # float64 reference.
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(30):
+        lin = nn.Linear(8, 8)
+        nn.init.normal_(lin.weight, std=0.1)
+        layers += [lin, nn.Tanh()]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        model[10].weight.zero_()                      # layers before it get zero gradients
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reads = []
+    for owner, name in ((torch, "_foreach_norm"), (torch.linalg, "vector_norm"),
+                        (torch._C._nn, "flatten_dense_tensors"), (torch, "aminmax")):
+        real = getattr(owner, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(owner, name, counted)
+    g = torch.Generator().manual_seed(2)
+    refs = []
+    with gt.watch(model, opt, activations_every=0) as mon:
+        for _ in range(3):
+            model(torch.randn(16, 8, generator=g)).pow(2).mean().backward()
+            refs.append([float(p.grad.double().pow(2).sum().sqrt()) for p in model.parameters()])
+            opt.step()
+            opt.zero_grad()
+    assert reads == ["flatten_dense_tensors"] * 3, reads
+    monkeypatch.undo()
+    t = mon.trace
+    names = [n for n, _ in model.named_parameters()]
+    for step, ref in enumerate(refs):
+        got = [float(t.series("grad_norm", n)[step]) for n in names]
+        assert min(v for v in ref if v > 0) < 1e-16 and ref[0] == 0.0   # vanishing, dead
+        for a, b in zip(got, ref):
+            assert a == pytest.approx(b, rel=RTOL_WIDE, abs=0.0)

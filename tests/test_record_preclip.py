@@ -159,3 +159,61 @@ def test_root_never_called_still_records_pre_clip():
         np.testing.assert_allclose(mon.trace.series("grad_norm", n)[0], v, rtol=RTOL)
     np.testing.assert_allclose(mon.trace.series("total_grad_norm")[0], pre_total, rtol=RTOL)
     np.testing.assert_allclose(mon.trace.series("total_grad_norm_post_clip")[0], total_of(ref), rtol=RTOL)
+
+
+class GradReads:
+    """Counts the norm engine's reads of the given gradients (foreach, per tensor, flat)."""
+
+    def __init__(self, monkeypatch, grads):
+        self.calls, ids = 0, {id(g) for g in grads}
+        for owner, name in ((torch, "_foreach_norm"), (torch.linalg, "vector_norm"),
+                            (torch._C._nn, "flatten_dense_tensors")):
+            real = getattr(owner, name)
+
+            def counted(x, *a, _real=real, **k):
+                xs = x if isinstance(x, (list, tuple)) else [x]
+                self.calls += any(id(t) in ids for t in xs)
+                return _real(x, *a, **k)
+            monkeypatch.setattr(owner, name, counted)
+
+
+def wide_mlp(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(8, 40), nn.Tanh(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    m.register_parameter("unused", nn.Parameter(torch.ones(3)))   # its .grad stays None
+    return m
+
+
+@pytest.mark.parametrize("how", ["user_call", "watch_arg"])
+def test_gradtrace_clip_reuses_the_monitors_norms_and_derives_the_post_clip_total(monkeypatch, how):
+    # Small (flat route) and large (foreach) gradients, one None: gradtrace's clip reads
+    # no gradient (the monitor's end-of-backward norms are reused), and the post-clip total
+    # comes from its coefficient; all of it equals torch's clip on a twin model.
+    model, ref = wide_mlp(), wide_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    (x,) = batches(1)
+    max_norm = 0.05
+    with gt.watch(model, opt, **({"clip": max_norm} if how == "watch_arg" else {})) as mon:
+        model(x).pow(2).mean().backward()
+        reads = GradReads(monkeypatch, [p.grad for p in model.parameters() if p.grad is not None])
+        if how == "user_call":
+            gt.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        assert reads.calls == 0
+        monkeypatch.undo()
+    ref(x).pow(2).mean().backward()
+    pre = torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], max_norm)
+    post = total_of_present(ref)
+    ref_opt.step()
+    t = mon.trace
+    np.testing.assert_allclose(t.series("total_grad_norm")[0], pre.item(), rtol=RTOL)
+    np.testing.assert_allclose(t.series("total_grad_norm_post_clip")[0], post, rtol=RTOL)
+    np.testing.assert_allclose(t.series("grad_changed_ratio")[0], post / pre.item(), rtol=RTOL)
+    assert post < pre.item()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def total_of_present(model):
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()

@@ -476,23 +476,42 @@ _observers: "OrderedDict[int, Any]" = OrderedDict()
 class _Batch:
     """The norms of a list of tensors as one vector, valid for the tensors' versions at
     publication: a monitor's end-of-backward norms (:func:`publish`), or a clipper's
-    post-clip norms ``pre * coef`` (multiplied out on first use only). Holds the tensors
-    weakly; every per-tensor step below is a C-level ``map``, so publishing and matching
-    cost no Python call per tensor."""
+    post-clip norms ``pre * coef`` (multiplied out on first use only).
 
-    __slots__ = ("refs", "versions", "pre", "coef", "key", "_vec", "_index")
+    An *owned* batch holds its tensors strongly and is itself held only by its owner (a
+    monitor, for one step) and, weakly, by the registry: it lives exactly as long as the
+    owner keeps the step's gradients anyway, and costs no weak reference per tensor.
+    Post-clip batches derived from it are owned by it. Any other batch holds its tensors
+    weakly. Every per-tensor step here is a C-level ``map``: no Python call per tensor."""
 
-    def __init__(self, tensors: list[Tensor], pre: Any, coef: Tensor | None = None) -> None:
-        self.refs = list(map(weakref.ref, tensors))
-        self.versions = list(map(_VERSION, tensors))
-        self.pre, self.coef, self._vec, self._index = pre, coef, None, None
-        # (device, dtype) when all are plain dense tensors of one device and dtype: a
-        # clipper then scales them as one group without grouping them again.
-        kinds = set(zip(map(_DEVICE, tensors), map(_DTYPE, tensors), map(_LAYOUT, tensors),
-                        map(type, tensors)))
-        one = next(iter(kinds)) if len(kinds) == 1 else None
-        self.key = one[:2] if one is not None and one[2] == torch.strided and one[3] in _PLAIN \
-            else None
+    __slots__ = ("tensors", "refs", "versions", "pre", "coef", "derived", "_key", "_vec",
+                 "_index", "__weakref__")
+
+    def __init__(self, tensors: list[Tensor], pre: Any, coef: Tensor | None = None, *,
+                 versions: list[int] | None = None, owned: bool = False) -> None:
+        self.tensors = tensors if owned else None
+        self.refs = None if owned else list(map(weakref.ref, tensors))
+        self.versions = list(map(_VERSION, tensors)) if versions is None else versions
+        self.pre, self.coef = pre, coef
+        self.derived: list[_Batch] = []
+        self._key: Any = False
+        self._vec = self._index = None
+
+    def live(self) -> list[Any]:
+        """The tensors (None for any that died)."""
+        return self.tensors if self.tensors is not None else list(map(operator.call, self.refs))
+
+    @property
+    def key(self) -> tuple[torch.device, torch.dtype] | None:
+        """(device, dtype) when all are plain dense tensors of one device and dtype (a
+        clipper then scales them as one group without grouping them again), else None."""
+        if self._key is False:
+            ts = self.live()
+            kinds = set(zip(map(type, ts), map(_LAYOUT, ts), map(_DTYPE, ts), map(_DEVICE, ts)))
+            one = next(iter(kinds)) if len(kinds) == 1 else None
+            self._key = one[2:][::-1] if one is not None and one[0] in _PLAIN_TYPES and \
+                one[1] == torch.strided else None
+        return self._key
 
     def vector(self) -> Tensor:
         """The norms as a 1-D tensor (post-clip ones computed here, once)."""
@@ -504,34 +523,47 @@ class _Batch:
 
     def matches(self, tensors: list[Tensor]) -> bool:
         """The same tensors, in the same order, unchanged since."""
-        return len(tensors) == len(self.refs) and \
-            list(map(_VERSION, tensors)) == self.versions and \
-            all(map(operator.is_, tensors, map(operator.call, self.refs)))
+        if len(tensors) != len(self.versions):
+            return False
+        held = self.tensors if self.tensors is not None else map(operator.call, self.refs)
+        return all(map(operator.is_, tensors, held)) and \
+            list(map(_VERSION, tensors)) == self.versions
 
     def find(self, t: Tensor) -> int | None:
         """Position of ``t`` if it is one of these tensors and unchanged since."""
         if self._index is None:
-            self._index = {id(r()): k for k, r in enumerate(self.refs)}
+            self._index = {id(x): k for k, x in enumerate(self.live())}
         k = self._index.get(id(t))
-        if k is None or self.refs[k]() is not t or self.versions[k] != t._version:
+        if k is None or self.live()[k] is not t or self.versions[k] != t._version:
             return None
         return k
 
     def holds_any(self, ids: set[int]) -> bool:
-        return any(id(r()) in ids for r in self.refs)
+        return any(id(x) in ids for x in self.live())
 
 
 _VERSION = operator.attrgetter("_version")
 _DEVICE, _DTYPE, _LAYOUT = (operator.attrgetter(a) for a in ("device", "dtype", "layout"))
-#: norm_type -> published batches, newest first (a handful: a step's pre- and post-clip).
-_batches: dict[float, list[_Batch]] = {}
+#: norm_type -> published batches, newest first (a handful: a step's pre- and post-clip
+#: ones); an owned batch is kept as a weak reference.
+_batches: dict[float, list[Any]] = {}
 _BATCHES_KEPT = 4
 
 
+def _live_batches(p: float) -> list[_Batch]:
+    out = []
+    for entry in _batches.get(p, ()):
+        b = entry() if type(entry) is weakref.ReferenceType else entry
+        if b is not None:
+            out.append(b)
+    return out
+
+
 def _add_batch(batch: _Batch, p: float) -> None:
-    kept = _batches.setdefault(p, [])
-    kept.insert(0, batch)
-    del kept[_BATCHES_KEPT:]
+    entry = weakref.ref(batch) if batch.tensors is not None else batch
+    kept = [entry] + [e for e in _batches.get(p, ())
+                      if (e() if type(e) is weakref.ReferenceType else e) is not None]
+    _batches[p] = kept[:_BATCHES_KEPT]
 
 
 def _clear() -> None:
@@ -539,29 +571,35 @@ def _clear() -> None:
     _batches.clear()
 
 
-def publish(tensors: list[Tensor], norms: Tensor, norm_type: float = 2.0) -> None:
+def publish(tensors: list[Tensor], norms: Tensor, norm_type: float = 2.0, *,
+            versions: list[int] | None = None) -> Any:
     """Offer the norms of ``tensors`` (a 1-D tensor, one per tensor, in order) to every
-    later norm computation of this step: while someone listens (:func:`register`), a
-    clipper given the same, unchanged tensors uses them instead of reading the gradients,
-    and scales them by its coefficient for the post-clip norms. What a monitor calls at
-    the end of backward. DTensors (local shard norms) are never published.
+    later norm computation while the returned token is held: while someone listens
+    (:func:`register`), a clipper given the same, unchanged tensors uses them instead of
+    reading the gradients, and publishes post-clip ones (``norms * coef``) in turn. What a
+    monitor calls at the end of backward, holding the token for the step. The token
+    holds ``tensors``; drop it to withdraw them. ``versions``: their ``_version``\\ s, if
+    the caller has them. Returns None (nothing published) when nobody listens or for
+    DTensors (local shard norms).
 
     Example:
         >>> g = [torch.full((4,), 3.0)]
         >>> with register(lambda *a: None):
-        ...     publish(g, torch.tensor([6.0]))
+        ...     token = publish(g, torch.tensor([6.0]))
         ...     float(grad_norms(g)[0])
         6.0
     """
     if not tensors or not _observers:
-        return
+        return None
     if not all(map(_PLAIN_TYPES.__contains__, map(type, tensors))) and \
             any(map(is_dtensor, tensors)):
-        return
+        return None
     if norms.dim() != 1 or norms.numel() != len(tensors):
         raise ValueError(f"publish: norms must be a 1-D tensor of {len(tensors)} values, "
                          f"got shape {tuple(norms.shape)}")
-    _add_batch(_Batch(tensors, norms), float(norm_type))
+    batch = _Batch(list(tensors), norms, versions=versions, owned=True)
+    _add_batch(batch, float(norm_type))
+    return batch
 
 
 def recall(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor | None:
@@ -572,7 +610,7 @@ def recall(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor | None:
     Example:
         >>> g = [torch.ones(4)]
         >>> with register(lambda *a: None):
-        ...     publish(g, torch.tensor([2.0])); recall(g).tolist()
+        ...     token = publish(g, torch.tensor([2.0])); recall(g).tolist()
         [2.0]
     """
     batch = _recall_batch(tensors, float(norm_type))
@@ -580,7 +618,7 @@ def recall(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor | None:
 
 
 def _recall_batch(tensors: list[Tensor], p: float) -> _Batch | None:
-    for batch in _batches.get(p, ()):
+    for batch in _live_batches(p):
         if batch.matches(tensors):
             return batch
     return None
@@ -606,7 +644,7 @@ def _recall(tensors: list[Tensor], p: float) -> list[Tensor | None]:
     A Python step per tensor: the path of a clipper given another list than was
     published (a subset, another order); the exact list takes :func:`recall`."""
     table = _cache.get(p) or {}
-    batches = _batches.get(p, ())
+    batches = _live_batches(p) if _batches else ()
     found: list[Tensor | None] = []
     for t in tensors:
         hit = table.get(id(t))
@@ -639,8 +677,9 @@ def forget(tensors: Iterable[Tensor] | None = None) -> None:
         for table in _cache.values():
             table.pop(id(t), None)
     ids = set(map(id, ts))
-    for p, kept in _batches.items():
-        kept[:] = [b for b in kept if not b.holds_any(ids)]
+    for p in list(_batches):
+        _batches[p] = [b if b.tensors is None else weakref.ref(b)
+                       for b in _live_batches(p) if not b.holds_any(ids)]
 
 
 def register(fn: NormObserver) -> RemovableHandle:
@@ -719,15 +758,16 @@ def _live_observers() -> list[NormObserver]:
 
 
 def notify_clipped(grads: list[Tensor], norms: Any, total: Tensor,
-                   coef: Tensor | None, norm_type: float, *, exact: Tensor | None = None) -> None:
+                   coef: Tensor | None, norm_type: float, *, source: Any = None) -> None:
     """What a clipper calls after scaling: publish the post-clip norms, call observers.
 
     ``norms`` are the pre-clip per-tensor norms (a list of 0-d tensors or one 1-D
     tensor); the post-clip ones are ``norms * coef``, published for the gradients' new
     versions (one batch, multiplied out only if someone asks), so a monitor reading them
-    after the clip reads no gradient. ``exact``: the same pre-clip norms at a higher
-    precision (the float64 norms a monitor published), used for the post-clip ones
-    instead. Does nothing when no observer is registered.
+    after the clip reads no gradient. ``source``: the published batch ``norms`` came
+    from, if they did (its full-precision norms are scaled, and it owns the post-clip
+    batch, so both live as long as its publisher keeps them). Does nothing when no
+    observer is registered.
 
     Example:
         >>> notify_clipped([torch.ones(4)], [torch.tensor(2.0)], torch.tensor(2.0), None, 2.0)
@@ -737,9 +777,13 @@ def notify_clipped(grads: list[Tensor], norms: Any, total: Tensor,
     observers = _live_observers()
     if not observers:
         return
-    if coef is not None and (all(map(_PLAIN_TYPES.__contains__, map(type, grads)))
-                             or not any(map(is_dtensor, grads))):
-        _add_batch(_Batch(grads, norms if exact is None else exact, coef), float(norm_type))
+    if coef is not None and source is not None and source.tensors is not None:
+        post = _Batch(source.tensors, source.vector(), coef, owned=True)
+        source.derived.append(post)
+        _add_batch(post, float(norm_type))
+    elif coef is not None and (all(map(_PLAIN_TYPES.__contains__, map(type, grads)))
+                               or not any(map(is_dtensor, grads))):
+        _add_batch(_Batch(grads, norms, coef), float(norm_type))
     for fn in observers:
         fn(grads, norms, total, coef, float(norm_type))
 

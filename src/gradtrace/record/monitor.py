@@ -349,12 +349,14 @@ class Monitor:
         local = [distributed.local(g) for g in grads] if self._sharded else grads  # FSDP2: shards
         params = [distributed.local(self._params[i].detach()) for i in idx] if self._act else []
         parts: dict[str, torch.Tensor] = {}
+        versions = list(map(_VERSION, local))
+        published = None
         if grads:
             for fig in PARAM_FIGURES:
                 if fig.every_step or self._act:
                     parts[fig.part] = fig.compute(local, params, self._device, self._uniform)
             if not self._sharded:           # for a clipper of these very gradients
-                norms.publish(local, parts["gsq"].sqrt(), 2.0)
+                published = norms.publish(local, parts["gsq"].sqrt(), 2.0, versions=versions)
             inv = self._inverse_scale()
             if inv is not None:             # GradScaler: figures of the unscaled gradient
                 parts["gsq"] = parts["gsq"] * inv.square()
@@ -368,8 +370,10 @@ class Monitor:
         prev = self._bwd.get("early") if self._bwd is not None else None
         if prev is not None and prev.ready():      # an earlier micro-batch's: superseded
             self._copies.release(prev)
-        self._bwd = {"idx": idx, "grads": grads, "versions": list(map(_VERSION, local)),
-                     "parts": parts, "early": early}
+        # "published" keeps the published norms valid for this step (the registry holds
+        # them weakly): a new backward or the next step withdraws them.
+        self._bwd = {"idx": idx, "grads": grads, "versions": versions,
+                     "parts": parts, "early": early, "published": published}
 
     def _on_clipped(self, grads: list, pre: Any, total: torch.Tensor, coef: Any, norm_type: float) -> None:
         """The norm registry's observer: nothing to do here, since a gradtrace clipper

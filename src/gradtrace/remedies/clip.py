@@ -64,7 +64,7 @@ def _total(tensors: list[Tensor], p: float, foreach: bool | None
     """Per-tensor norms (engine precision), the total as torch computes it (each norm
     rounded to its tensor's dtype, combined, in the promoted dtype), the grouping of the
     local tensors by (device, dtype), for scaling them afterwards, and the published
-    norms they came from, if they did (at their full precision), else None."""
+    batch the norms came from, if they did, else None."""
     batch = N._recall_batch(tensors, p) if N._batches else None
     if batch is not None and batch.key is not None:
         return _published_total(tensors, batch, p)
@@ -92,7 +92,7 @@ def _total(tensors: list[Tensor], p: float, foreach: bool | None
 
 
 def _published_total(tensors: list[Tensor], batch: Any, p: float
-                     ) -> tuple[Tensor, Tensor, dict, Tensor]:
+                     ) -> tuple[Tensor, Tensor, dict, Any]:
     """:func:`_total` from norms published for exactly these tensors (a monitor's, at the
     end of backward): no gradient is read and nothing is grouped in Python. The same
     rounding as :func:`_total`: each norm to the gradients' dtype, combined wide."""
@@ -103,7 +103,7 @@ def _published_total(tensors: list[Tensor], batch: Any, p: float
         if dtype.is_floating_point and dtype.itemsize < 4:
             v = v.to(dtype)
         total = torch.linalg.vector_norm(v.to(tensors[0].device, N.wide_dtype(device)), p)
-    return v, total.to(dtype), {batch.key: list(range(len(tensors)))}, exact
+    return v, total.to(dtype), {batch.key: list(range(len(tensors)))}, batch
 
 
 def _replicated_like(total: Tensor, grads: list[Tensor]) -> Tensor:
@@ -226,13 +226,13 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
     """
     grads = _grads_of(parameters)
     p = N.check_norm_type(norm_type)
-    norms, total, grouped, exact = _total(grads, p, foreach)
+    norms, total, grouped, source = _total(grads, p, foreach)
     if not grads:
         return total
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise _nonfinite_error(p)
     coef = clip_with_norms_(grads, total, max_norm, foreach, grouped)
-    N.notify_clipped(grads, norms, total, coef, p, exact=exact)
+    N.notify_clipped(grads, norms, total, coef, p, source=source)
     return _replicated_like(total, grads)
 
 
