@@ -10,6 +10,7 @@ import numpy as np
 from .finding import Finding
 from ..trace import Trace
 from . import _util as U
+from . import corroborate as C
 from .thresholds import Thresholds
 
 
@@ -233,7 +234,7 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     spikes = [(i, z, med) for i, z, med in U.trailing_spikes(
         logs, warmup=th.warmup_steps, window=th.baseline_window, min_baseline=th.min_baseline,
         z_limit=th.explode_z) if logs[i] - med >= logfold]
-    why = _spikes_corroborated(trace, steps, logs, spikes, th)
+    why = C.spikes_corroborated(trace, steps, logs, spikes, th)
     for i, z, med in spikes:
         if i in why:
             flagged[i] = (z, med)
@@ -256,12 +257,12 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     loss_fin = np.array([loss_at.get(int(steps[j]), np.nan) for j in fin.tolist()], dtype=np.float64)
 
     def loss_improving(k: int) -> bool:
-        """Did the loss not rise up to record fin[k] (:func:`_loss_rose`)? A gradient norm
+        """Did the loss not rise up to record fin[k] (:func:`~gradtrace.diagnose.corroborate.loss_rose`)? A gradient norm
         that grows while the loss falls or holds is training reaching sharper regions, not
         an explosion."""
-        ls = loss_fin[max(0, k + 1 - 4 * w): k + 1]    # enough for _loss_rose's 2 windows
+        ls = loss_fin[max(0, k + 1 - 4 * w): k + 1]    # enough for loss_rose's 2 windows
         ls = ls[np.isfinite(ls)]
-        return ls.size >= 4 and not _loss_rose(ls, level, th)
+        return ls.size >= 4 and not C.loss_rose(ls, level, th)
     k0 = max(th.min_baseline, w - 1)    # a sustained climb needs a full window of records
     if fin.size > th.min_baseline and fin.size > k0:
         ks = np.arange(k0, fin.size)
@@ -297,7 +298,7 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     # remedy doing its job (the chapter's clipped RNN), and nothing the user should change.
     # Once the loss rises or goes non-finite despite the clipping, the steps count again.
     # Each step is judged with the records up to it, so a live run says the same.
-    held = _contained(trace, [int(steps[i]) for i in flagged], loss_at, level, th)
+    held = C.contained(trace, [int(steps[i]) for i in flagged], loss_at, level, th)
     idx = [i for i in sorted(flagged) if int(steps[i]) not in held]
     if not idx:
         return []
@@ -328,7 +329,7 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
     # a run that ends non-finite is an error, unless gradtrace's clipping held every
     # flagged step's update to a bounded norm (the remedy is already in place).
     ends_bad = not np.isfinite(total[-1])
-    clipped = _clipped_norms(trace, [int(steps[i]) for i in idx])
+    clipped = C.clipped_norms(trace, [int(steps[i]) for i in idx])
     if clipped:
         evidence["post_clip_max"] = max(clipped)
         evidence["summary"] += f"; clipping held the applied norm to at most {U.sci(max(clipped))}"
@@ -339,100 +340,6 @@ def detect_over_steps(trace: Trace, th: Thresholds) -> list[Finding]:
                                 and logs[-1] - med0 < logfold)
     return [Finding("exploding_gradients", severity, layers, int(steps[i0]), int(steps[idx[-1]]),
                     evidence, expl)]
-
-
-def _spikes_corroborated(trace: Trace, steps: np.ndarray, logs: np.ndarray,
-                         spikes: list[tuple[int, float, float]], th: Thresholds) -> dict[int, str]:
-    """Which gradient-norm spikes (indices) are corroborated, and by what, mirroring the
-    loss-spike rule: ``"persists"`` (the median of the ``th.spike_persist`` records after it
-    is still ``th.explode_fold`` above the baseline, or one of them is non-finite),
-    ``"repeats"`` (another spike within ``th.baseline_window`` records before it) or
-    ``"loss"`` (a loss spike candidate at it or within ``spike_persist`` records after).
-
-    A single record of a large gradient that the run absorbs at once - one hard batch, an
-    optimizer whose update is bounded whatever the gradient (Adam) - is none of these and
-    is not reported. Each verdict uses records up to ``spike_persist`` after the spike, so a
-    live run says it that many records later and never takes it back.
-    """
-    from .loss import spike_indices
-
-    logfold = math.log(th.explode_fold)
-    loss_spikes = np.array([], dtype=np.int64)
-    if U.has_stat(trace, "loss"):
-        lsteps, loss = trace.scalar("loss", with_steps=True)
-        loss_spikes = lsteps[[i for i, _, _ in spike_indices(np.asarray(loss, dtype=np.float64), th)]]
-    out: dict[int, str] = {}
-    prev: list[int] = []
-    for i, _, med in spikes:
-        nxt = logs[i + 1: i + 1 + th.spike_persist]
-        if prev and i - prev[-1] <= th.baseline_window:
-            out[i] = "repeats"
-            out.setdefault(prev[-1], "repeats")
-        elif np.isnan(nxt).any() or (nxt.size == th.spike_persist and float(np.median(nxt)) - med >= logfold):
-            out[i] = "persists"
-        elif np.any((loss_spikes >= steps[i]) & (loss_spikes <= steps[min(i + th.spike_persist, steps.size - 1)])):
-            out[i] = "loss"
-        prev.append(i)
-    return out
-
-
-def _contained(trace: Trace, steps: list[int], loss_at: dict, level: float, th: Thresholds) -> set[int]:
-    """The ``steps`` at which clipping bounded the applied update (a finite post-clip total
-    norm was recorded) while the loss held: every loss up to the step finite and no rise
-    (:func:`_loss_rose`) at it. Empty without post-clip norms or a loss to judge by."""
-    if not steps or not loss_at or not U.has_stat(trace, "total_grad_norm_post_clip"):
-        return set()
-    rec_steps, post = trace.series("total_grad_norm_post_clip", with_steps=True)
-    post_at = dict(zip(rec_steps.tolist(), post.tolist()))
-    lsteps = np.array(sorted(loss_at), dtype=np.int64)
-    lvals = np.array([loss_at[k] for k in lsteps.tolist()], dtype=np.float64)
-    bad = np.concatenate([[0], np.cumsum(~np.isfinite(lvals))])
-    out = set()
-    for step in steps:
-        v = post_at.get(step)
-        n = int(np.searchsorted(lsteps, step, side="right"))
-        if v is None or not math.isfinite(v) or n < 4 or bad[n] > 0:
-            continue
-        if not _loss_rose(lvals[max(0, n - 2 * th.baseline_window): n], level, th):
-            out.add(step)
-    return out
-
-
-def _loss_rose(ls: np.ndarray, level: float, th: Thresholds) -> bool:
-    """Did the loss rise at the end of ``ls`` (finite losses in step order)? Over the last
-    ``2 * th.baseline_window`` of them (at least 4), the Theil-Sen trend (median of the
-    pairwise slopes) times their span must reach ``th.spike_min_rise`` of the run's early
-    loss ``level`` (the spike rule's notion of a real rise).
-
-    A median of pairwise slopes, not the medians of two halves: data loaders that cycle
-    through a few batches make the loss periodic, and a half holds an unequal share of the
-    hard batches (a 4-batch cycle in a 10-record half reads as a 15 % "rise" that is only
-    the phase), while pairwise slopes of a periodic series balance out. One outlier (a
-    hard batch) moves the median slope little.
-
-    Example:
-        >>> cyc = np.tile([0.78, 0.76, 0.98, 0.92], 10)     # flat, 4 batches cycling
-        >>> _loss_rose(cyc[:18], 0.9, Thresholds()), _loss_rose(cyc * np.linspace(1, 1.3, 40), 0.9, Thresholds())
-        (False, True)
-    """
-    x = ls[-2 * th.baseline_window:]
-    if x.size < 4:
-        return False
-    i, j = np.triu_indices(x.size, 1)
-    slope = float(np.median((x[j] - x[i]) / (j - i)))
-    return slope * (x.size - 1) >= th.spike_min_rise * level
-
-
-def _clipped_norms(trace: Trace, steps: list[int]) -> list[float]:
-    """Post-clip total norms at ``steps`` if every one of them was clipped finite, else []."""
-    if not U.has_stat(trace, "total_grad_norm_post_clip"):
-        return []
-    rec_steps, post = trace.series("total_grad_norm_post_clip", with_steps=True)
-    by_step = dict(zip(rec_steps.tolist(), post.tolist()))
-    vals = [by_step.get(s) for s in steps]
-    if any(v is None or not math.isfinite(v) for v in vals):
-        return []
-    return vals
 
 
 def _growing_layers(trace: Trace, step: int, th: Thresholds) -> tuple[list[str], dict]:
