@@ -82,8 +82,10 @@ class PreflightThresholds:
             and a warm-up. The default is 1 / diagnosis's ``vanish_gain``: toward the
             input each block shrinks the gradient by more than diagnosis calls vanishing
             layer by layer. Measured with ``bench/preflight_grid.py --xiong`` (5 seeds,
-            3–12 blocks, d = 32/64): pre-LN's last/median ratio stays ≤ 1.05 (level, as
-            Xiong predict); post-LN's is 0.99–4.0, mostly a bump at the last block.
+            3–12 blocks, d = 32/64): pre-LN's per-block growth stays ≤ 1.01 (level, as
+            Xiong et al. predict; last/median 0.69–1.02), post-LN's is 1.00–1.29
+            (last/median up to 4.0, mostly a bump at the last block), so it fires on the
+            steepest post-LN stacks (2 of 30 there) and on no pre-LN one.
 
     Example:
         >>> PreflightThresholds(vanishing_ratio=1e-4).exploding_ratio
