@@ -299,3 +299,12 @@ def test_numpy_values_serialise_as_before():
     f = Finding("saturated_units", "warning", ["3"], 0, 9, raw)
     assert f.to_dict()["evidence"] == old_jsonable(raw)
     assert f.evidence.also == ()
+
+
+def test_report_shows_nested_records_as_fields():
+    from gradtrace.report.html import render_findings
+
+    f = Finding("nonfinite", "error", ["net.2"], 7, 7,
+                {"cause": "overflow", "cause_evidence": {"dtype": "float16", "dtype_max": 65504.0}})
+    page = render_findings([f])
+    assert "dtype: float16, dtype_max: 6.55e+04" in page and "NonFiniteCause" not in page
