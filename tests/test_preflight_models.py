@@ -1,5 +1,6 @@
 """gt.preflight on the architectures people train: transformers (torch and Hugging Face),
-a ResNet with BatchNorm, an LSTM; block replay, AD fallbacks, attention entropy, LN layout."""
+a ResNet with BatchNorm, an LSTM; block replay, AD fallbacks, attention saturation, LN layout.
+(A little over 400 lines: every test here shares the model builders and the CASES table.)"""
 from __future__ import annotations
 
 import json
