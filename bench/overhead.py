@@ -1,10 +1,15 @@
 """Step-time overhead of gradtrace, measured interleaved (A B A B ...) in one run.
 
-    python bench/overhead.py [--steps 60] [--rounds 7] [--threads 1] [--quick]
+    python bench/overhead.py [--steps 60] [--rounds 7] [--threads 1] [--clock thread] [--quick]
 
 Each variant trains the same seeded model; rounds alternate between variants so that
 machine noise hits all of them alike. Reported: median step time, and the median over
 rounds of each round's ratio to the baseline's time in that round (per-pair ratios).
+The clock is this thread's CPU time by default (``--clock thread``: with one torch
+thread every step's work runs on it, and time spent descheduled on a shared machine is
+not counted); ``--clock wall`` for wall time. Then, part by part, where the defaults'
+remaining cost goes (cProfile, cumulative time of each of gradtrace's entry points per
+step; cProfile inflates Python-heavy parts, so read it as shares, not as the ratio).
 Variants:
 
   bare            plain training
@@ -24,6 +29,8 @@ full <= 1.25x / 1.20x / 2x; monitor + clip <= 1.02x of clipping alone.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import tempfile
 import time
@@ -95,14 +102,52 @@ class Variant:
         self.opt.zero_grad(set_to_none=True)
 
     def run(self, steps: int) -> None:
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         for _ in range(steps):
             self.step()
-        self.times.append((time.perf_counter() - t0) / steps)
+        self.times.append((CLOCK[0]() - t0) / steps)
 
     def close(self) -> None:
         if self.mon is not None:
             self.mon.close()
+
+
+CLOCK = [time.thread_time]
+
+
+def parts(title: str, make_model, batch, steps: int) -> None:
+    """The defaults' cost per step, part by part: each gradtrace entry point (a function
+    of gradtrace called from outside it: a hook, an optimizer hook, an autograd callback)
+    with its cumulative time, against the whole step under the same profiler."""
+    v = Variant("gt default", make_model, batch, "default")
+    v.run(5)
+    prof = cProfile.Profile()
+    t0 = time.thread_time()
+    prof.enable()
+    for _ in range(steps):
+        v.step()
+    prof.disable()
+    whole = (time.thread_time() - t0) / steps
+    v.close()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    mine = {k for k in stats if "/gradtrace/" in k[0]}
+    rows: dict[str, float] = {}
+    for key in mine:
+        callers = stats[key][4]
+        if any(c not in mine for c in callers):
+            name = f"{key[0].rsplit('/gradtrace/', 1)[1]}:{key[2]}"
+            rows[name] = rows.get(name, 0.0) + sum(
+                ct for c, (_, _, _, ct) in callers.items() if c not in mine)
+    print(f"\n{title}: gradtrace defaults part by part (cProfile, {steps} steps, "
+          f"activation steps included; whole profiled step {whole * 1e3:.2f} ms)")
+    print("| entry point | ms / step | share of the profiled step |")
+    print("|---|---:|---:|")
+    total = 0.0
+    for name, ct in sorted(rows.items(), key=lambda kv: -kv[1]):
+        if ct / steps >= 5e-6:
+            print(f"| {name} | {ct / steps * 1e3:.3f} | {ct / steps / whole:.1%} |")
+        total += ct
+    print(f"| all of gradtrace | {total / steps * 1e3:.3f} | {total / steps / whole:.1%} |")
 
 
 def compare(title: str, make_model, batch, modes: list[tuple[str, str]], steps: int, rounds: int,
@@ -132,13 +177,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps per round and variant")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("thread", "wall"), default="thread",
+                    help="thread CPU time (default) or wall time")
+    ap.add_argument("--no-depth", action="store_true", help="skip the depth table")
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.rounds = 5, 2
     torch.set_num_threads(args.threads)
+    CLOCK[0] = time.thread_time if args.clock == "thread" else time.perf_counter
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
-          "medians of interleaved rounds")
+          f"medians of interleaved rounds, {args.clock} clock")
 
     modes = [("bare", "bare"), ("chapter loop", "chapter"), ("gt economy", "economy"),
              ("gt default", "default"), ("gt no capture", "nocapture"), ("gt full", "full")]
@@ -155,6 +204,11 @@ def main() -> None:
             modes, args.steps, args.rounds)
     compare("24-layer MLP: clipping alone vs monitor + fused clipping", lambda: mlp(24), mlp_batch,
             [("clip alone", "clip"), ("gt + clip", "gtclip")], args.steps, args.rounds, baseline="clip alone")
+    parts("24-layer MLP", lambda: mlp(24), mlp_batch, 4 * args.steps)
+    parts("100 x (Linear(8, 8) + Tanh)", lambda: nn.Sequential(*mlp(100, 8, nn.Tanh)[:-1]),
+          narrow_batch, 4 * args.steps)
+    if args.no_depth:
+        return
 
     print("\nOverhead of gradtrace defaults vs depth (MLP width 256, batch 128)")
     print("| depth | bare ms | gt default ms | ratio |")
