@@ -54,8 +54,8 @@ def format_table(summary: dict[str, Any]) -> str:
     tr = summary.get("transformer")
     if tr:
         lines.append(f"layout: {tr['layout']}; parameter gradient last block / median block: "
-                     f"{_fmt(tr['output_over_median'])} (first {_fmt(tr['param_grad_first'])}, "
-                     f"last {_fmt(tr['param_grad_last'])})")
+                     f"{_fmt(tr['output_over_median'])}, {_fmt(tr['block_gain'])} per block "
+                     f"(first {_fmt(tr['param_grad_first'])}, last {_fmt(tr['param_grad_last'])})")
     for r in summary.get("recurrent", []):
         lines.append(f"recurrent {r['layer'] or '<model>'} ({r['type']}): σ_max(W_hh)={_fmt(r['sigma_max_whh'])}"
                      f", γ={_fmt(r['gamma'])}, ‖∂h_T/∂h_0‖={_fmt(r['jacobian_norm'])} over "
