@@ -90,8 +90,9 @@ def contained(trace: Trace, steps: list[int], loss_at: dict, level: float, th: T
 def loss_rose(ls: np.ndarray, level: float, th: Thresholds) -> bool:
     """Did the loss rise at the end of ``ls`` (finite losses in step order)? Over the last
     ``2 * th.baseline_window`` of them (at least 4), the Theil-Sen trend (median of the
-    pairwise slopes) times their span must reach ``th.spike_min_rise`` of the run's early
-    loss ``level`` (the spike rule's notion of a real rise).
+    pairwise slopes) times ``th.baseline_window`` (the rise per baseline window: the gap
+    between the centres of two adjacent windows) must reach ``th.spike_min_rise`` of the
+    run's early loss ``level`` (the spike rule's notion of a real rise).
 
     A median of pairwise slopes, not the medians of two halves: data loaders that cycle
     through a few batches make the loss periodic, and a half holds an unequal share of the
@@ -109,7 +110,7 @@ def loss_rose(ls: np.ndarray, level: float, th: Thresholds) -> bool:
         return False
     i, j = np.triu_indices(x.size, 1)
     slope = float(np.median((x[j] - x[i]) / (j - i)))
-    return slope * (x.size - 1) >= th.spike_min_rise * level
+    return slope * th.baseline_window >= th.spike_min_rise * level
 
 
 def clipped_norms(trace: Trace, steps: list[int]) -> list[float]:
