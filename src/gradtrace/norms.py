@@ -8,7 +8,11 @@ compute the same norms twice.
 * **Grouped.** Dense tensors are grouped by (device, dtype), as torch's
   ``_group_tensors_by_device_and_dtype`` does, and each group takes one
   ``torch._foreach_norm`` call; sparse tensors (COO, CSR/CSC/BSR/BSC) use the norm of the
-  values they store.
+  values they store. On the CPU, 2-norms of small tensors (up to :data:`SMALL_NUMEL`
+  entries: biases, narrow layers) take a cheaper route: one flat float64 copy of all of
+  them and one ``segment_reduce`` (1.1-1.7 µs a tensor against 1.8-2.1 µs for
+  ``_foreach_norm``, measured in ``bench/norms.py``); being float64, it needs no range
+  check below.
 * **Finite-safe.** A finite entry of 1e20 squares past float32's range and a norm of
   1e-25 squares below it; both would come out as ``inf`` / ``0``. On the CPU the
   float32 norms are checked (one ``aminmax``; reading a CPU value waits for nothing) and
@@ -25,20 +29,23 @@ compute the same norms twice.
   norms, then one all-reduce per device mesh (sum of ``norm ** p``; max for ``inf``, min
   for ``-inf``; ``Replicate`` mesh dims are not reduced). It is a collective: every rank
   of the mesh calls it together. Empty shards are fine.
-* **Shared within a step.** While anyone listens (:func:`register`), every call publishes
+* **Shared within a step.** While anyone listens (:func:`register`), every call remembers
   its per-tensor norms keyed by the tensor's identity (a weak reference) and its
   ``_version``; a later call on the same, unchanged tensors reuses them instead of reading
-  the gradients again, and a clipper that scales the gradients publishes their post-clip
-  norms (``norm * coef``) for the new versions. Writes that bypass autograd's version
+  the gradients again. A monitor :func:`publish`\ es its end-of-backward norms as one
+  vector (no Python step per tensor); a clipper given exactly those tensors takes them
+  whole (:func:`recall`), and after scaling publishes their post-clip norms
+  (``norm * coef``) for the new versions, which the monitor reads back as its post-clip
+  total. Writes that bypass autograd's version
   counter are invisible to this: ``GradScaler.unscale_`` is one (handled: its kernel is
   wrapped while anyone listens, and forgets what it unscaled); ``grad.data.mul_(...)``
   and ``torch.distributed`` collectives on gradients outside DDP are others: call
   :func:`forget` after them. ``DTensor`` norms are never reused, so a rank that
   published cannot skip a collective that another rank runs.
 
-(Why ~700 lines in one file: the recorder and the remedies import this as one leaf
-module, which may import nothing else from gradtrace; the engine, its sharded path and
-the sharing between them change together.)
+(Why ~950 lines in one file: the recorder and the remedies import this as one leaf
+module, which may import nothing else from gradtrace; the engine, its two CPU routes, its
+sharded path and the sharing between them change together.)
 
 Example:
     >>> import torch
@@ -66,6 +73,7 @@ __all__ = [
     "grad_norms", "total_norm", "register", "notify_clipped", "forget",
     "is_dtensor", "local", "stored_values", "groups", "use_foreach", "tensor_list",
     "check_norm_type", "wide_dtype", "HOST_READ_FREE", "norm_vector", "wide_norms",
+    "publish", "recall", "SMALL_NUMEL",
 ]
 
 F32, F64 = torch.float32, torch.float64
@@ -93,12 +101,13 @@ _SCALE_DOWN = 2.0 ** -100
 #: 3.3× the float32 norm). Tests empty it to run the accelerator path on the CPU.
 HOST_READ_FREE = frozenset({"cpu"})
 #: On those devices, 2-norms of tensors of at most this many entries are taken by one
-#: flat float64 ``segment_reduce`` instead of ``_foreach_norm``: measured on one CPU
-#: thread (``bench/norms.py``, route table), per tensor, float32 ``_foreach_norm`` costs
-#: ~2.7 µs up to 256 entries and ~2.9 µs at 1024, the flat route ~1.0 µs at 8-64 entries,
-#: ~1.7 µs at 256 and ~5 µs at 1024 (it copies every entry twice). Being float64, it
-#: needs no range check and nothing of it is ever redone.
-SMALL_NUMEL = 512
+#: flat float64 ``segment_reduce`` instead of ``_foreach_norm``. Measured on one CPU
+#: thread (``bench/norms.py``, route table; 200 tensors of one size, µs per tensor):
+#: float32 ``_foreach_norm`` 1.8-2.1 at 8-512 entries (a fixed cost per tensor); the flat
+#: route 1.1-1.4 at 8-128, 1.4-1.7 at 256, 1.8 at 384, 2.0-2.4 at 512 and 10-18 from 512
+#: up (it copies every entry twice, and the buffer leaves the cache). Being float64, the
+#: flat route needs no range check and nothing of it is ever redone.
+SMALL_NUMEL = 256
 #: sizes -> split plan (:func:`_plan`); a few models' worth, cleared when full.
 _plans: dict[tuple[int, ...], tuple] = {}
 _PLANS_KEPT = 64

@@ -9,12 +9,14 @@ Step lifecycle (with an optimizer; without one, ``mon.step()`` closes a step by 
     root forward hook       a hook on the output's gradient, which queues the
                             end-of-backward callback (autograd's final callbacks, as DDP)
     end of backward         parameter figures (collectors.PARAM_FIGURES) of the gradient
-                            as backward left it: pre-clip, accumulated, unscaled
+                            as backward left it: pre-clip, accumulated, unscaled; its
+                            norms published to the norm registry for a gradtrace clipper
     optimizer pre-step      (after clip=) whether anyone changed the gradients since
-                            (version counters): then the post-clip total; a look at the
-                            figures if they have landed (never waiting): non-finite ->
-                            count, replay the forward to name the first module, flight
-                            recorder; float32 over/underflow -> measured again
+                            (version counters): then the post-clip total (a gradtrace
+                            clipper's is derived from its coefficient: no re-measure);
+                            a look at the figures if they have landed (never waiting):
+                            non-finite -> count, replay the forward to name the first
+                            module, flight recorder
     optimizer post-step     update ratios (activation steps), then one flat buffer ->
                             non-blocking copy to the host; a record is written once its
                             copy has landed (this step on CPU, a later one or close())
@@ -342,8 +344,9 @@ class Monitor:
     def _take_grad_figures(self) -> None:
         grads = list(map(_GRAD, self._params))          # C-level loops: O(1) Python calls
         if any(map(operator.is_, grads, itertools.repeat(None))):   # (`in` would call ==)
-            idx = [i for i, g in enumerate(grads) if g is not None]
-            grads = [grads[i] for i in idx]
+            present = list(map(operator.is_not, grads, itertools.repeat(None)))
+            idx = list(itertools.compress(range(len(grads)), present))
+            grads = list(itertools.compress(grads, present))
         else:
             idx = self._all_idx
         local = [distributed.local(g) for g in grads] if self._sharded else grads  # FSDP2: shards
@@ -408,7 +411,7 @@ class Monitor:
     def _check_changed(self) -> None:
         """Record the total the optimizer will see if anyone changed the gradients."""
         b = self._bwd
-        params = self._params if b["idx"] is self._all_idx else [self._params[i] for i in b["idx"]]
+        params = self._params if b["idx"] is self._all_idx else map(self._params.__getitem__, b["idx"])
         now = list(map(_GRAD, params))
         # Version counters of the local tensors (FSDP2: the shard a clipper scales).
         loc = distributed.local
