@@ -66,3 +66,30 @@ def test_cli_main_only_group(tmp_path, monkeypatch, capsys):
 def test_unknown_group_is_an_input_error(tmp_path):
     with pytest.raises(ValueError, match="unknown experiment group"):
         run_demo(tmp_path, config=TINY, only=["nope"], progress=False)
+
+
+@pytest.mark.slow
+def test_dead_unit_group_makes_the_chapters_point(tmp_path):
+    # The chapter: at a too-high learning rate ReLU units die; Leaky ReLU, GELU or a lower
+    # rate avoid it. At the demo's own size (QUICK), ReLU at the peak rate must lose units
+    # (dead_units first), and the three alternatives must train with no finding at all.
+    import torch
+
+    from gradtrace.demo import QUICK
+    from gradtrace.demo.experiments import train_relu
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        found = {}
+        for name in ("relu_high_lr", "leaky_high_lr", "gelu_high_lr", "relu_low_lr"):
+            trace = gt.load(train_relu(str(tmp_path / name), name, QUICK))
+            found[name] = gt.diagnose(trace)
+    finally:
+        torch.set_num_threads(threads)
+    dead = found["relu_high_lr"]
+    assert dead and dead[0].kind == "dead_units"
+    assert max(dead[0].evidence["dead_fraction"].values()) >= 0.25
+    assert not dead[0].evidence.get("from_initialisation")     # the rate killed them, not the init
+    for name in ("leaky_high_lr", "gelu_high_lr", "relu_low_lr"):
+        assert found[name] == [], (name, [(f.kind, f.first_step) for f in found[name]])
