@@ -154,8 +154,8 @@ def main() -> None:
     print("| model | assemble us | write us |")
     print("|---|---:|---:|")
     for k in chosen:
-        title, make, batch = models[k]
-        record_cost(title.split(",")[0].split(" (")[0], make, batch)
+        _, make, batch = models[k]
+        record_cost(k, make, batch)
 
 
 if __name__ == "__main__":
