@@ -87,3 +87,16 @@ def test_does_not_fire(case):
     else:                                   # a noisy classification loss: hard batches come and go
         loss = np.abs(0.05 + 0.2 * rng.standard_cauchy(300)).clip(0, 5)
     assert climb_index(loss, th) is None and _reference(loss, th) is None
+
+
+def test_severity_error_when_the_climb_never_comes_back_warning_when_it_does():
+    rng = np.random.default_rng(2)
+    base = 3.0 + 0.1 * rng.standard_normal(40)
+    climb = 3.1 * 1.12 ** np.arange(1, 6)
+    cases = {"recovers": (np.r_[base, climb, 3.0, 2.9, 3.05], "warning"),
+             "stays_up": (np.r_[base, climb, climb[-1] * 1.5], "error"),     # >= spike_min_fold x
+             "ends_in_nan": (np.r_[base, climb, np.nan], "error")}
+    for name, (loss, severity) in cases.items():
+        (f,) = [x for x in diagnose(_trace(loss)) if x.kind == "loss_spike"]
+        assert f.evidence["climb_at"] == _reference(loss, Thresholds()) and f.severity == severity, name
+        assert f.evidence["recovered"] == (severity == "warning"), name

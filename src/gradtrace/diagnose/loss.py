@@ -191,8 +191,9 @@ def detect_spike(trace: Trace, th: Thresholds) -> list[Finding]:
         parts.append(f"the loss rose {c['rises']} steps in a row from step {evidence['climb_started_at']} to "
                      f"{U.sci(float(loss[t]))} at step {int(steps[t])}, {c['robust_z']:.0f} robust z above the "
                      f"median {U.sci(c['baseline_median'])} before the climb")
-        if not math.isfinite(last) or last >= th.spike_min_fold * c["baseline_median"]:
-            severity = "error"         # the climb ended in nan or never came back
+        ended_nonfinite = bool((~np.isfinite(loss[t:])).any())
+        if ended_nonfinite or last >= th.spike_min_fold * c["baseline_median"]:
+            severity = "error"         # the climb ended in nan/inf or never came back
     evidence["recovered"] = bool(math.isfinite(last) and severity == "warning")
     evidence["summary"] = "; ".join(parts)
     expl = ("The loss jumped far above where it had been a moment before. A single oversized "
