@@ -342,11 +342,6 @@ class LossSpike(Evidence):
     fold: float | None = _opt("spikes: loss / baseline_median at the first spike")
     worst_step: int | None = _opt("spikes: step of the largest fold")
     worst_fold: float | None = _opt("spikes: that largest fold")
-    climb_at: int | None = _opt("climb: step ending climb_steps rises in a row (a slow divergence)")
-    climb_started_at: int | None = _opt("climb: step the climb started from")
-    climb_loss: float | None = _opt("climb: the loss at climb_at")
-    climb_baseline_median: float | None = _opt("climb: median loss of the window before the climb")
-    climb_robust_z: float | None = _opt("climb: robust z of climb_loss against that window")
     climb_at: int | None = _opt("climb: step ending climb_steps rises in a row, spike_z above the "
                                 "baseline before the climb")
     climb_started_at: int | None = _opt("climb: the step the climb rose from")
