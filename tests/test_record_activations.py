@@ -315,3 +315,12 @@ def test_unit_count_runs_keep_the_last_run_like_per_call_masks():
             return first.sum() + mid.sum() + last.sum()
 
     run_and_check(Runs(), lambda g: torch.randn(5, 3, generator=g), steps=3)
+
+
+def test_large_outputs_measured_in_their_hook_match_the_reference():
+    """Outputs of SMALL_ENTRIES entries or more are measured at once, without stacking."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 4), nn.Sigmoid(), nn.Linear(4, 1))
+    assert 128 * 256 >= hooks_mod.SMALL
+    mon = run_and_check(model, lambda g: torch.randn(128, 8, generator=g), steps=3)
+    assert mon._hooks._safe          # the small ones were held

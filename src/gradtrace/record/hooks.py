@@ -5,8 +5,9 @@ These hooks exist only while a step records activations (or output-gradient flag
 them when it ends, so that every other step runs the model with no per-module hook at
 all (a module with a forward hook leaves torch's fast call path, about 5-10 us a call).
 
-A forward hook does no math: it keeps a reference to the call's output (and its version
-counter). When the root module's forward returns (or the held outputs pass
+For a small output (under :data:`batched.SMALL_ENTRIES` entries, where kernel launches
+cost more than the work) a forward hook does no math: it keeps a reference to the call's
+output (and its version counter); a large output is measured in the hook, copy-free. When the root module's forward returns (or the held outputs pass
 :data:`HOLD_BYTES`, or the step ends), the held calls are grouped by (shape, dtype, kind)
 and :func:`batched.figures` takes every figure of a group in a few kernels. Memory: the
 outputs autograd does not keep anyway (a Linear's output feeding a ReLU) stay alive until
@@ -37,6 +38,7 @@ from .selection import floating_tensors
 F32 = torch.float32
 #: Held outputs (or gradients) are reduced early once they pass this many bytes.
 HOLD_BYTES = 64 << 20
+SMALL = batched.SMALL_ENTRIES
 _FIGS = ("flag", "a_min", "a_max", "a_norm", "a_extra")
 _VERSION = operator.attrgetter("_version")
 _engine = torch.autograd.Variable._execution_engine
@@ -164,7 +166,10 @@ class StepHooks:
             held = self._fwd
             for t in tensors:
                 td = t.detach()
-                if idx in self._safe:
+                if td.numel() >= SMALL:
+                    # Large: measured now, with no copy and nothing held (see batched).
+                    self._reduce([idx], [td])
+                elif idx in self._safe:
                     held.add(idx, td)
                     if grads and t.requires_grad and t.grad_fn is not None and not t.retains_grad \
                             and self._ret_bytes < HOLD_BYTES:
@@ -224,7 +229,7 @@ class StepHooks:
                 self.bwd_seen.add(idx)
                 self.bwd_order.append(idx)
             g = grad.detach()
-            if idx in self._grad_unsafe:
+            if idx in self._grad_unsafe or g.numel() >= SMALL:
                 self._bwd_vals.append(batched.grad_norms([g]))
                 self.bwd_idx.append(idx)
                 return
