@@ -43,7 +43,7 @@ compute the same norms twice.
   :func:`forget` after them. ``DTensor`` norms are never reused, so a rank that
   published cannot skip a collective that another rank runs.
 
-(Why ~950 lines in one file: the recorder and the remedies import this as one leaf
+(Why ~930 lines in one file: the recorder and the remedies import this as one leaf
 module, which may import nothing else from gradtrace; the engine, its two CPU routes, its
 sharded path and the sharing between them change together.)
 
@@ -72,7 +72,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "grad_norms", "total_norm", "register", "notify_clipped", "forget",
     "is_dtensor", "local", "stored_values", "groups", "use_foreach", "tensor_list",
-    "check_norm_type", "wide_dtype", "HOST_READ_FREE", "norm_vector", "wide_norms",
+    "check_norm_type", "wide_dtype", "HOST_READ_FREE", "norm_vector",
     "publish", "recall", "SMALL_NUMEL",
 ]
 
@@ -292,27 +292,6 @@ def _group_norm_list(group: list[Tensor], p: float, acc: torch.dtype) -> Tensor:
     if all(map(_PLAIN_TYPES.__contains__, map(type, group))):
         return torch.stack(torch._foreach_norm(group, p, dtype=acc))
     return torch.stack([torch.linalg.vector_norm(t, p, dtype=acc) for t in group])
-
-
-def wide_norms(tensors: list[Tensor], p: float = 2.0, *, dense: bool = False) -> Tensor:
-    """Norms accumulated in float64 (one grouped call, on the tensors' device, which must
-    be one), as a float64 vector: exact range for any float32 entries. What the recorder
-    re-measures doubtful squares with. ``dense=True``: the caller checked that all are
-    plain dense tensors on one device (no per-tensor Python call).
-
-    Example:
-        >>> v = wide_norms([torch.full((4,), 1e-25), torch.full((4,), 1e20)])
-        >>> [f"{float(x):.3g}" for x in v]
-        ['2e-25', '2e+20']
-    """
-    if not tensors:
-        return torch.empty(0, dtype=F64)
-    with torch.no_grad():
-        if dense:                         # the caller knows: plain, dense, one device
-            return torch.stack(torch._foreach_norm(tensors, p, dtype=F64))
-        vals = [stored_values(t.detach()) for t in tensors]
-        dev = vals[0].device
-        return torch.stack([n.to(dev) for n in torch._foreach_norm(vals, p, dtype=F64)])
 
 
 def _plan(sizes: tuple[int, ...]) -> tuple:

@@ -3,17 +3,17 @@
 Every function but :func:`nonfinite_counts` returns tensors on one device and never reads
 a value on the host: the monitor gathers the results into one flat buffer and copies it
 once. The squared norms come from the one norm engine, :func:`gradtrace.norms.norm_vector`
-(float32 norms on CPU, float64 accumulation on accelerators); the float64 re-measure of
-the doubtful ones, :func:`wide_squares`, from :func:`gradtrace.norms.wide_norms`.
+(on the CPU float64 sums for small tensors and range-checked float32 norms for large ones,
+float64 accumulation on accelerators): finite gradients give finite squares.
 """
 from __future__ import annotations
 
 import torch
 
-from ..norms import norm_vector, stored_values, wide_norms
+from ..norms import norm_vector, stored_values
 
 F32 = torch.float32
-__all__ = ["squared_norms", "max_abs", "wide_squares", "nonfinite_counts", "stored_values"]
+__all__ = ["squared_norms", "max_abs", "nonfinite_counts", "stored_values"]
 
 
 def squared_norms(tensors: list[torch.Tensor], device: torch.device,
@@ -60,20 +60,6 @@ def max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         hi = [v.to(device=device, dtype=F32, non_blocking=nb) for v in hi]
     # maximum() propagates NaN, so a NaN anywhere in a tensor shows in its max |x|.
     return torch.maximum(torch.stack(hi), -torch.stack(lo))
-
-
-def wide_squares(tensors: list[torch.Tensor], dense: bool = False) -> torch.Tensor:
-    """Squared L2 norms accumulated in float64 (on the tensors' device): entries from
-    ~1e-154 to ~1e154 square without leaving the range. Grouped: O(1) kernel launches.
-    ``dense``: the caller knows they are plain dense tensors on one device (no per-tensor
-    Python call).
-
-    Example:
-        >>> v = wide_squares([torch.full((4,), 1e-25), torch.full((4,), 1e20)])
-        >>> [f"{float(x):.3g}" for x in v]
-        ['4e-50', '4e+40']
-    """
-    return wide_norms(tensors, dense=dense).square()
 
 
 def nonfinite_counts(tensors: list[torch.Tensor]) -> list[int]:
