@@ -308,3 +308,16 @@ def test_report_shows_nested_records_as_fields():
                 {"cause": "overflow", "cause_evidence": {"dtype": "float16", "dtype_max": 65504.0}})
     page = render_findings([f])
     assert "dtype: float16, dtype_max: 6.55e+04" in page and "NonFiniteCause" not in page
+
+
+def test_no_field_is_declared_twice():
+    """A second declaration silently replaces the first (it happened once, when two people
+    added the same fields): each class body names each field once."""
+    import ast
+
+    tree = ast.parse(Path(E.__file__).read_text())
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    assert len(classes) > 20
+    for node in classes:
+        names = [s.target.id for s in node.body if isinstance(s, ast.AnnAssign)]
+        assert len(names) == len(set(names)), (node.name, sorted({n for n in names if names.count(n) > 1}))

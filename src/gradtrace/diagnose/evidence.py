@@ -225,8 +225,6 @@ class TimeLayer(Detail):
     resolved: bool = _req("the last recorded step no longer meets the rule")
     steps_flagged: int = _req("recorded steps that met the rule")
     steps_examined: int = _req("recorded steps with a finite time profile")
-    weights_moved: float | None = _opt("vanishing: the layer's relative path length over the flagged "
-                                       "stretch (sum of ||dW|| / ||W||; inf: no update ratios)")
     weights_moved: float | None = _opt("vanishing: how far the layer's weights travelled over the "
                                        "stretch that qualified (summed ||dW|| / ||W||), when recorded")
 
