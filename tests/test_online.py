@@ -113,3 +113,21 @@ def test_doctor_follow_prints_findings_and_stops(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gradtrace", "doctor", str(run), "--follow", "--idle", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--idle" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_live_sink_reports_a_loss_climb_at_the_step_it_ends():
+    # A slow divergence (issue 11): fed record by record, the sink says loss_spike at the
+    # record that ends the climb, the same step the final diagnosis gives as its start.
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    loss = np.r_[3.0 + 0.1 * rng.standard_normal(40), 3.1 * 1.12 ** np.arange(1, 9)]
+    said: list[tuple[int, str]] = []
+    live = OnlineDiagnosis(lambda f: said.append((step, f.kind)), every=1, budget=1.0)
+    live.start({})
+    for step, v in enumerate(loss.tolist()):
+        live.write({"step": step, "scalars": {"loss": v}})
+    live.close()
+    (final,) = [f for f in find(live.trace) if f.kind == "loss_spike"]
+    assert said == [(final.first_step, "loss_spike")]
+    assert final.first_step == final.evidence["climb_at"] < loss.size - 1
