@@ -411,6 +411,11 @@ def run_gpt2_lr_ramp(watch, steps=120):
 
 
 def run_attn_logits(watch, steps=120):
+    """Not in :data:`RUNS`: it never diverges. Neither did a 2-layer pre-LN byte LM with
+    unscaled q.k logits (AdamW 1e-2, 3e-2, or warm-up to 0.1; 120-150 steps): its logits grew
+    from ~10 to 1e4-1e5 (qk-LayerNorm control: ~60) and softmax saturated, but the loss only
+    stalled (2.8-3.0 against 2.4-2.5), and under a rising rate the 1/sqrt(d)-scaled control
+    diverged at the same step, so that run would be a rate ramp, not an attention failure."""
     g = _seed()
     model = AttnClassifier()
     other = [p for n, p in model.named_parameters() if n != "scale"]
