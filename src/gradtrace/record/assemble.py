@@ -132,20 +132,22 @@ class Assembler:
             col[seen] = 0.0
             col[nonfinite_mod] = 1.0
             module["out_flag_nonfinite"] = col
-            first_fwd = next((self.module_names[i] for i in info.order if nonfinite_mod[i]), None)
+            if nonfinite_mod.any():      # a Python walk only on a non-finite step
+                first_fwd = next((self.module_names[i] for i in info.order if nonfinite_mod[i]), None)
             if len(info.acts):
                 self._activations(host, flags, info, module, vectors)
         if first_fwd is None:
             first_fwd = info.replayed
         first_bwd = None
         if "bwd" in host:
-            sq = np.zeros(n_m)
-            np.add.at(sq, np.asarray(info.bwd, dtype=np.intp), np.square(host["bwd"].astype(np.float64)))
+            bwd = np.asarray(info.bwd, dtype=np.intp)
+            sq = np.bincount(bwd, weights=np.square(host["bwd"].astype(np.float64)), minlength=n_m)
             col = np.full(n_m, MISSING)
-            got = np.unique(np.asarray(info.bwd, dtype=np.intp))
+            got = np.flatnonzero(np.bincount(bwd, minlength=n_m))
             col[got] = np.sqrt(sq[got])
             module["outgrad_norm"] = col
-            first_bwd = next((self.module_names[i] for i in info.bwd_order if not math.isfinite(sq[i])), None)
+            if not np.isfinite(sq).all():
+                first_bwd = next((self.module_names[i] for i in info.bwd_order if not math.isfinite(sq[i])), None)
         for i in info.time_ids:
             vectors.setdefault("time_grad_norm", {})[self.module_names[i]] = [float(v) for v in host[f"time{i}"]]
 
