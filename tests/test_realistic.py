@@ -9,12 +9,14 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import gradtrace as gt
 from gradtrace.advise import fixes_for
+from gradtrace.diagnose import Thresholds
 from gradtrace.trace import Trace
 
 pytest.importorskip("sklearn")
@@ -135,3 +137,32 @@ def test_learning_rate_ramp_is_caught_while_the_loss_climbs():
     c0, c1 = findings[0].evidence["climb_started_at"], findings[0].evidence["climb_at"]
     seg = loss[(steps >= c0) & (steps <= c1)]
     assert seg.size >= 5 and (seg[1:] > seg[:-1]).all()
+
+
+@pytest.mark.slow          # 60 steps of a 12-block encoder: ~15 s on 2 cores
+def test_post_ln_stack_vanishing_is_counted_in_blocks():
+    # issue 11: 12 post-LN blocks lose ~1e-4 from the embedding to the head, ~0.89 per watched
+    # module (5 a block): the depth rule counts blocks, so it is found
+    trace, findings = _run("postln_deep")
+    top = findings[0]
+    assert top.kind == "vanishing_gradients" and [f.kind for f in findings] == ["vanishing_gradients"]
+    assert top.evidence["layers_in_profile"] == 14          # emb, 12 blocks, head
+    assert top.evidence["per_layer_gain"] < Thresholds().vanish_gain
+    assert "each block" in top.evidence["summary"] and top.layers[0] == "emb"
+    # emb and head are one-module units: the ratio is a median of their recorded per-step ratios
+    _, _, og = trace.matrix("outgrad_norm", ["emb", "head"])
+    per_step = og[:, 0] / og[:, 1]
+    per_step = per_step[np.isfinite(per_step)]
+    assert per_step.min() <= top.evidence["first_to_last_outgrad_ratio"] <= per_step.max()
+    assert top.evidence["first_to_last_outgrad_ratio"] < Thresholds().vanish_total
+
+
+def test_gated_rnn_that_learns_to_remember_is_healthy(tmp_path):
+    # issue 11: the demo's LSTM forgets at initialisation (time ratio ~1e-11 < 1e-3, which the
+    # old rule reported by step 20) and learns to remember as Adam trains its gates
+    from gradtrace.demo.experiments import QUICK, scaled, train_rnn
+    trace = gt.load(train_rnn(str(tmp_path / "lstm"), "lstm", scaled(QUICK, rnn_steps=120)))
+    steps, prof = trace.series("time_grad_norm", "rnn", with_steps=True)
+    ratio = prof[:, 0] / prof[:, -1]
+    assert ratio[0] < Thresholds().time_vanish_ratio < ratio.max()      # starts vanished, climbs out
+    assert gt.diagnose(trace) == []
