@@ -324,3 +324,20 @@ def test_large_outputs_measured_in_their_hook_match_the_reference():
     assert 128 * 256 >= hooks_mod.SMALL
     mon = run_and_check(model, lambda g: torch.randn(128, 8, generator=g), steps=3)
     assert mon._hooks._safe          # the small ones were held
+
+
+@pytest.mark.parametrize("kind", ["relu", "tanh", "sigmoid", None])
+def test_the_reused_scratch_changes_no_figure(monkeypatch, kind):
+    from gradtrace.record import batched
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, 6, generator=g) for _ in range(3)]
+    kept = batched.figures(xs, kind, True)
+    monkeypatch.setattr(batched, "SCRATCH_BYTES", 0)      # a fresh temporary every time
+    fresh = batched.figures(xs, kind, True)
+    assert kept.keys() == fresh.keys()
+    for k in kept:
+        torch.testing.assert_close(kept[k], fresh[k], rtol=0, atol=0)
+    # and the figures themselves, from float64
+    x = torch.stack(xs).double().reshape(3, -1)
+    torch.testing.assert_close(kept["a_norm"].double(), (x - x.mean(1, keepdim=True)).norm(dim=1),
+                               rtol=NORM_RTOL, atol=ATOL)

@@ -33,19 +33,26 @@ STACK_BYTES = 16 << 20
 #: on CPU (24 x 128 x 256 outputs: stacking took 1.4 ms a group, measured).
 SMALL_ENTRIES = 16384
 
-# Reused temporaries (centred values, signs) per thread, device and dtype: a fresh
-# full-size temporary per call or group costs page faults on CPU for large outputs.
+#: The largest temporary kept for reuse (CPU only; bytes).
+SCRATCH_BYTES = 64 << 20
+
+# Reused temporaries (centred values, signs) per thread and dtype, on CPU: a fresh
+# full-size temporary per call costs page faults there for large outputs. Accelerators'
+# caching allocators reuse blocks already, and an output as large as a language model's
+# logits must not stay allocated: those get a plain temporary.
 _local = threading.local()
 
 
 def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    n = shape.numel()
+    if device.type != "cpu" or n * dtype.itemsize > SCRATCH_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
     cache = getattr(_local, "bufs", None)
     if cache is None:
         cache = _local.bufs = {}
-    n = shape.numel()
-    buf = cache.get((device, dtype))
+    buf = cache.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = cache[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
+        buf = cache[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 
 
