@@ -250,12 +250,15 @@ class SteadyClimb(Detail):
 @dataclass(frozen=True, eq=False, repr=False, kw_only=True)
 class _DepthGradients(Evidence):
     per_layer_gain: float = _req("exp(-slope) of log outgrad_norm fitted against depth: the factor "
-                                 "the backward pass applies per layer (median over flagged steps)")
-    layers_in_profile: int = _req("weight-bearing layers in the profile")
+                                 "the backward pass applies per layer, a repeated block counting as "
+                                 "one (median over flagged steps)")
+    layers_in_profile: int = _req("weight-bearing layers in the profile, a repeated block "
+                                  "(encoder.layers.3) counting as one")
     first_to_last_outgrad_ratio: float = _req("first / last layer output-gradient norm (median over "
                                               "flagged steps; 0.0 when no gradient reached the first)")
     summary: str = _req("one human sentence")
-    outgrad_norm_median: dict[str, float] = _req("median output-gradient norm per layer")
+    outgrad_norm_median: dict[str, float] = _req("median output-gradient norm per layer (a block: "
+                                                 "geometric mean over its modules)")
     steps_flagged: int = _req("activation steps that met the rule")
     steps_examined: int = _req("activation steps examined")
     first_layer_grad_norm: dict[str, float] | None = _opt("first layer's weight: median grad norm")
