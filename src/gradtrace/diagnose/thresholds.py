@@ -111,11 +111,11 @@ class Thresholds:
     spike_min_fold: float = 2.0
     spike_min_rise: float = 0.05
     spike_persist: int = 3
+    climb_steps: int = 4
     diverge_fold: float = 2.0
     explode_z: float = 8.0
     explode_fold: float = 10.0
     depth_min_layers: int = 4
-    climb_steps: int = 4
     vanish_gain: float = 0.85
     vanish_total: float = 1e-2
     explode_gain: float = 1.2
