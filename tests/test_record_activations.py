@@ -331,7 +331,9 @@ def test_the_reused_scratch_changes_no_figure(monkeypatch, kind):
     from gradtrace.record import batched
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(4, 6, generator=g) for _ in range(3)]
+    monkeypatch.setattr(batched, "SCRATCH_MIN_BYTES", 0)  # these small ones reuse the scratch
     kept = batched.figures(xs, kind, True)
+    assert batched._local.bufs                            # it was used
     monkeypatch.setattr(batched, "SCRATCH_BYTES", 0)      # a fresh temporary every time
     fresh = batched.figures(xs, kind, True)
     assert kept.keys() == fresh.keys()
