@@ -7,13 +7,19 @@ all (a module with a forward hook leaves torch's fast call path, about 5-10 us a
 
 For a small output (under :data:`batched.SMALL_ENTRIES` entries, where kernel launches
 cost more than the work) a forward hook does no math: it keeps a reference to the call's
-output (and its version counter); a large output is measured in the hook, copy-free. When the root module's forward returns (or the held outputs pass
-:data:`HOLD_BYTES`, or the step ends), the held calls are grouped by (shape, dtype, kind)
-and :func:`batched.figures` takes every figure of a group in a few kernels. Memory: the
+output (and its version counter); a large output is measured in the hook, copy-free.
+When the root module's forward returns (or the held outputs pass :data:`HOLD_BYTES`, or
+the step ends), the held calls are grouped by (shape, dtype, kind) and
+:func:`batched.figures` takes every figure of a group in a few kernels. Memory: the small
 outputs autograd does not keep anyway (a Linear's output feeding a ReLU) stay alive until
-then, at most :data:`HOLD_BYTES` of them. Output-gradient norms work alike: a hook on the
-output's autograd node keeps the gradient, and one grouped norm per shape runs at the end
-of the backward (an autograd final callback).
+then, at most :data:`HOLD_BYTES` of them.
+
+Output gradients of small outputs: ``retain_grad()`` (a C++ hook that keeps a copy; no
+Python runs in the backward for the call) and one grouped norm per shape when the
+backward ends (an autograd final callback queued from one hook on the root's output).
+This keeps those outputs and their gradient copies alive until then, at most
+:data:`HOLD_BYTES` together. Large outputs, and outputs changed in place (below), get a
+Python hook on their autograd node that takes the norm at once.
 
 A reference is only good if nothing changes the tensor in place after the module returned
 (``ReLU(inplace=True)`` after a BatchNorm, a residual ``out += x``). So a module's first
