@@ -7,7 +7,8 @@ expected, what ``gt.diagnose`` found (kinds in rank order, first step of each), 
 at which a live run would first have said something (the first ``s`` with a finding in
 ``gt.diagnose(trace.upto(s))``), the damage step (first non-finite loss, or the loss
 clearly diverging: at least ``DIVERGE_START`` times its first value and ``DIVERGE_MIN``
-times its lowest so far), the lead time (damage minus live detection; must be >= 0, and
+times its lowest so far, on ``DIVERGE_HOLD`` records in a row: a one-record bump the run
+absorbs at once is not damage), the lead time (damage minus live detection; must be >= 0, and
 >= 3 on slow divergences) and the overhead (watched / unwatched wall time of the same
 seeded run; the watched run includes live diagnosis, ``OnlineDiagnosis`` at its defaults,
 whose own share of the time is printed under each run). A healthy run passes with no finding at all; a broken one when its root
@@ -31,21 +32,36 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DIVERGE_START = 1.5
 #: ... when it is also this multiple of its lowest value so far.
 DIVERGE_MIN = 2.0
+#: ... on this many consecutive records (the damage step is the first of them).
+DIVERGE_HOLD = 2
 #: Slow divergences must be caught at least this many steps ahead.
 SLOW_LEAD = 3
 
 
 def damage_step(steps, losses) -> int | None:
-    """First non-finite loss, else first clear divergence (see module docstring)."""
+    """First non-finite loss, else the first of ``DIVERGE_HOLD`` consecutive clearly
+    diverged records (see module docstring).
+
+    >>> damage_step(range(6), [1.0, 0.5, 2.0, 0.6, 2.0, 2.5])    # the bump at 2 recovers
+    4
+    >>> damage_step(range(3), [1.0, 0.5, float("nan")])
+    2
+    """
     lo = math.inf
     first = None
+    held: list[int] = []
     for s, v in zip(steps, losses):
         if not math.isfinite(v):
-            return int(s)
+            return int(held[0]) if held else int(s)
         if first is None:
             first = v
         elif v >= DIVERGE_START * first and v >= DIVERGE_MIN * lo:
-            return int(s)
+            held.append(int(s))
+            if len(held) >= DIVERGE_HOLD:
+                return held[0]
+            continue                    # a diverged record does not lower the floor
+        else:
+            held = []
         lo = min(lo, v)
     return None
 
