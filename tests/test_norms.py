@@ -249,15 +249,16 @@ def test_norm_vector_matches_reference_and_grad_norms(uniform):
     # The recorder's squares: small tensors take the flat float64 route, so the 1e20 and
     # 1e-25 ones are near-exact as they come, zeros exactly 0; large ones (foreach) are
     # range-checked and redone in float64 when float32 lost them: finite either way.
-    big = [torch.randn(N.SMALL_NUMEL + 1, generator=g) * 1e20,
-           torch.randn(N.SMALL_NUMEL + 1, generator=g) * 1e-25]
-    sq = squared_norms(same + big, torch.device("cpu"), uniform)
+    sq = squared_norms(same, torch.device("cpu"), uniform)
     assert sq.dtype == torch.float64
     for t, s in zip(same, sq.tolist()):
         assert s == pytest.approx(ref_norm(t, 2.0) ** 2, rel=2 * RTOL_WIDE, abs=0.0)
-    for t, s in zip(big, sq.tolist()[len(same):]):
-        assert s == pytest.approx(ref_norm(t, 2.0) ** 2, rel=2 * RTOL, abs=0.0)
     assert sq[3].item() == 0.0
+    big = [torch.randn(N.SMALL_NUMEL + 1, generator=g) * 1e20,
+           torch.randn(N.SMALL_NUMEL + 1, generator=g) * 1e-25]
+    sq = squared_norms(same + big, torch.device("cpu"), uniform)   # too few small: foreach
+    for t, s in zip(same + big, sq.tolist()):
+        assert s == pytest.approx(ref_norm(t, 2.0) ** 2, rel=2 * RTOL, abs=0.0)
     # mixed dtypes and layouts (uniform=True wrongly claimed: caught, grouped)
     mixed = _mixed() + [torch.randn(4, 5, generator=g).relu().to_sparse()]
     v = N.norm_vector(mixed, uniform=uniform)
@@ -341,14 +342,16 @@ RTOL_WIDE = 1e-12    # float64 sums of squares of the same entries, summed in an
 
 
 def _route_mix(seed: int = 7) -> list[torch.Tensor]:
-    """Small and large tensors (either side of SMALL_NUMEL), entries from 1e-25 to 1e20,
-    an empty one, a non-contiguous one, zeros, and float16/bfloat16/float64 neighbours."""
+    """Small and large tensors (either side of SMALL_NUMEL; enough small ones for the
+    split, MIXED_MIN_SMALL), entries from 1e-25 to 1e20, an empty one, a non-contiguous
+    one, zeros."""
     g = torch.Generator().manual_seed(seed)
     cut = N.SMALL_NUMEL
     return [torch.randn(8, 8, generator=g), torch.randn(cut, generator=g) * 1e-25,
             torch.randn(cut + 1, generator=g), torch.full((16,), 1e20), torch.empty(0),
             torch.randn(12, 5, generator=g).t(), torch.zeros(9), torch.randn(40, 40, generator=g),
-            torch.randn(3, generator=g) * 1e-30, torch.randn(1, generator=g)]
+            torch.randn(3, generator=g) * 1e-30, torch.randn(1, generator=g)] + \
+        [torch.randn(7, generator=g) for _ in range(N.MIXED_MIN_SMALL)]
 
 
 @pytest.mark.parametrize("uniform", [False, True])
@@ -380,10 +383,15 @@ def test_flat_route_reads_once_and_redoes_nothing(monkeypatch):
     assert count.calls == 1 and wide_calls == []
     for t, n in zip(small, v.tolist()):
         assert n == pytest.approx(ref_norm(t, 2.0), rel=RTOL_WIDE, abs=0.0)
-    # a mixed list: one flat read for the small ones, one foreach for the large ones
+    # a mixed list: one flat read for the small ones, one foreach for the large ones ...
     count.calls = 0
-    N.norm_vector(small + [torch.randn(N.SMALL_NUMEL + 1, generator=g)])
+    many = small * (N.MIXED_MIN_SMALL // len(small))
+    N.norm_vector(many + [torch.randn(N.SMALL_NUMEL + 1, generator=g)])
     assert count.calls == 2 and wide_calls == []
+    # ... unless too few small ones are there to pay for the split: all by foreach
+    count.calls = 0
+    N.norm_vector([torch.randn(8, generator=g), torch.randn(N.SMALL_NUMEL + 1, generator=g)])
+    assert count.calls == 1
 
 
 def test_published_norms_live_while_their_token_is_held():
