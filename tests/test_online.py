@@ -131,3 +131,71 @@ def test_live_sink_reports_a_loss_climb_at_the_step_it_ends():
     (final,) = [f for f in find(live.trace) if f.kind == "loss_spike"]
     assert said == [(final.first_step, "loss_spike")]
     assert final.first_step == final.evidence["climb_at"] < loss.size - 1
+
+
+def _first_prefix_with(trace, kind: str) -> int | None:
+    for s in trace.steps_recorded.tolist():
+        if kind in _kinds(find(trace.upto(int(s)))):
+            return int(s)
+    return None
+
+
+def _feed(loss, every: int = 10):
+    """Feed a loss series record by record (default interval); the steps the callback spoke at."""
+    said: list[tuple[int, str]] = []
+    step = 0
+    live = OnlineDiagnosis(lambda f: said.append((step, f.kind)), every=every, budget=1.0)
+    live.start({})
+    for step, v in enumerate(loss):
+        live.write({"step": step, "scalars": {"loss": float(v)}})
+    return live, said
+
+
+@pytest.mark.parametrize("shape", ["slow_climb", "jump_2x", "early_divergence"])
+def test_urgent_loss_trigger_speaks_at_the_first_step_the_prefix_has_it(shape):
+    # Issue 11: between two scheduled diagnoses (every 10 records) a loss record that can
+    # complete the loss-spike rule is diagnosed at once, so the callback comes at the same
+    # step as the first prefix diagnosis that holds the finding, not up to 10 records late.
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    noise = 1.0 + 0.03 * rng.standard_normal(200)
+    if shape == "slow_climb":      # rises step after step from record 153 (not a multiple of 10)
+        loss = np.r_[noise[:153], 1.05 * 1.06 ** np.arange(1, 30)]
+    elif shape == "jump_2x":       # one step to ~2.3x that stays there (confirmed by persisting)
+        loss = np.r_[noise[:147], 2.3 * noise[147:]]
+    else:                          # doubles within the records the spike rule cannot judge yet
+        loss = np.r_[4.0, 3.9, 3.8, 8.5, noise[4:60] * 9]
+    live, said = _feed(loss)
+    first = _first_prefix_with(live.trace, "loss_spike")
+    assert first is not None
+    assert said == [(first, "loss_spike")]
+    if shape == "early_divergence":
+        return                     # early records are diagnosed one by one anyway
+    # without the trigger the scheduled interval would have been late on this run
+    late = OnlineDiagnosis(lambda f: None, every=10, budget=1.0)
+    late._loss.update = lambda record: False
+    late_said: list[int] = []
+    late.callback = lambda f: late_said.append(int(late.trace.steps_recorded[-1]))
+    late.start({})
+    for step, v in enumerate(loss):
+        late.write({"step": step, "scalars": {"loss": float(v)}})
+    assert late_said and late_said[0] > first
+
+
+def test_urgent_loss_trigger_stays_rare_on_a_healthy_loss():
+    # The trigger costs a diagnosis each time it fires; on a noisy, slowly falling loss it
+    # must add only a few to the scheduled ones (every 10 records).
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    loss = 2.0 * np.exp(-np.arange(500) / 300) * (1 + 0.15 * rng.standard_normal(500))
+    live, said = _feed(loss)
+    plain = OnlineDiagnosis(lambda f: None, every=10, budget=1.0)
+    plain._loss.update = lambda record: False
+    plain.start({})
+    for step, v in enumerate(loss):
+        plain.write({"step": step, "scalars": {"loss": float(v)}})
+    assert said == [] and live.runs <= plain.runs + 10, (live.runs, plain.runs)
+    with pytest.raises(ValueError, match="spike_zz"):
+        OnlineDiagnosis(print, thresholds={"spike_zz": 3})     # a typo fails here, not mid-run

@@ -15,18 +15,31 @@ O(n) per diagnosis. Two limits keep the total bounded: a diagnosis at most every
 diagnosing exceeds ``budget`` (a fraction) of the wall time the run has taken since the
 sink started. The first non-finite loss is diagnosed at once whatever the budget: that is
 the moment a user needs the answer.
+
+A loss record that could complete a ``loss_spike`` finding is diagnosed at once too (within
+the budget), so a divergence is not reported up to ``every`` records late. The test is O(1)
+per record against state kept as records arrive (:class:`_LossWatch`), and it is a
+necessary condition of the loss-spike rule: the record ends ``climb_steps`` rises in a row
+(a climb), or it is ``spike_min_fold`` times the median of the trailing
+``baseline_window`` finite losses (a spike candidate; the ``spike_persist`` records after
+one stay urgent, as the jump may be confirmed by persisting), or ``diverge_fold`` times
+the run's first loss (a gross divergence). Healthy noise meets it now and then; each time
+costs one diagnosis.
 """
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 import warnings
+from collections import deque
 from typing import Any, Callable
 
 from ..trace import MemoryWriter
 from . import diagnose
 from .finding import Finding
+from .thresholds import Thresholds
 
 __all__ = ["OnlineDiagnosis", "log_finding"]
 
@@ -65,7 +78,8 @@ class OnlineDiagnosis:
             ``gt.advise([f], trace)`` adds them).
         every: diagnose at most every this many records (``>= 1``).
         budget: fraction of the run's wall time the diagnoses may take (``0 < budget <= 1``).
-        thresholds: passed to :func:`gradtrace.diagnose.diagnose`.
+        thresholds: a :class:`Thresholds`, a dict of overrides or None, checked here and
+            passed to :func:`gradtrace.diagnose.diagnose` (the urgent loss test uses them too).
 
     Attributes:
         findings: every finding reported so far, in the order reported.
@@ -90,7 +104,8 @@ class OnlineDiagnosis:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
-        self.callback, self.every, self.budget, self.thresholds = callback, every, budget, thresholds
+        self.callback, self.every, self.budget = callback, every, budget
+        self.thresholds = Thresholds.coerce(thresholds)
         self.findings: list[Finding] = []
         self.seconds = 0.0
         self.runs = 0
@@ -99,6 +114,7 @@ class OnlineDiagnosis:
         self._records = 0
         self._t0 = 0.0
         self._reported: set[str] = set()
+        self._loss = _LossWatch(self.thresholds)
 
     @property
     def trace(self):
@@ -120,13 +136,15 @@ class OnlineDiagnosis:
         self._since += 1
         self._records += 1
         # the first non-finite loss is news; the ones after it are not
-        urgent = _nonfinite_loss(record) and "loss_nonfinite" not in self._reported
+        first_nonfinite = _nonfinite_loss(record) and "loss_nonfinite" not in self._reported
+        suspicious = self._loss.update(record) and "loss_spike" not in self._reported
+        urgent = first_nonfinite or suspicious
         # Early in a run the trace is short and cheap to diagnose, and gross early failures
         # happen there: the interval grows from 1 to ``every`` over the first 10 * every records.
         if self._since < min(self.every, 1 + self._records // 10) and not urgent:
             return
         elapsed = time.perf_counter() - self._t0
-        if not urgent and self.seconds > self.budget * elapsed:
+        if not first_nonfinite and self.seconds > self.budget * elapsed:
             return
         self.check()
 
@@ -150,6 +168,49 @@ class OnlineDiagnosis:
         """A last diagnosis over the complete run (nothing new is missed at the end)."""
         if self._writer is not None and self._since:
             self.check()
+
+
+class _LossWatch:
+    """O(1)-per-record state over the recorded loss: is this record one that could make the
+    loss-spike rule (:mod:`gradtrace.diagnose.loss`) fire? A necessary test, not the rule:
+    the full diagnosis decides.
+
+    Example:
+        >>> w = _LossWatch(Thresholds())
+        >>> [w.update({"scalars": {"loss": v}}) for v in (3.0, 3.1, 2.9, 7.0)]
+        [False, False, False, True]
+    """
+
+    def __init__(self, th: Thresholds):
+        self.th = th
+        self.first: float | None = None
+        self.prev: float | None = None
+        self.rises = 0                  # rises in a row ending at the last finite loss
+        self.window: deque[float] = deque(maxlen=th.baseline_window)
+        self.hot = 0                    # records left that may still confirm a candidate
+
+    def update(self, record: dict[str, Any]) -> bool:
+        v = (record.get("scalars") or {}).get("loss")
+        if v is None:
+            return False
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return False
+        if not math.isfinite(v):
+            return False                # the non-finite trigger handles it
+        th = self.th
+        self.rises = self.rises + 1 if self.prev is not None and v > self.prev else 0
+        self.prev = v
+        if self.first is None:
+            self.first = v
+        # a sort of at most baseline_window numbers: constant work per record
+        med = statistics.median(self.window) if len(self.window) >= th.min_baseline else None
+        self.window.append(v)
+        candidate = med is not None and med > 0 and v >= th.spike_min_fold * med
+        self.hot = th.spike_persist + 1 if candidate else max(0, self.hot - 1)
+        return (self.rises >= th.climb_steps or self.hot > 0
+                or (self.first > 0 and v >= th.diverge_fold * self.first))
 
 
 def _nonfinite_loss(record: dict[str, Any]) -> bool:
