@@ -410,21 +410,15 @@ def run_gpt2_lr_ramp(watch, steps=120):
     return loop(model, opt, steps, loss_at, watch, lr_at=lambda s: 1e-4 * 1.08 ** s)
 
 
-def run_attn_logits(watch, steps=120):
-    """Not in :data:`RUNS`: it never diverges. Neither did a 2-layer pre-LN byte LM with
-    unscaled q.k logits (AdamW 1e-2, 3e-2, or warm-up to 0.1; 120-150 steps): its logits grew
-    from ~10 to 1e4-1e5 (qk-LayerNorm control: ~60) and softmax saturated, but the loss only
-    stalled (2.8-3.0 against 2.4-2.5), and under a rising rate the 1/sqrt(d)-scaled control
-    diverged at the same step, so that run would be a rate ramp, not an attention failure."""
-    g = _seed()
-    model = AttnClassifier()
-    other = [p for n, p in model.named_parameters() if n != "scale"]
-    opt = torch.optim.Adam([{"params": other, "lr": 1e-3}, {"params": [model.scale], "lr": 0.2}])
-
-    def loss_at(step):
-        xb, yb = code_vs_prose(16, 32, g)
-        return F.cross_entropy(model(xb), yb)
-    return loop(model, opt, steps, loss_at, watch)
+def run_attn_logits(watch, steps=175, control=None):
+    """Attention logits overflow float16: a 1-block byte LM (``bench/attn_overflow.py``)
+    whose unscaled q.k product is computed in float16, Adam lr 0.1. The logits grow from
+    ~10 to past 65504 (step 166) while the loss stays flat near 2.9, then softmax turns
+    nan. ``control="scaled"`` / ``"qkln"``: the same run with 1/sqrt(d) scaling / qk-LayerNorm.
+    (In float32 the same growth only stalls the loss: a 2-layer LM at AdamW 1e-2..3e-2
+    reached logits of 1e4-1e5 and never diverged.)"""
+    from attn_overflow import train
+    return train(watch, steps, control=control)
 
 
 # ---- the catalogue ---------------------------------------------------------------------------
