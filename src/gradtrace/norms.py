@@ -32,7 +32,7 @@ compute the same norms twice.
 * **Shared within a step.** While anyone listens (:func:`register`), every call remembers
   its per-tensor norms keyed by the tensor's identity (a weak reference) and its
   ``_version``; a later call on the same, unchanged tensors reuses them instead of reading
-  the gradients again. A monitor :func:`publish`\ es its end-of-backward norms as one
+  the gradients again. A monitor hands its end-of-backward norms to :func:`publish` as one
   vector (no Python step per tensor); a clipper given exactly those tensors takes them
   whole (:func:`recall`), and after scaling publishes their post-clip norms
   (``norm * coef``) for the new versions, which the monitor reads back as its post-clip
