@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import math
 
 import pytest
@@ -17,13 +16,8 @@ from gradtrace.remedies.adaptive import AutoClip, ZClip
 from gradtrace.remedies.agc import adaptive_clip_grad_, agc_param_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _nobody_listens():
-    """These tests start with no listener: a monitor another test file left unclosed
-    stays registered (weakly) until the garbage collector frees it, so free it now."""
-    gc.collect()
-    N._live_observers()
-    assert not N._observers, "a norm-registry listener is still alive"
+# Start with no norm-registry listener (see conftest.py).
+pytestmark = pytest.mark.usefixtures("no_norm_listeners")
 
 
 # -------------------------------------------------------------- torch equivalence

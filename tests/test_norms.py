@@ -14,13 +14,8 @@ from gradtrace import norms as N
 RTOL = 1e-6          # float32 norm against a float64 reference
 RTOL_F16 = 1e-3      # half-precision inputs, float32 accumulation
 
-@pytest.fixture(autouse=True, scope="module")
-def _nobody_listens():
-    """These tests start with no listener: a monitor another test file left unclosed
-    stays registered (weakly) until the garbage collector frees it, so free it now."""
-    gc.collect()
-    N._live_observers()
-    assert not N._observers, "a norm-registry listener is still alive"
+# Start with no norm-registry listener (see conftest.py).
+pytestmark = pytest.mark.usefixtures("no_norm_listeners")
 
 
 
