@@ -18,7 +18,6 @@ RTOL_F16 = 1e-3      # half-precision inputs, float32 accumulation
 pytestmark = pytest.mark.usefixtures("no_norm_listeners")
 
 
-
 def ref_norm(t: torch.Tensor, p: float) -> float:
     """Independent reference: float64 vector norm of the dense values."""
     d = t.to_dense() if t.layout != torch.strided else t
