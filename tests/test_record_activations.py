@@ -173,12 +173,16 @@ def test_batched_path_is_what_ran():
     model = Mixed()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     calls = []
-    orig = hooks_mod.StepHooks._reduce
+    orig, orig_one = hooks_mod.StepHooks._reduce, hooks_mod.StepHooks._measure
 
     def spy(self, idx, ts):
         calls.append(len(idx))
         return orig(self, idx, ts)
-    hooks_mod.StepHooks._reduce = spy
+
+    def spy_one(self, idx, t):     # one call measured in its hook
+        calls.append(1)
+        return orig_one(self, idx, t)
+    hooks_mod.StepHooks._reduce, hooks_mod.StepHooks._measure = spy, spy_one
     try:
         with gt.watch(model, opt, preset="full"):
             for step in range(3):
@@ -191,7 +195,7 @@ def test_batched_path_is_what_ran():
                 else:
                     assert len(calls) == 1 and calls[0] > 10   # one batch for the whole forward
     finally:
-        hooks_mod.StepHooks._reduce = orig
+        hooks_mod.StepHooks._reduce, hooks_mod.StepHooks._measure = orig, orig_one
 
 
 def test_outputs_changed_in_place_after_return_keep_their_figures():
@@ -343,3 +347,40 @@ def test_the_reused_scratch_changes_no_figure(monkeypatch, kind):
     x = torch.stack(xs).double().reshape(3, -1)
     torch.testing.assert_close(kept["a_norm"].double(), (x - x.mean(1, keepdim=True)).norm(dim=1),
                                rtol=NORM_RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["relu", "tanh", "sigmoid", None])
+@pytest.mark.parametrize("shape", [(6, 2, 3, 3), (5, 7), (9,)])
+def test_one_call_figures_match_float64_and_the_group_path(kind, shape):
+    """A call measured in its hook has the figures a group row of it has."""
+    from gradtrace.record import batched
+    g = torch.Generator().manual_seed(11)
+    t = torch.randn(shape, generator=g) * 3 + 0.5
+    t[t.abs() < 0.3] = 0.0                                    # exact zeros for the sign count
+    vec, units = batched.call_figures(t, kind)
+    assert vec.dtype == torch.float32 and vec.shape == (5,)
+    x = t.double()
+    lo, hi = SATURATION_BOUNDS.get(kind, (0.0, 0.0))
+    extra = {"relu": float((x > 0).sum() - (x < 0).sum()),
+             "tanh": float(((x < lo) | (x > hi)).sum()), "sigmoid": float(((x < lo) | (x > hi)).sum()),
+             None: float(x.sum())}[kind]
+    want = [float(x.sum()), float(x.min()), float(x.max()), float((x - x.mean()).norm()), extra]
+    torch.testing.assert_close(vec.double(), torch.tensor(want, dtype=torch.float64), rtol=STAT_RTOL, atol=ATOL)
+    row = batched.figures([t], kind, True)
+    torch.testing.assert_close(vec, torch.stack([row[k][0] for k in ("flag", "a_min", "a_max", "a_norm", "a_extra")]),
+                               rtol=NORM_RTOL, atol=ATOL)
+    if kind == "relu":
+        per_unit = x.transpose(0, 1).reshape(shape[1], -1) if len(shape) == 4 else x.reshape(-1, shape[-1]).T
+        assert units.tolist() == (per_unit.amax(1) > 0).double().tolist()
+        assert units.tolist() == row["units"][0].tolist()
+    else:
+        assert units is None
+
+
+def test_one_call_figures_keep_non_finite_and_low_precision():
+    from gradtrace.record import batched
+    t = torch.tensor([[1.0, float("nan")], [2.0, -3.0]], dtype=torch.float16)
+    vec, _ = batched.call_figures(t, None)
+    assert vec.dtype == torch.float32 and torch.isnan(vec[:4]).all()
+    vec, _ = batched.call_figures(torch.tensor([[1.0, float("inf")]]), "relu")
+    assert vec[0] == float("inf") and vec[2] == float("inf")

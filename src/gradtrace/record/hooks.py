@@ -122,6 +122,10 @@ class StepHooks:
         self._mask_meta: list[tuple[int, int, int]] = []
         self._bwd_vals: list[torch.Tensor] = []
         self.bwd_idx: list[int] = []
+        # Single calls measured one by one (figure vectors, 0-d gradient norms): stacked
+        # into the lists above before anything else is appended, so the order holds.
+        self._one: list[torch.Tensor] = []
+        self._bwd_one: list[torch.Tensor] = []
         # Filled by parts(): what the assembler needs to read the step's parts.
         self.acts: Any = []
         self.mask_ids: list[int] = []
@@ -174,7 +178,7 @@ class StepHooks:
                 td = t.detach()
                 if td.numel() >= SMALL:
                     # Large: measured now, with no copy and nothing held (see batched).
-                    self._reduce([idx], [td])
+                    self._measure(idx, td)
                 elif idx in self._safe:
                     held.add(idx, td)
                     if grads and t.requires_grad and t.grad_fn is not None and not t.retains_grad \
@@ -187,7 +191,7 @@ class StepHooks:
                         self._ret_bytes += 2 * td.numel() * td.element_size()
                         continue
                 else:
-                    self._reduce([idx], [td])
+                    self._measure(idx, td)
                     if idx not in self._unsafe:
                         self._learn.add(idx, td)
                 if grads and t.requires_grad:
@@ -236,7 +240,7 @@ class StepHooks:
                 self.bwd_order.append(idx)
             g = grad.detach()
             if idx in self._grad_unsafe or g.numel() >= SMALL:
-                self._bwd_vals.append(batched.grad_norms([g]))
+                self._bwd_one.append(torch.linalg.vector_norm(g, dtype=F32))
                 self.bwd_idx.append(idx)
                 return
             self._grads.add(idx, g)
@@ -288,7 +292,36 @@ class StepHooks:
         self._unsafe.update(lchanged)
         self._safe.update(i for i in lidx if i not in self._unsafe)
 
+    def _measure(self, idx: int, t: torch.Tensor) -> None:
+        """Take one call's figures now (no group: whole-tensor reductions, one vector)."""
+        if not self.act:
+            self._reduce([idx], [t])
+            return
+        vec, units = batched.call_figures(t, self.kinds[idx])
+        self._one.append(vec)
+        self.call_idx.append(idx)
+        self._entries.append(t.shape.numel())
+        if units is not None:
+            u = units.shape[0]
+            cur = self._units.get(idx)
+            if cur is None or cur[0] != u:   # a new run, as in _reduce
+                cur = self._units[idx] = (u, (cur[1] + 1) if cur else 0)
+            self._mask_rows.append(units)
+            self._mask_meta.append((idx, u, cur[1]))
+
+    def _take_one(self) -> None:
+        """Move the single calls' figure vectors into the per-figure lists, in order."""
+        if self._one:
+            m = torch.stack(self._one)
+            self._one = []
+            for j, name in enumerate(_FIGS):
+                self._figs[name].append(m[:, j])
+        if self._bwd_one:
+            self._bwd_vals.append(torch.stack(self._bwd_one))
+            self._bwd_one = []
+
     def _reduce(self, idx: list[int], ts: list[torch.Tensor]) -> None:
+        self._take_one()
         groups: dict[tuple, list[int]] = {}
         kinds, act = self.kinds, self.act
         runs: dict[int, int] = {}
@@ -331,6 +364,7 @@ class StepHooks:
                         self.bwd_seen.add(i)
                         self.bwd_order.append(i)
                 idx, gs = idx + got[0], gs + got[1]
+        self._take_one()
         groups: dict[tuple, list[int]] = {}
         for k, g in enumerate(gs):
             groups.setdefault((g.shape, g.dtype, g.device), []).append(k)
@@ -364,6 +398,7 @@ class StepHooks:
         and its unit count) for the assembler."""
         self.flush_forward()
         self.flush_grads()
+        self._take_one()
         parts: list[tuple[str, torch.Tensor]] = []
         self.seen = set(self.call_idx)     # a call dropped above was not measured
         if self.call_idx:
