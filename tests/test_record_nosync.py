@@ -109,3 +109,47 @@ def test_one_read_of_the_gradients_per_step_and_nothing_measured_again(monkeypat
         assert min(v for v in ref if v > 0) < 1e-16 and ref[0] == 0.0   # vanishing, dead
         for a, b in zip(got, ref):
             assert a == pytest.approx(b, rel=RTOL_WIDE, abs=0.0)
+
+
+@pytest.mark.parametrize("when", ["before_backward", "after_backward", "twice"])
+def test_a_gradient_only_step_copies_to_the_host_once_and_records_the_same_figures(monkeypatch, when):
+    # On a step with only gradient norms (and at most the one loss noted before backward
+    # ended) the record reuses the end-of-backward copy; with a loss noted later, or two,
+    # it makes its own. Either way the figures match a float64 reference.
+    from gradtrace.record.transfer import HostCopies
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    starts = []
+    real = HostCopies.start
+
+    def counted(self, flat):
+        starts.append(flat.numel())
+        return real(self, flat)
+    monkeypatch.setattr(HostCopies, "start", counted)
+    g = torch.Generator().manual_seed(3)
+    refs, losses = [], []
+    with gt.watch(model, opt, activations_every=0) as mon:
+        for _ in range(4):
+            loss = model(torch.randn(12, 6, generator=g)).pow(2).mean()
+            extra = loss.detach() * 2
+            if when != "after_backward":
+                mon.record_loss(loss)
+            if when == "twice":
+                mon.record_loss(extra)
+            loss.backward()
+            if when == "after_backward":
+                mon.record_loss(loss)
+            refs.append([float(p.grad.double().norm()) for p in model.parameters()])
+            losses.append((float(loss.detach()) + float(extra)) / 2 if when == "twice" else float(loss.detach()))
+            opt.step()
+            opt.zero_grad()
+    n = len(refs[0])
+    per_step = [n + (when != "after_backward")] + ([] if when == "before_backward" else [n + 1 + (when == "twice")])
+    assert starts == per_step * 4, starts
+    t = mon.trace
+    names = [name for name, _ in model.named_parameters()]
+    for step, ref in enumerate(refs):
+        for name, r in zip(names, ref):
+            assert float(t.series("grad_norm", name)[step]) == pytest.approx(r, rel=RTOL_WIDE, abs=0.0)
+    assert t.series("loss").tolist() == pytest.approx(losses, rel=1e-6)

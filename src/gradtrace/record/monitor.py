@@ -285,6 +285,9 @@ class Monitor:
         self._act = self.activations_every > 0 and s % self.activations_every == 0
         self._rec = s % self.every == 0 or self._act
         self._hooks.reset()
+        prev = self._bwd.get("early") if getattr(self, "_bwd", None) else None
+        if prev is not None and prev.ready():   # a skipped step's: its buffer goes back
+            self._copies.release(prev)
         # Under a process group the forward flags stay on every recorded step: a replay
         # would have to run on every rank together, and FSDP2 ranks judge their own shards.
         want = not self.compiled and self._rec and (self._act or self.backward_flags or self._dist is not None)
@@ -365,9 +368,10 @@ class Monitor:
                 parts["gsq"] = parts["gsq"] * inv.square()
                 if "gmax" in parts:
                     parts["gmax"] = parts["gmax"] * inv.to(F32)
-        early = None
+        early, n_losses = None, 0
         if grads and self._dist is None:
             losses = [l for l in self._losses if isinstance(l, torch.Tensor)]
+            n_losses = len(losses)
             head = [parts["gsq"]] + ([torch.stack(losses).sum().reshape(1).to(self._device, F64)] if losses else [])
             early = self._copies.start(torch.cat(head))
         prev = self._bwd.get("early") if self._bwd is not None else None
@@ -375,8 +379,8 @@ class Monitor:
             self._copies.release(prev)
         # "published" keeps the published norms valid for this step (the registry holds
         # them weakly): a new backward or the next step withdraws them.
-        self._bwd = {"idx": idx, "grads": grads, "versions": versions,
-                     "parts": parts, "early": early, "published": published}
+        self._bwd = {"idx": idx, "grads": grads, "versions": versions, "parts": parts,
+                     "early": early, "early_losses": n_losses, "published": published}
 
     def _on_clipped(self, grads: list, pre: Any, total: torch.Tensor, coef: Any, norm_type: float) -> None:
         """The norm registry's observer: nothing to do here, since a gradtrace clipper
@@ -447,8 +451,8 @@ class Monitor:
         bad = np.flatnonzero(~np.isfinite(gsq))
         loss_bad = bool(loss.size and not np.isfinite(loss).all())
         # (Finite gradients gave finite squares: the norm engine keeps float32's range.)
-        self._copies.release(early)
-        b["early"] = None
+        # The copy stays with the step: on a step whose record holds nothing else it is
+        # the record's copy too (_finish_step), else it is released there.
         if not len(bad) and not loss_bad:
             return
         info.counted = True
@@ -536,6 +540,15 @@ class Monitor:
             parts.append(("loss", torch.stack([l.reshape(()).to(dev, F32) for l in losses])))
         hooks = self._hooks
         parts += hooks.parts(dev)
+        # A gradient-only step holds what the end of backward already sent to the host:
+        # the squared norms and, if one loss was noted before backward ended, that loss.
+        early, b["early"] = b.get("early"), None
+        same = len(losses) <= 1 and len(losses) == b.get("early_losses") and \
+            [n for n, _ in parts] == ["gsq", "loss"][:1 + len(losses)]
+        if early is not None and not same:
+            if early.ready():
+                self._copies.release(early)
+            early = None
         if self._dist is not None:
             parts = self._dist.reduce(parts, b["idx"])
         info.time, info.idx = time.time(), b["idx"]
@@ -546,7 +559,12 @@ class Monitor:
         info.bwd, info.bwd_order = hooks.bwd_idx, hooks.bwd_order
         info.mask_ids, info.mask_units, info.time_ids = hooks.mask_ids, hooks.mask_units, list(hooks.time)
         layout = [(name, t.numel()) for name, t in parts]
-        copy = self._copies.start(torch.cat([t.reshape(-1).to(F64) for _, t in parts])) if parts else None
+        if early is not None:
+            # Only the gradient norms (and the one loss) the end of backward already sent
+            # to the host, same values, same order: that copy is this record's copy.
+            copy = early
+        else:
+            copy = self._copies.start(torch.cat([t.reshape(-1).to(F64) for _, t in parts])) if parts else None
         self._queue.append((copy, layout, info))
         self._drain(wait=bool(self.raise_on_nonfinite))
 
