@@ -528,27 +528,30 @@ class Monitor:
 
     def _finish_step(self) -> None:
         dev, b, info = self._device, self._bwd or {"idx": [], "parts": {}}, self._info
-        parts: list[tuple[str, torch.Tensor]] = list(b["parts"].items())
-        if self._old is not None and self._old:
-            new = [distributed.local(self._params[i].detach()) for i in b["idx"]]
-            torch._foreach_sub_(self._old, new)          # old - new, in the snapshot buffer
-            parts.append(("dsq", squares(self._old, dev, self._uniform)))
-        if self._post is not None:
-            parts.append(("post", self._post))
         losses = [l for l in self._losses if isinstance(l, torch.Tensor)]
-        if losses:
-            parts.append(("loss", torch.stack([l.reshape(()).to(dev, F32) for l in losses])))
         hooks = self._hooks
-        parts += hooks.parts(dev)
+        hook_parts = hooks.parts(dev)
         # A gradient-only step holds what the end of backward already sent to the host:
         # the squared norms and, if one loss was noted before backward ended, that loss.
+        # That copy is then this record's copy: no second flat buffer, no second copy.
         early, b["early"] = b.get("early"), None
-        same = len(losses) <= 1 and len(losses) == b.get("early_losses") and \
-            [n for n, _ in parts] == ["gsq", "loss"][:1 + len(losses)]
-        if early is not None and not same:
+        if early is not None and not (not hook_parts and self._post is None and not self._old
+                                      and len(b["parts"]) == 1 and len(losses) <= 1
+                                      and len(losses) == b.get("early_losses")):
             if early.ready():
                 self._copies.release(early)
             early = None
+        parts: list[tuple[str, torch.Tensor]] = list(b["parts"].items())
+        if early is None:
+            if self._old is not None and self._old:
+                new = [distributed.local(self._params[i].detach()) for i in b["idx"]]
+                torch._foreach_sub_(self._old, new)          # old - new, in the snapshot buffer
+                parts.append(("dsq", squares(self._old, dev, self._uniform)))
+            if self._post is not None:
+                parts.append(("post", self._post))
+            if losses:
+                parts.append(("loss", torch.stack([l.reshape(()).to(dev, F32) for l in losses])))
+            parts += hook_parts
         if self._dist is not None:
             parts = self._dist.reduce(parts, b["idx"])
         info.time, info.idx = time.time(), b["idx"]
@@ -559,9 +562,8 @@ class Monitor:
         info.bwd, info.bwd_order = hooks.bwd_idx, hooks.bwd_order
         info.mask_ids, info.mask_units, info.time_ids = hooks.mask_ids, hooks.mask_units, list(hooks.time)
         layout = [(name, t.numel()) for name, t in parts]
-        if early is not None:
-            # Only the gradient norms (and the one loss) the end of backward already sent
-            # to the host, same values, same order: that copy is this record's copy.
+        if early is not None:               # gsq, then the loss: the early copy's order
+            layout += [("loss", 1)] * len(losses)
             copy = early
         else:
             copy = self._copies.start(torch.cat([t.reshape(-1).to(F64) for _, t in parts])) if parts else None
