@@ -7,7 +7,9 @@ all (a module with a forward hook leaves torch's fast call path, about 5-10 us a
 
 For a small output (under :data:`batched.SMALL_ENTRIES` entries, where kernel launches
 cost more than the work) a forward hook does no math: it keeps a reference to the call's
-output (and its version counter); a large output is measured in the hook, copy-free.
+output (and its version counter); a large output is measured in the hook, copy-free,
+by :func:`batched.call_figures` (whole-tensor reductions into one vector per call; the
+vectors are stacked once, in call order, before the next group's rows).
 When the root module's forward returns (or the held outputs pass :data:`HOLD_BYTES`, or
 the step ends), the held calls are grouped by (shape, dtype, kind) and
 :func:`batched.figures` takes every figure of a group in a few kernels. Memory: the small
