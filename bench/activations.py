@@ -9,8 +9,11 @@ the record's assembly. For each model it trains the same seeded model as
   bare        plain training
   gt default  ``gt.watch(model, opt)``: activations every 10th step
   gt full     ``preset="full"``: activations and output-gradient norms on every step
-  gt grads    ``activations_every=0``: gradient figures only (what an activation step
-              costs on top of it is full minus grads)
+  gt grads    ``activations_every=0``: gradient figures only, on default's record steps
+  gt every    ``every=1, activations_every=0, backward_flags=False``: full's record steps
+              without its activation steps (no module hook); full minus this is what
+              the activation steps cost (the per-parameter figures full takes on an
+              activation step, the update snapshot among them, are counted there too)
 
 and reports the median step time and the median over rounds of each round's ratio to
 bare (per-pair ratios), plus the mean ratio (the default preset's activation step is one
@@ -37,7 +40,8 @@ import gradtrace as gt  # noqa: E402
 from overhead import Encoder, mlp  # noqa: E402  (the same models as the overhead bench)
 
 MODES = {"bare": None, "gt default": {}, "gt full": {"preset": "full"},
-         "gt grads": {"activations_every": 0}}
+         "gt grads": {"activations_every": 0},
+         "gt every": {"every": 1, "activations_every": 0, "backward_flags": False}}
 
 
 class Variant:
