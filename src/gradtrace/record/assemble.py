@@ -43,7 +43,6 @@ class StepInfo:
     mask_ids: list[int] = field(default_factory=list)      # per mask row: module, -1 to skip
     mask_units: list[int] = field(default_factory=list)    # per mask row: its unit count
     time_ids: list[int] = field(default_factory=list)
-    exact: dict[int, float] = field(default_factory=dict)   # position -> exact squared norm
     counts: dict[int, int] = field(default_factory=dict)    # position -> non-finite entries
     counted: bool = False                      # counts were taken (else: at least one)
     replayed: str | None = None                # first non-finite module found by replay
@@ -87,9 +86,7 @@ class Assembler:
 
         bad_params: list[str] = []
         if "gsq" in host:
-            gsq = host["gsq"].astype(np.float64).copy()
-            for k, v in info.exact.items():     # float32 over- or underflow, measured again
-                gsq[k] = v
+            gsq = host["gsq"].astype(np.float64)
             for fig in PARAM_FIGURES:
                 if fig.part in host:
                     param[fig.stat] = scatter(fig.decode(gsq if fig.part == "gsq" else host[fig.part]))
