@@ -15,7 +15,7 @@ the record's assembly. For each model it trains the same seeded model as
               the activation steps cost (the per-parameter figures full takes on an
               activation step, the update snapshot among them, are counted there too)
 
-and reports the median step time and the median over rounds of each round's ratio to
+and reports the median step time (thread CPU clock, as ``bench/overhead.py``) and the median over rounds of each round's ratio to
 bare (per-pair ratios), plus the mean ratio (the default preset's activation step is one
 step in ten: the mean shows it where the median may hide it). A last table times the
 host side of one full-preset record (assemble + write) per model.
@@ -37,43 +37,23 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gradtrace as gt  # noqa: E402
-from overhead import Encoder, mlp  # noqa: E402  (the same models as the overhead bench)
+import overhead  # noqa: E402  (the same models, step and clock as the overhead bench)
+from overhead import Encoder, mlp  # noqa: E402
 
 MODES = {"bare": None, "gt default": {}, "gt full": {"preset": "full"},
          "gt grads": {"activations_every": 0},
          "gt every": {"every": 1, "activations_every": 0, "backward_flags": False}}
 
 
-class Variant:
+class Variant(overhead.Variant):
+    """``overhead.Variant``'s seeded model, step and clock (thread CPU time), watched with
+    ``MODES[name]``."""
+
     def __init__(self, name: str, make_model, batch):
-        torch.manual_seed(0)
-        self.name = name
-        self.model = make_model()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
-        self.x, self.y = batch
+        super().__init__(name, make_model, batch, "bare")
         kw = MODES[name]
-        self.mon = None if kw is None else gt.watch(self.model, self.opt,
-                                                    out=tempfile.mkdtemp(prefix="gt-act-"), **kw)
-        self.times: list[float] = []
-
-    def step(self) -> None:
-        out = self.model(self.x)
-        loss = nn.functional.cross_entropy(out, self.y)
-        if self.mon is not None:
-            self.mon.record_loss(loss)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def run(self, steps: int) -> None:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        self.times.append((time.perf_counter() - t0) / steps)
-
-    def close(self) -> None:
-        if self.mon is not None:
-            self.mon.close()
+        if kw is not None:
+            self.mon = gt.watch(self.model, self.opt, out=tempfile.mkdtemp(prefix="gt-act-"), **kw)
 
 
 def compare(title: str, make_model, batch, steps: int, rounds: int) -> None:
