@@ -384,3 +384,22 @@ def test_one_call_figures_keep_non_finite_and_low_precision():
     assert vec.dtype == torch.float32 and torch.isnan(vec[:4]).all()
     vec, _ = batched.call_figures(torch.tensor([[1.0, float("inf")]]), "relu")
     assert vec[0] == float("inf") and vec[2] == float("inf")
+
+
+def test_out_dtypes_name_each_modules_first_floating_output_dtype():
+    """Filled on the first activation step a module is seen, kept across steps."""
+    torch.manual_seed(0)
+
+    class Half(nn.Module):
+        def forward(self, x):
+            return x.half(), torch.ones(2, dtype=torch.long)   # floating first, then an int
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Half())
+    with gt.watch(model, None, activations_every=2) as mon:
+        for _ in range(3):
+            model(torch.randn(3, 4))[0].float().sum().backward()
+            mon.step()
+            model.zero_grad()
+    names = dict(enumerate(mon._mod_names))
+    got = {names[i]: d for i, d in mon._hooks.out_dtypes.items()}
+    assert got == {"0": "float32", "1": "float32", "2": "float16"}

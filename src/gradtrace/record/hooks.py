@@ -99,6 +99,9 @@ class StepHooks:
         self._unsafe: set[int] = set()        # changed in place after return: measured in the hook
         self._grad_unsafe: set[int] = set()   # output gradients changed before the backward's end
         self._units: dict[int, tuple[int, int]] = {}   # ReLU module -> (unit count, run number)
+        #: Module index -> dtype name ("float16") of its first floating output, kept from the
+        #: first activation step that saw the module (the diagnosis reads overflow by dtype).
+        self.out_dtypes: dict[int, str] = {}
         self.reset()
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -174,6 +177,8 @@ class StepHooks:
             if idx not in self.seen:
                 self.seen.add(idx)
                 self.order.append(idx)
+                if idx not in self.out_dtypes:
+                    self.out_dtypes[idx] = str(tensors[0].dtype).removeprefix("torch.")
             grads = self.act or self.backward
             held = self._fwd
             for t in tensors:
