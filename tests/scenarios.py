@@ -404,6 +404,41 @@ def loss_spike() -> Trace:
     return _train(model, batch, lr=0.02, steps=40)
 
 
+class HalfLogits(nn.Module):
+    """``q @ k^T`` computed in float16 (what autocast does to a matmul): overflows past 65504."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return q.half() @ k.half().transpose(-2, -1)
+
+
+class KeyScorer(nn.Module):
+    """Scores of ``T`` keys for each of ``T`` queries, unscaled q.k in float16."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.q, self.k, self.logits = nn.Linear(D_IN, d), nn.Linear(D_IN, d), HalfLogits()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.q(x), self.k(x)).float()
+
+
+@_seeded
+def fp16_logits_overflow() -> Trace:
+    """Unscaled q.k scores computed in float16, trained on the raw score of the key a teacher
+    picks (no softmax: nothing saturates, so nothing stops the growth). Adam at 0.1 grows
+    q and k step by step until the scores pass float16's 65504 (inf at step 68)."""
+    T = 8
+    w = torch.randn(D_IN, generator=torch.Generator().manual_seed(15))
+
+    def batch(step):
+        x = torch.randn(BATCH, T, D_IN, generator=torch.Generator().manual_seed(15 * 7919 + step))
+        return x, (x @ w).argmax(1)
+
+    def raw_score(scores, y):
+        return -scores.gather(2, y[:, None, None].expand(-1, T, 1)).mean()
+    return _train(KeyScorer(), batch, lr=0.1, opt="adam", steps=75, loss_fn=raw_score)
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("deep_sigmoid_mlp", deep_sigmoid_mlp, {"vanishing_gradients": "0"},
              fast=False, description=deep_sigmoid_mlp.__doc__),
@@ -441,6 +476,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              allowed=("vanishing_gradients",), description=saturated_sigmoid.__doc__),
     Scenario("loss_spike", loss_spike, {"loss_spike": None}, allowed=("exploding_gradients",),
              description=loss_spike.__doc__),
+    Scenario("fp16_logits_overflow", fp16_logits_overflow, {"near_overflow": "logits", "nonfinite": "logits"},
+             allowed=("exploding_gradients", "loss_nonfinite"), cause="overflow",
+             description=fp16_logits_overflow.__doc__),
 )}
 
 

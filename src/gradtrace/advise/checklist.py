@@ -53,6 +53,8 @@ KIND_ROWS: dict[str, tuple[str, ...]] = {
     "growing_activations": ("activations_grow",),
     "vanishing_through_time": ("rnn_unstable",),
     "exploding_through_time": ("rnn_unstable", "gradients_explode"),
+    # values growing toward the dtype's limit: the same row (bound them, lower the lr)
+    "near_overflow": ("activations_grow",),
 }
 assert set(KIND_ROWS) == set(KINDS)
 

@@ -12,7 +12,7 @@ import math
 from typing import Callable
 
 from ..diagnose.evidence import (DeadUnits, Evidence, ExplodingGradients, ExplodingThroughTime,
-                                 GradientNormSurge, LossNonFinite, LossSpike, NonFinite,
+                                 GradientNormSurge, LossNonFinite, LossSpike, NearOverflow, NonFinite,
                                  NonFiniteCause, VanishingThroughTime)
 from ..diagnose.finding import Fix
 from ..numerics import fmt_code
@@ -124,7 +124,33 @@ def activations_shrink(row, kind, ctx, layers, evidence, step):
     return _keep(_init_fix(row, ctx, layers), _norm_fix(row, ctx, layers), _residual_norm_fix(row, ctx, layers))
 
 
+def _overflow_fixes(row: ChecklistRow, ctx: RunContext, layers: list[str], evidence: Evidence | None,
+                    step: int | None) -> list[Fix]:
+    """``near_overflow``: bound the growing product, widen its range, slow the growth."""
+    ev = evidence if isinstance(evidence, NearOverflow) else None
+    module = (ev.module if ev is not None else None) or (layers[0] if layers else None)
+    dtype = (ev.dtype if ev is not None else None) or "float16"
+    where = f"`{module}`" if module else "the growing output"
+    room = (f" (it has {fmt_code(ev.headroom)}x headroom left, growing x{fmt_code(ev.growth_per_step)} per step)"
+            if ev is not None and ev.headroom is not None and ev.growth_per_step is not None else "")
+    bound = Fix(row.problem, f"Bound what {where} computes{room}: for attention logits, divide q.k by "
+                "sqrt(head_dim) and normalise q and k per head (qk-LayerNorm), so the logits cannot grow "
+                "with the projection weights; for other outputs, normalise the input of that layer",
+                "q, k = self.q_norm(q), self.k_norm(k)  # nn.LayerNorm(head_dim) each\n"
+                "logits = q @ k.transpose(-2, -1) / math.sqrt(head_dim)")
+    limit = ev.dtype_max if ev is not None and ev.dtype_max is not None else None
+    wide = None if dtype == "bfloat16" else Fix(
+        row.problem, f"Compute {where} in bfloat16 instead of {dtype}: 16 bits with float32's range (largest "
+        "value 3.4e38" + (f" instead of {fmt_code(limit)})" if limit else ")"), _autocast_code(ctx))
+    warm = Fix(row.problem, "Warm the learning rate up over the first few hundred steps, so the projections "
+               "do not grow fast before the rest of the model has settled",
+               "sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 500))")
+    return _keep(bound, wide, _lr_fix(row, ctx, "so the weights feeding it grow more slowly", step), warm)
+
+
 def activations_grow(row, kind, ctx, layers, evidence, step):
+    if kind == "near_overflow":
+        return _overflow_fixes(row, ctx, layers, evidence, step)
     return [_lr_fix(row, ctx, "if the growth appeared during training", step), _init_fix(row, ctx, layers),
             _norm_fix(row, ctx, layers)]
 
@@ -178,7 +204,10 @@ def loss_nan(row, kind, ctx, layers, evidence, step):
     cev = nf.cause_evidence if nf is not None else None
     lr = _lr_fix(row, ctx, "and restart from a checkpoint before the nan", at)
     dtype = (cev.dtype if cev is not None else None) or ctx.dtype
+    vdt = cev.value_dtype if cev is not None else None
+    at_mod = (cev.largest_value_at or {}).get("name") if cev is not None else None
     dt = Fix(row.problem, "Check the dtype: " + (f"parameters are {dtype}; " if dtype else "") +
+             (f"`{at_mod}` computes in {vdt}, " if vdt and at_mod else "") +
              "values near its largest finite number overflow. Compute in float32 or bfloat16 (wider range "
              "than float16), and scale the loss with a GradScaler under float16", _autocast_code(ctx))
     suspects = nf.suspects if nf is not None else None

@@ -22,7 +22,7 @@ from . import evidence
 from .evidence import EVIDENCE, Evidence
 from .finding import KINDS, Finding, Fix
 from ..trace import Trace
-from . import activations, gradients, loss, nonfinite, through_time, units
+from . import activations, gradients, headroom, loss, nonfinite, through_time, units
 from .loss import spike_indices as _spike_indices
 from .thresholds import Thresholds
 
@@ -37,6 +37,7 @@ DETECTORS: tuple[Callable[[Trace, Thresholds], list[Finding]], ...] = (
     gradients.detect_depth,
     gradients.detect_over_steps,
     activations.detect,
+    headroom.detect,
     units.detect_dead,
     units.detect_saturated,
     through_time.detect,
@@ -93,7 +94,7 @@ def loss_spike_candidates(steps, loss, thresholds: Thresholds | dict[str, Any] |
 #: first: a nan's origin before the nan loss, dead units before the vanishing gradient they
 #: cut off, a gradient explosion before the loss spike it makes, saturation last.
 CAUSAL_ORDER = ("nonfinite", "dead_units", "exploding_gradients", "exploding_through_time",
-                "growing_activations", "loss_spike", "loss_nonfinite", "vanishing_gradients",
+                "near_overflow", "growing_activations", "loss_spike", "loss_nonfinite", "vanishing_gradients",
                 "vanishing_through_time", "shrinking_activations", "saturated_units")
 
 

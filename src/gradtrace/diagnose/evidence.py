@@ -32,7 +32,7 @@ __all__ = ["Evidence", "Detail", "EVIDENCE", "coerce", "check", "problems", "des
            "NonFiniteCause", "FeedingBias", "TimeLayer", "SteadyClimb",
            "VanishingGradients", "ExplodingGradients", "GradientNormSurge", "LossSpike",
            "LossNonFinite", "NonFinite", "DeadUnits", "SaturatedUnits", "ShrinkingActivations",
-           "GrowingActivations", "VanishingThroughTime", "ExplodingThroughTime",
+           "GrowingActivations", "VanishingThroughTime", "ExplodingThroughTime", "NearOverflow",
            "PreflightNonFinite", "PreflightGradientRatio", "PreflightPostLN",
            "PreflightActivationScale", "PreflightRecurrence", "PreflightAttention", "PreflightSaturation"]
 
@@ -175,7 +175,11 @@ class NonFiniteCause(Detail):
     largest_finite_value: float = _req("largest finite |value| of an output or gradient in the "
                                        "steps just before (same unit as the tensor)")
     largest_value_at: dict[str, Any] | None = _opt("where that value was: {name, stat, step}")
-    fraction_of_dtype_max: float = _req("largest_finite_value / dtype_max (0..1)")
+    fraction_of_dtype_max: float = _req("largest_finite_value / dtype_max (0..1); / value_dtype_max when "
+                                        "that value was in a narrower output dtype")
+    value_dtype: str | None = _opt("dtype of the module output holding that value, when recorded and "
+                                   "narrower than the parameters' (float16 logits of a float32 model)")
+    value_dtype_max: float | None = _opt("largest finite number of value_dtype")
     grad_norm_growth: float = _req("max total gradient norm of the last steps / its earlier "
                                    "median (fold; 1.0 when too few steps)")
     param_norm_growth: float = _req("the same fold for the total parameter norm")
@@ -510,6 +514,35 @@ class ExplodingThroughTime(_ThroughTime):
     kinds: ClassVar[tuple[str, ...]] = ("exploding_through_time",)
 
 
+@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+class NearOverflow(Evidence):
+    """``near_overflow``: a float16 (8/16-bit) output close to its dtype's largest value, rising.
+
+    Example:
+        >>> ev = coerce("near_overflow", {"module": "blocks.0.logits", "headroom": 1.6})
+        >>> ev.module, ev.headroom, ev.growth_per_step
+        ('blocks.0.logits', 1.6, None)
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ("near_overflow",)
+    module: str = _req("the module flagged first (least headroom at that step if several)")
+    dtype: str = _req("its output dtype, as recorded (float16, bfloat16 ...)")
+    dtype_max: float = _req("largest finite value of that dtype (65504 for float16)")
+    max_abs: float = _req("its largest output magnitude at the first flagged step")
+    headroom: float = _req("dtype_max / max_abs at that step (>= 1; 2 = one doubling from inf)")
+    growth_per_step: float = _req("factor per step of its largest magnitude, least-squares fit of the log "
+                                  "over the records in window")
+    steps_to_overflow: float = _req("log(headroom) / log(growth_per_step): steps left at that growth "
+                                    "(a projection, not a measurement)")
+    window: dict[str, float] = _req("step -> largest output magnitude of the records the growth was fitted on")
+    headroom_per_module: dict[str, float] = _req("every flagged module -> its headroom when first flagged, "
+                                                 "least first")
+    steps_flagged: int = _req("the first module's activation records that met the rule")
+    steps_examined: int = _req("its activation records examined (before any nan)")
+    resolved: bool = _req("its last examined record no longer meets the rule")
+    summary: str = _req("one human sentence")
+
+
 # ---- preflight (measured on the model before training) ----------------------------------
 
 @dataclass(frozen=True, eq=False, repr=False, kw_only=True)
@@ -631,7 +664,7 @@ class PreflightSaturation(Evidence):
 EVIDENCE: dict[str, tuple[type[Evidence], ...]] = {}
 for _cls in (VanishingGradients, ExplodingGradients, GradientNormSurge, NonFinite, LossSpike,
              LossNonFinite, DeadUnits, SaturatedUnits, ShrinkingActivations, GrowingActivations,
-             VanishingThroughTime, ExplodingThroughTime, PreflightNonFinite, PreflightGradientRatio,
+             VanishingThroughTime, ExplodingThroughTime, NearOverflow, PreflightNonFinite, PreflightGradientRatio,
              PreflightPostLN, PreflightActivationScale, PreflightRecurrence, PreflightAttention,
              PreflightSaturation):
     for _k in _cls.kinds:

@@ -26,6 +26,7 @@ KINDS = (
     "growing_activations",
     "vanishing_through_time",
     "exploding_through_time",
+    "near_overflow",
 )
 
 SEVERITIES = ("warning", "error")

@@ -9,6 +9,7 @@ import numpy as np
 from .finding import Finding
 from ..trace import Trace
 from . import _util as U
+from . import headroom
 from .thresholds import Thresholds
 
 CAUSES = ("overflow", "divergence", "invalid_operation", "optimizer_step")
@@ -125,20 +126,28 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
     recent = before[-th.divergence_window:].tolist()
     # Largest finite magnitude seen just before the step (at the step itself a diverging
     # run is huge too: only look before).
-    big = 0.0
+    big = frac = 0.0
     where = None
+    # A module output recorded in a narrower dtype than the parameters' (float16 logits
+    # under float32 weights) is judged against its own dtype's limit.
+    out_max = {m: x for m, d in trace.out_dtypes().items() if (x := headroom.dtype_max(d))}
     for stat in ("out_maxabs", "grad_maxabs"):
         if not U.has_stat(trace, stat) or not recent:
             continue
         m = trace.matrix(stat, steps=recent)
         vals = np.where(m.recorded & np.isfinite(m.values), np.abs(m.values), 0.0)
-        if vals.size and vals.max() > big:
-            r, j = np.unravel_index(int(np.argmax(vals)), vals.shape)
-            big, where = float(vals[r, j]), (m.names[j], stat, int(m.steps[r]))
+        limits = np.array([out_max.get(n, fmax) if stat == "out_maxabs" else fmax for n in m.names])
+        fracs = vals / limits if vals.size else vals
+        if vals.size and fracs.max() > frac:
+            r, j = np.unravel_index(int(np.argmax(fracs)), vals.shape)
+            big, frac, where = float(vals[r, j]), float(fracs[r, j]), (m.names[j], stat, int(m.steps[r]))
     ev["largest_finite_value"] = big
     if where:
         ev["largest_value_at"] = {"name": where[0], "stat": where[1], "step": where[2]}
-    ev["fraction_of_dtype_max"] = big / fmax
+        if where[1] == "out_maxabs" and where[0] in out_max and out_max[where[0]] != fmax:
+            ev["value_dtype"] = trace.out_dtypes()[where[0]]
+            ev["value_dtype_max"] = out_max[where[0]]
+    ev["fraction_of_dtype_max"] = frac
 
     # Growth of gradient / parameter norms over the steps before.
     def growth(values) -> float:
@@ -181,7 +190,7 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
     if opt:
         ev.update(opt)
         return "optimizer_step", ev
-    if big >= th.overflow_frac * fmax:
+    if frac >= th.overflow_frac:
         return "overflow", ev
     if (max(ev["grad_norm_growth"], ev["param_norm_growth"]) >= th.divergence_fold
             or (upd or 0.0) >= th.divergence_update_ratio):
@@ -314,10 +323,11 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
     expl = (f"The first nan/inf appeared at step {step} {where}. Once a nan exists it spreads: every "
             "later layer inherits it, and the optimizer step writes it into every weight, so only "
             "this first occurrence points at the origin. " +
-            _EXPLAIN[cause].format(frac=U.sci(cev["fraction_of_dtype_max"]), dtype=cev["dtype"] or "its dtype",
+            _EXPLAIN[cause].format(frac=U.sci(cev["fraction_of_dtype_max"]),
+                                   dtype=cev.get("value_dtype") or cev["dtype"] or "its dtype",
                                    upd_step=cev.get("updated_at_step"), n_bad=cev.get("params_nonfinite_after_step"),
                                    optimizer=cev.get("optimizer") or "the optimizer",
-                                   fmax=U.sci(cev["dtype_max"]),
+                                   fmax=U.sci(cev.get("value_dtype_max") or cev["dtype_max"]),
                                    growth=U.sci(max(cev["grad_norm_growth"], cev["param_norm_growth"])),
                                    why=_divergence_why(cev, th),
                                    origin=(f"`{origin}`" if phase == "forward" else

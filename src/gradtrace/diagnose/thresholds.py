@@ -90,6 +90,12 @@ class Thresholds:
             to change says nothing yet about whether training can change it.
         overflow_frac: a value whose magnitude exceeds this fraction of the dtype's
             largest finite number (``torch.finfo(dtype).max``) counts as near overflow.
+        overflow_headroom: an output of an 8- or 16-bit dtype (float16, bfloat16) whose largest
+            magnitude comes within this factor of the dtype's largest finite value while still
+            growing is ``near_overflow`` (2: one more doubling makes it inf).
+        overflow_trend_window: how many of a module's latest activation records (the current
+            one included) its growth per step is fitted over (a least-squares line through
+            the log of its largest output magnitude).
         divergence_fold: growth of the gradient or parameter norm over the steps before a
             non-finite value (last finite / early median) that marks divergence.
         divergence_update_ratio: an optimizer step in that window that changed a parameter by
@@ -136,6 +142,8 @@ class Thresholds:
     time_explode_ratio: float = 1e3
     time_min_movement: float = 0.1
     overflow_frac: float = 1e-2
+    overflow_headroom: float = 2.0
+    overflow_trend_window: int = 5
     divergence_fold: float = 1e2
     divergence_update_ratio: float = 1.0
     divergence_window: int = 10
@@ -157,7 +165,7 @@ class Thresholds:
                 raise ValueError(f"threshold {name} must be <= 1, got {getattr(self, name)!r}")
         for name in ("explode_gain", "explode_total", "act_grow_gain", "act_grow_total",
                      "time_explode_ratio", "explode_fold", "spike_min_fold", "divergence_fold",
-                     "diverge_fold"):
+                     "diverge_fold", "overflow_headroom"):
             if getattr(self, name) < 1:
                 raise ValueError(f"threshold {name} must be >= 1, got {getattr(self, name)!r}")
 

@@ -182,6 +182,7 @@ class Monitor:
         self.step_count = 0           # optimizer steps closed so far (index of the current step)
         self.capture: StepCapture | None = None
         self._last_order: list[int] | None = None
+        self._dtypes_written = 0      # out_dtypes entries already in the trace (the dict only grows)
         self._flight_done = False
         self._replaying = False
         meta = self._meta(root, layers, out, preset)
@@ -593,6 +594,10 @@ class Monitor:
             if info.order and info.order != self._last_order:
                 rec["exec_order"] = [self._mod_names[i] for i in info.order]
                 self._last_order = list(info.order)
+            dtypes = self._hooks.out_dtypes if self._hooks is not None else {}
+            if len(dtypes) != self._dtypes_written:
+                rec["out_dtypes"] = {self._mod_names[i]: d for i, d in dtypes.items()}
+                self._dtypes_written = len(dtypes)
             if event is not None:
                 self._write(event)
             self._write(rec)

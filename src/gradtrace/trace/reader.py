@@ -432,6 +432,27 @@ class Trace:
         seen = set(order)
         return order + [m for m in self.modules if m not in seen]
 
+    def out_dtypes(self, step: int | None = None) -> dict[str, str]:
+        """Module name -> dtype name (``"float16"``) of its first floating output, as
+        recorded at or before ``step`` (``None``: the latest). Modules never recorded (an
+        older trace, a run without activation steps) are absent.
+
+        Example:
+            >>> t = Trace(META_EXAMPLE, [{"step": 0, "out_dtypes": {"0": "float32"}},
+            ...                          {"step": 4, "out_dtypes": {"0": "float16", "1": "float16"}}])
+            >>> t.out_dtypes(), t.out_dtypes(step=2)
+            ({'0': 'float16', '1': 'float16'}, {'0': 'float32'})
+            >>> gt.load("runs/exp1").out_dtypes()["0"]
+            'float32'
+        """
+        out: dict[str, str] = {}
+        for r in self._store.extras:
+            if "out_dtypes" not in r or (self._upto is not None and r["step"] > self._upto):
+                continue
+            if step is None or r["step"] <= step:
+                out.update(r["out_dtypes"])
+        return out
+
     def owner(self, param: str) -> str:
         """The watched module that owns ``param``: the deepest watched module holding it.
 
