@@ -403,3 +403,80 @@ def test_out_dtypes_name_each_modules_first_floating_output_dtype():
     names = dict(enumerate(mon._mod_names))
     got = {names[i]: d for i, d in mon._hooks.out_dtypes.items()}
     assert got == {"0": "float32", "1": "float32", "2": "float16"}
+
+
+def test_large_outputs_are_held_and_batched_after_the_first_step():
+    """From the second step on, outputs up to STACK_BYTES are held too (none measured in
+    its hook), and their figures still match the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+    measured = []
+    orig = hooks_mod.StepHooks._measure
+
+    def spy(self, idx, t):
+        measured.append(t.numel())
+        return orig(self, idx, t)
+    hooks_mod.StepHooks._measure = spy
+    try:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ref = Reference(model)
+        g = torch.Generator().manual_seed(2)
+        with gt.watch(model, opt, preset="full") as mon:
+            for step in range(3):
+                ref.clear()
+                measured.clear()
+                model(torch.randn(128, 8, generator=g)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                check_step(mon.trace, step, ref, _kinds(mon))
+                assert (len(measured) > 0) == (step == 0)
+                assert step == 0 or max(measured, default=0) == 0
+    finally:
+        hooks_mod.StepHooks._measure = orig
+        ref.remove()
+    assert 128 * 256 >= hooks_mod.SMALL and {0, 1, 2, 3} <= mon._hooks._safe
+
+
+def test_outputs_over_the_stack_bound_are_measured_in_their_hook(monkeypatch):
+    monkeypatch.setattr(hooks_mod, "STACK_BYTES", 1000)     # 16 x 16 float32 outputs exceed it
+    measured = []
+    orig = hooks_mod.StepHooks._measure
+
+    def spy(self, idx, t):
+        measured.append(t.numel())
+        return orig(self, idx, t)
+    monkeypatch.setattr(hooks_mod.StepHooks, "_measure", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    mon = run_and_check(model, lambda g: torch.randn(16, 8, generator=g), steps=3)
+    assert measured.count(256) == 2 * 3                     # both 16 x 16 outputs, every step
+    assert mon._hooks._safe == {2}                          # only the small one was learnt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("kept", [True, False])
+def test_group_figures_leave_the_outputs_untouched_and_match_float64(monkeypatch, dtype, k, kept):
+    """The stack is centred in place: only when it is a copy, never the caller's tensors."""
+    from gradtrace.record import batched
+    if kept:
+        monkeypatch.setattr(batched, "SCRATCH_MIN_BYTES", 0)     # the kept stack and temporary
+    else:
+        monkeypatch.setattr(batched, "SCRATCH_BYTES", 0)         # fresh ones (a view for k = 1)
+    g = torch.Generator().manual_seed(7)
+    xs = [(torch.randn(2, 3, 4, 5, generator=g) * 2 + 0.25).to(dtype) for _ in range(k)]
+    before = [x.clone() for x in xs]
+    for kind in ("relu", "tanh", None):
+        out = batched.figures(xs, kind, True)
+        for x, b in zip(xs, before):
+            assert torch.equal(x, b)
+        x64 = torch.stack(xs).double().reshape(k, -1)
+        torch.testing.assert_close(out["flag"].double(), x64.sum(1), rtol=STAT_RTOL, atol=1e-3)
+        torch.testing.assert_close(out["a_min"].double(), x64.amin(1), rtol=0, atol=0)
+        torch.testing.assert_close(out["a_max"].double(), x64.amax(1), rtol=0, atol=0)
+        torch.testing.assert_close(out["a_norm"].double(), (x64 - x64.mean(1, keepdim=True)).norm(dim=1),
+                                   rtol=1e-3 if dtype == torch.float16 else NORM_RTOL, atol=ATOL)
+        if kind == "relu":
+            per_unit = torch.stack(xs).double().transpose(1, 2).reshape(k, 3, -1)   # channels of each call
+            assert out["units"].tolist() == (per_unit.amax(2) > 0).double().tolist()
+            assert out["a_extra"].tolist() == x64.sign().sum(1).tolist()

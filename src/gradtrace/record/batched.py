@@ -16,6 +16,7 @@ about ten per call. A call's figures are exactly those of the per-call definitio
 Measured on CPU (one thread, 24 rows of 128 x 256): ``aminmax(dim=1)`` takes 1.7 ms where
 ``amin`` + ``amax`` take 71 us, and ``var_mean`` 8.4 ms where a sum, a subtraction and a
 norm take 0.29 ms, so those are used. ``sign().sum()`` is 6x faster than a comparison's sum.
+The stacked copy is ours, so the centring runs on it in place (no third full-size array).
 """
 from __future__ import annotations
 
@@ -28,33 +29,36 @@ from .selection import SATURATION_BOUNDS
 F32 = torch.float32
 #: At most this many bytes are stacked at once (a transient copy of a group's outputs).
 STACK_BYTES = 16 << 20
-#: Outputs with at least this many entries are not worth stacking: their kernels' work
-#: outweighs a launch, and a fresh multi-megabyte stack costs page faults on every step
-#: on CPU (24 x 128 x 256 outputs: stacking took 1.4 ms a group, measured).
+#: Output gradients with at least this many entries get their norm in a Python hook at
+#: once; smaller ones are retained (a C++ copy) and normed in groups (record/hooks.py):
+#: for a large gradient the copy costs more than the hook.
 SMALL_ENTRIES = 16384
 
-#: Temporaries between these sizes (bytes) are reused on CPU: below, a fresh one is
-#: faster (``out=`` into a kept buffer took 14 us where a fresh 128 KiB one took 8 us);
-#: above, the buffer would stay too large.
+#: Temporaries and stacks between these sizes (bytes) are reused on CPU: below, a fresh
+#: one is faster (``out=`` into a kept buffer took 14 us where a fresh 128 KiB one took
+#: 8 us); above, the buffer would stay too large. The hooks hold no output over
+#: STACK_BYTES and groups are cut at STACK_BYTES, so each kept buffer stays within that.
 SCRATCH_MIN_BYTES, SCRATCH_BYTES = 1 << 20, 64 << 20
 
-# Reused temporaries (centred values, signs) per thread and dtype, on CPU: a fresh
-# full-size temporary per call costs page faults there for large outputs. Accelerators'
-# caching allocators reuse blocks already, and an output as large as a language model's
-# logits must not stay allocated: those get a plain temporary.
+# Reused temporaries (a group's stacked copy; signs, centred values) per thread, use and
+# dtype, on CPU: a fresh full-size temporary costs page faults there on every step.
+# Accelerators' caching allocators reuse blocks already, and an output as large as a
+# language model's logits must not stay allocated: those get a plain temporary.
 _local = threading.local()
 
 
-def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device, use: str = "tmp") -> torch.Tensor:
+    """A temporary of ``shape``: a view of this thread's kept buffer for ``use`` (CPU, sizes
+    in the reuse range), else a fresh tensor. Two uses ("stack", "tmp") never share one."""
     n = shape.numel()
     if device.type != "cpu" or not SCRATCH_MIN_BYTES <= n * dtype.itemsize <= SCRATCH_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     cache = getattr(_local, "bufs", None)
     if cache is None:
         cache = _local.bufs = {}
-    buf = cache.get(dtype)
+    buf = cache.get((use, dtype))
     if buf is None or buf.numel() < n:
-        buf = cache[dtype] = torch.empty(n, dtype=dtype)
+        buf = cache[(use, dtype)] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 
 
@@ -70,21 +74,32 @@ def units_of(shape: torch.Size) -> int:
     return shape[-1] if len(shape) else 1
 
 
-def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The calls as the rows of a (k, *shape) tensor (a view when there is one call)."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+def _rows(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The calls as the rows of a (k, *shape) tensor, and whether it is a copy of ours
+    (which may be changed in place). On CPU a copy of 1-64 MiB goes into the kept "stack"
+    buffer: a fresh one that size costs page faults on every step (measured, see
+    bench/activations.py); one call outside that range is a view."""
+    t = tensors[0]
+    shape = (len(tensors), *t.shape)
+    if t.device.type == "cpu" and SCRATCH_MIN_BYTES <= t.numel() * t.element_size() * len(tensors) <= SCRATCH_BYTES:
+        return torch.stack(tensors, out=_scratch(torch.Size(shape), t.dtype, t.device, "stack")), True
+    if len(tensors) == 1:
+        return t.unsqueeze(0), False
+    return torch.stack(tensors), True
 
 
 def _unit_active(s: torch.Tensor) -> torch.Tensor:
     """Per row and unit of a stacked (k, *shape) ReLU output: 1.0 if any sample was > 0."""
     k = s.shape[0]
-    if s.dim() >= 5:          # conv outputs: channels are dim 1 of each call
-        v = s.transpose(2, -1).reshape(k, -1, s.shape[2])
+    if s.dim() >= 5:          # conv outputs: channels are dim 1 of each call (no copy)
+        m = s.amax(dim=(1, *range(3, s.dim())))
     elif s.dim() == 1:        # 0-d outputs: one unit
-        v = s.reshape(k, 1, 1)
+        m = s.reshape(k, 1)
     else:
-        v = s.reshape(k, -1, s.shape[-1])
-    return (v.amax(1) > 0).to(F32)
+        m = s.reshape(k, -1, s.shape[-1]).amax(1)
+    if s.dim() == 1:
+        m = m.clone()         # a view of the rows: not to be changed in place
+    return m.gt_(0).to(F32)   # nan > 0 is false, as a comparison's
 
 
 def figures(tensors: list[torch.Tensor], kind: str | None, act: bool) -> dict[str, torch.Tensor]:
@@ -103,26 +118,28 @@ def figures(tensors: list[torch.Tensor], kind: str | None, act: bool) -> dict[st
     if len(tensors) > chunk:   # bound the transient copy; rare (large outputs, many calls)
         parts = [figures(tensors[i:i + chunk], kind, act) for i in range(0, len(tensors), chunk)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    s = _rows(tensors)
+    s, owned = _rows(tensors)
     flat = s.reshape(s.shape[0], -1)
     total = flat.sum(1, dtype=F32)
     if not act:
         return {"flag": total}
     n = flat.shape[1]
     out = {"flag": total, "a_min": flat.amin(1).to(F32), "a_max": flat.amax(1).to(F32)}
-    mean = (total / n).unsqueeze(1)
-    tmp = _scratch(flat.shape, torch.result_type(flat, mean), flat.device)
-    out["a_norm"] = torch.linalg.vector_norm(torch.sub(flat, mean, out=tmp), dim=1, dtype=F32)
     if kind == "relu":
-        # the same buffer as the centred values when dtypes match: they are consumed already
-        out["a_extra"] = torch.sign(flat, out=_scratch(flat.shape, flat.dtype, flat.device)).sum(1, dtype=F32)
         out["units"] = _unit_active(s)
+        out["a_extra"] = torch.sign(flat, out=_scratch(flat.shape, flat.dtype, flat.device)).sum(1, dtype=F32)
     elif kind in SATURATION_BOUNDS:
         lo, hi = SATURATION_BOUNDS[kind]                 # symmetric about their middle
         c = torch.sub(flat, (lo + hi) / 2, out=_scratch(flat.shape, flat.dtype, flat.device))
         out["a_extra"] = c.abs_().sub_((hi - lo) / 2).sign_().clamp_(min=0).sum(1, dtype=F32)
     else:
         out["a_extra"] = total
+    # Centred last: on a copy of ours in place (no temporary) when the dtype allows; the
+    # same subtraction either way, so the same values.
+    mean = (total / n).unsqueeze(1)
+    dtype = torch.result_type(flat, mean)
+    c = flat.sub_(mean) if owned and dtype == flat.dtype else torch.sub(flat, mean, out=_scratch(flat.shape, dtype, flat.device))
+    out["a_norm"] = torch.linalg.vector_norm(c, dim=1, dtype=F32)
     return out
 
 
@@ -171,5 +188,5 @@ def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     chunk = max(1, STACK_BYTES // max(per, 1))
     if len(grads) > chunk:
         return torch.cat([grad_norms(grads[i:i + chunk]) for i in range(0, len(grads), chunk)])
-    s = _rows(grads)
+    s, _ = _rows(grads)
     return torch.linalg.vector_norm(s.reshape(s.shape[0], -1), dim=1, dtype=F32)

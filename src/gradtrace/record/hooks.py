@@ -5,18 +5,20 @@ These hooks exist only while a step records activations (or output-gradient flag
 them when it ends, so that every other step runs the model with no per-module hook at
 all (a module with a forward hook leaves torch's fast call path, about 5-10 us a call).
 
-For a small output (under :data:`batched.SMALL_ENTRIES` entries, where kernel launches
-cost more than the work) a forward hook does no math: it keeps a reference to the call's
-output (and its version counter); a large output is measured in the hook, copy-free,
-by :func:`batched.call_figures` (whole-tensor reductions into one vector per call; the
-vectors are stacked once, in call order, before the next group's rows).
-When the root module's forward returns (or the held outputs pass :data:`HOLD_BYTES`, or
-the step ends), the held calls are grouped by (shape, dtype, kind) and
-:func:`batched.figures` takes every figure of a group in a few kernels. Memory: the small
-outputs autograd does not keep anyway (a Linear's output feeding a ReLU) stay alive until
-then, at most :data:`HOLD_BYTES` of them.
+A forward hook does no math for an output whose module is known not to change it after
+return (below): it keeps a reference to the output (and its version counter). When the
+root module's forward returns (or the held outputs pass :data:`HOLD_BYTES`, or the step
+ends), the held calls are grouped by (shape, dtype, kind) and :func:`batched.figures`
+takes every figure of a group in a few kernels (a group of large outputs is copied into
+a kept buffer, one pass per figure: about half the time of per-call figures for 24 calls
+of 128 x 256, see bench/activations.py). An output over :data:`batched.STACK_BYTES`, and
+a module's calls before it is known safe, are measured in the hook, copy-free, by
+:func:`batched.call_figures` (one vector per call, stacked in call order before the next
+group's rows). Memory: held outputs autograd does not keep anyway (a Linear's output
+feeding a ReLU) stay alive until the flush, at most :data:`HOLD_BYTES` of them.
 
-Output gradients of small outputs: ``retain_grad()`` (a C++ hook that keeps a copy; no
+Output gradients of small outputs (under :data:`batched.SMALL_ENTRIES` entries):
+``retain_grad()`` (a C++ hook that keeps a copy; no
 Python runs in the backward for the call) and one grouped norm per shape when the
 backward ends (an autograd final callback queued from one hook on the root's output).
 This keeps those outputs and their gradient copies alive until then, at most
@@ -47,6 +49,7 @@ F32 = torch.float32
 #: Held outputs (or gradients) are reduced early once they pass this many bytes.
 HOLD_BYTES = 64 << 20
 SMALL = batched.SMALL_ENTRIES
+STACK_BYTES = batched.STACK_BYTES
 _FIGS = ("flag", "a_min", "a_max", "a_norm", "a_extra")
 _VERSION = operator.attrgetter("_version")
 _engine = torch.autograd.Variable._execution_engine
@@ -183,15 +186,16 @@ class StepHooks:
             held = self._fwd
             for t in tensors:
                 td = t.detach()
-                if td.numel() >= SMALL:
-                    # Large: measured now, with no copy and nothing held (see batched).
+                if td.numel() * td.element_size() > STACK_BYTES:
+                    # Too large to stack with others: measured now, nothing held or learnt.
                     self._measure(idx, td)
                 elif idx in self._safe:
                     held.add(idx, td)
                     if grads and t.requires_grad and t.grad_fn is not None and not t.retains_grad \
-                            and self._ret_bytes < HOLD_BYTES:
+                            and td.numel() < SMALL and self._ret_bytes < HOLD_BYTES:
                         # A C++ hook keeps the gradient (a copy): no Python runs in the
-                        # backward for this call (2-3x cheaper than a Python hook, measured).
+                        # backward for this call (2-3x cheaper than a Python hook, measured;
+                        # for a large output the copy costs more than the hook).
                         t.retain_grad()
                         self._ret.append(t)
                         self._ret_idx.append(idx)
