@@ -421,6 +421,17 @@ def run_attn_logits(watch, steps=175, control=None):
     return train(watch, steps, control=control)
 
 
+def run_attn_scaled(watch, steps=175):
+    """The attention-logit run with q.k divided by sqrt(head_dim): its logits grow too at
+    Adam 0.1 (to ~1.7e4 by step 170, a quarter of float16's limit) but stay finite."""
+    return run_attn_logits(watch, steps, control="scaled")
+
+
+def run_attn_qkln(watch, steps=175):
+    """The attention-logit run with qk-LayerNorm and 1/sqrt(head_dim): logits stay below ~25."""
+    return run_attn_logits(watch, steps, control="qkln")
+
+
 # ---- the catalogue ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Run:
@@ -447,6 +458,8 @@ RUNS: dict[str, Run] = {r.name: r for r in (
     Run("bert_cls", run_bert_healthy, True, note="BERT 2x64 classifier, code vs prose"),
     Run("lstm_clip", run_lstm_clip, True, note="char LSTM, Adam, clip 1.0"),
     Run("preln_encoder", run_preln_transformer, True, note="nn.TransformerEncoder norm_first, 4 layers"),
+    Run("attn_fp16_scaled", run_attn_scaled, True, note="byte LM, float16 q.k / sqrt(d), Adam 0.1"),
+    Run("attn_fp16_qkln", run_attn_qkln, True, note="byte LM, float16 q.k with qk-LayerNorm, Adam 0.1"),
     Run("gpt2_lr_high", run_gpt2_lr_high, False, "loss_spike", ("loss_spike",),
         ("exploding_gradients", "nonfinite", "loss_nonfinite", "growing_activations"), note="AdamW lr 0.3, no warm-up"),
     Run("gpt2_fp16_adamw", run_gpt2_fp16, False, "nonfinite", ("nonfinite",), ("loss_nonfinite",),
@@ -473,4 +486,9 @@ RUNS: dict[str, Run] = {r.name: r for r in (
     # is held to lead >= 0. The slow lr-ramp divergence is gpt2_lr_ramp (lead >= 3).
     Run("lr_ramp", run_lr_ramp, False, "loss_spike", (), ("loss_spike", "exploding_gradients", "nonfinite",
         "loss_nonfinite", "saturated_units"), note="SGD lr x1.08 per step; abrupt"),
+    # The logits climb for ~150 steps while the loss stays flat near 2.9; the float16 headroom
+    # rule names them at step 100 (40640, within 2x of 65504 and rising), the inf comes at 160
+    # and the nan loss at 166 (activations every 10, the default).
+    Run("attn_fp16_logits", run_attn_logits, False, "near_overflow", ("near_overflow", "nonfinite"),
+        ("loss_nonfinite",), slow=True, note="byte LM, unscaled q.k in float16, Adam 0.1"),
 )}

@@ -13,7 +13,7 @@ import gradtrace as gt
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from attn_overflow import AttnLM, train   # noqa: E402
-from realistic import damage_step          # noqa: E402
+from realistic import SLOW_LEAD, damage_step, live_detection   # noqa: E402
 
 STEPS = 175
 F16_MAX = float(torch.finfo(torch.float16).max)
@@ -35,6 +35,10 @@ def _run(control):
     finally:
         torch.set_num_threads(threads)
     return res, probe, gt.diagnose(res.trace)
+
+
+def res_trace(run):
+    return run[0].trace
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +114,9 @@ def test_findings_as_measured(broken):
     assert ev.growth_per_step == pytest.approx(math.exp(slope), rel=1e-9)
     assert ev.growth_per_step > 1.0
     assert ev.steps_to_overflow == pytest.approx(math.log(ev.headroom) / slope, rel=1e-9)
-    assert DAMAGE - near.first_step >= 3        # warned 66 steps before the nan loss
+    # a live run says it at the same step (the diagnosis of the run so far), 66 steps ahead
+    assert live_detection(res_trace(broken), gt.diagnose, DAMAGE) == near.first_step
+    assert DAMAGE - near.first_step >= SLOW_LEAD
     assert nonfinite.layers[0] == "blocks.0.logits"
     cause = nonfinite.evidence.cause_evidence
     # the inf is a float16 overflow, judged against float16's limit, not the float32 weights'
@@ -119,10 +125,6 @@ def test_findings_as_measured(broken):
     fixes = " ".join(f.action for f in gt.advise([near], res_trace(broken))[0].fixes)
     for words in ("qk-LayerNorm", "sqrt(head_dim)", "bfloat16", "learning rate", "Warm"):
         assert words in fixes
-
-
-def res_trace(run):
-    return run[0].trace
 
 
 def test_the_dtypes_are_recorded(broken):

@@ -118,6 +118,112 @@ def test_shrinking_and_growing_activations():
     assert g[0].layers[0] == "22"
 
 
+def _normed_profile(norm_every: int, gain: float = 3.0, depth: int = 12, steps: int = 10) -> Trace:
+    """out_std of ``depth`` Linear layers growing by ``gain`` per layer within a stretch, a
+    LayerNorm after every ``norm_every`` layers resetting it to 1 (independent reference:
+    the scale a layer sees is the one the last normaliser handed on)."""
+    modules, params, order, vals = [], [], [], {}
+    for i in range(depth):
+        name = f"l{i}"
+        modules.append({"name": name, "type": "Linear", "activation": None, "params": [f"{name}.weight"]})
+        params.append({"name": f"{name}.weight", "shape": [8, 8], "dtype": "float32", "module": name})
+        order.append(name)
+        vals[name] = gain ** (i % norm_every + 1)
+        if (i + 1) % norm_every == 0:
+            modules.append({"name": f"n{i}", "type": "LayerNorm", "activation": "norm", "params": []})
+            order.append(f"n{i}")
+    meta = {"modules": modules, "params": params}
+    recs = [rec(meta, s, module={"out_std": [vals.get(m["name"], 1.0) for m in modules]}) for s in range(steps)]
+    recs[0]["exec_order"] = order
+    return Trace(meta, recs)
+
+
+def test_activation_scale_compounds_only_between_normalisers():
+    from gradtrace.diagnose.activations import chains
+    # three layers between norms, x3 each: no stretch of 4 layers to judge, though the
+    # execution-order profile rises x27 within each block (a pre-LN transformer's branches)
+    short = _normed_profile(norm_every=3)
+    assert chains(short, [f"l{i}" for i in range(12)]) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert diagnose(short) == []
+    # six layers between norms, x3 each: x243 along a stretch: growing, named in that stretch
+    long = _normed_profile(norm_every=6)
+    (g,) = diagnose(long)
+    assert g.kind == "growing_activations" and g.layers[0] == "l5"
+    assert g.evidence["per_layer_gain"] == pytest.approx(3.0, rel=REL_TOL)
+    assert g.evidence["ratio_to_first_layer"] == pytest.approx(3.0 ** 5, rel=REL_TOL)
+    assert set(g.evidence["out_std_median"]) == {f"l{i}" for i in range(6)}
+
+
+# ---- reduced-precision headroom -----------------------------------------------------------
+F16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def overflow_trace(maxabs: list[float], *, dtype: str = "float16", every: int = 10, nan_at: int | None = None):
+    """A 2-layer net whose layer "2" outputs ``dtype`` with the given largest magnitudes."""
+    meta = mlp_meta(2)
+    recs = []
+    for i, m in enumerate(maxabs):
+        r = rec(meta, i * every, module={"out_maxabs": module_col(meta, {"0": 3.0, "1": 3.0, "2": m})},
+                loss=math.nan if nan_at is not None and i * every >= nan_at else 1.0)
+        if i == 0:
+            r["out_dtypes"] = {"0": "float32", "1": "float32", "2": dtype}
+        recs.append(r)
+    return Trace(meta, recs)
+
+
+def test_near_overflow_names_module_headroom_and_growth():
+    vals = [1000.0 * 1.5 ** i for i in range(12)]         # x1.5 per record of 10 steps
+    f = [x for x in diagnose(overflow_trace(vals)) if x.kind == "near_overflow"]
+    assert len(f) == 1 and f[0].layers == ["2"] and f[0].severity == "warning"
+    first = next(i for i, v in enumerate(vals) if v >= F16_MAX / 2)     # independent: 1000 * 1.5^i >= 32752
+    ev = f[0].evidence
+    assert f[0].first_step == 10 * first and ev.max_abs == vals[first]
+    assert ev.headroom == pytest.approx(F16_MAX / vals[first], rel=REL_TOL)
+    assert ev.growth_per_step == pytest.approx(1.5 ** 0.1, rel=REL_TOL)
+    assert ev.steps_to_overflow == pytest.approx(math.log(F16_MAX / vals[first]) / math.log(1.5 ** 0.1), rel=REL_TOL)
+    assert ev.dtype == "float16" and ev.dtype_max == F16_MAX and len(ev.window) == Thresholds().overflow_trend_window
+    assert not ev.resolved and f[0].last_step == 10 * (len(vals) - 1)
+    assert "float16" in ev.summary and f[0].fixes
+    # a looser headroom flags it a record earlier, a tighter one a record later
+    looser = diagnose(overflow_trace(vals), {"overflow_headroom": 3.0})
+    assert next(x for x in looser if x.kind == "near_overflow").first_step == 10 * (first - 1)
+
+
+def test_near_overflow_needs_a_rising_reduced_precision_output():
+    high_flat = [40000.0, 41000.0, 40000.0, 39000.0, 40500.0, 39500.0, 39000.0, 40800.0, 40200.0]
+    assert "near_overflow" not in kinds(diagnose(overflow_trace(high_flat)))        # not rising
+    # a trend needs a full window: four records climbing to 0.9 x max are not yet one
+    climb = [F16_MAX * x for x in (0.6, 0.7, 0.8, 0.9)]
+    assert "near_overflow" not in kinds(diagnose(overflow_trace(climb)))
+    assert "near_overflow" in kinds(diagnose(overflow_trace(climb), {"overflow_trend_window": 4}))
+    rising = [1000.0 * 1.5 ** i for i in range(12)]
+    assert "near_overflow" not in kinds(diagnose(overflow_trace(rising, dtype="float32")))
+    # bfloat16 shares float32's range: the same values are nowhere near its limit
+    assert "near_overflow" not in kinds(diagnose(overflow_trace(rising, dtype="bfloat16")))
+    # only records before the first non-finite step are judged
+    assert "near_overflow" not in kinds(diagnose(overflow_trace(rising, nan_at=90)))
+
+
+def test_trace_out_dtypes_are_recorded_and_read_back(tmp_path):
+    class HalfOut(torch.nn.Module):
+        def forward(self, x):
+            return x.half()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), HalfOut())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt, out=str(tmp_path / "run"), activations_every=1) as mon:
+        for _ in range(3):
+            loss = model(torch.randn(2, 4)).float().pow(2).mean()
+            mon.record_loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    want = {"0": "float32", "1": "float16"}
+    assert gt.load(str(tmp_path / "run")).out_dtypes() == want == mon.trace.out_dtypes()
+    # written once, not on every record
+    assert sum("out_dtypes" in r for r in gt.load(str(tmp_path / "run"))._store.extras) == 1
+
+
 def test_depth_threshold_override():
     tr = profile_trace(20, 0.75)
     assert "vanishing_gradients" in kinds(diagnose(tr))

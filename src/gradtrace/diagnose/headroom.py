@@ -53,10 +53,11 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
     value and still rising.
 
     Per module and activation record (before the first non-finite step): the record is
-    flagged when ``out_maxabs >= dtype_max / th.overflow_headroom`` and the growth per step,
-    fitted (least squares on the log) over the module's last ``th.overflow_trend_window``
-    records up to it, is above 1: a large output that has stopped growing is no warning,
-    and one record cannot show a trend. The finding starts at the first flagged record;
+    flagged when ``out_maxabs >= dtype_max / th.overflow_headroom`` and it is rising: the
+    largest value of the run so far, with a growth per step above 1, fitted (least squares
+    on the log) over the module's last ``th.overflow_trend_window`` records up to it (a full
+    window: a few records show no trend). A large output that has stopped growing, or
+    wanders about one level, is no warning. The finding starts at the first flagged record;
     layers: every flagged module, least headroom first. Its evidence projects the steps
     left at that growth.
 
@@ -83,9 +84,12 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
             continue
         logs = np.log(v)
         w = th.overflow_trend_window
+        high = np.maximum.accumulate(v)
         flagged = []
-        for i in np.flatnonzero(v >= fmax / th.overflow_headroom):
-            lo = max(0, i - w + 1)
+        for i in np.flatnonzero((v >= fmax / th.overflow_headroom) & (v >= high)):
+            lo = i - w + 1
+            if lo < 0:
+                continue                 # too few records for a trend
             g = _growth(s[lo:i + 1], logs[lo:i + 1])
             if g > 1.0:
                 flagged.append((int(i), g, lo))
