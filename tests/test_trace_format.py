@@ -157,3 +157,78 @@ def test_array_and_list_inputs_encode_alike(tmp_path):
     short = MemoryWriter(META)                       # a short array: the rest not recorded
     short.write({"step": 0, "param": {"grad_norm": np.array([0.5])}})
     assert short.trace.matrix("grad_norm").recorded.tolist() == [[True, False]]
+
+
+def _encode_both(records, n_params=2, n_modules=3, dtype="<f4"):
+    """Each record through an encoder that keeps its row recipes and one that must take
+    the general path every time: (schema, new, row) of both."""
+    from gradtrace.trace.encode import Encoder
+    fast, general = Encoder(n_params, n_modules, dtype), Encoder(n_params, n_modules, dtype)
+    out = []
+    for r in records:
+        general._fast.clear()
+        a, b = fast.encode(r), general.encode(r)
+        out.append((a, b, fast))
+    return out
+
+
+def test_repeated_layouts_encode_like_the_general_path():
+    big = float(np.finfo(np.float32).max) * 4           # beyond float32: inf in the row
+    recs = []
+    for s in range(12):
+        g = np.array([0.5 + s, 2.0 ** -s])
+        rec = {"step": np.int64(s), "time": 1.7e9 + s, "scalars": {"loss": 1.0 / (s + 1), "lr": 0.1},
+               "param": {"grad_norm": g, "grad_nonfinite": np.zeros(2)}, "module": {}}
+        if s in (3, 4):
+            rec["param"]["grad_norm"] = np.array([MISSING, 1.0])     # a name left out
+        if s == 5:
+            rec["param"]["grad_norm"] = np.array([math.nan, big], dtype=np.float64)
+        if s == 6:
+            rec["scalars"]["loss"] = None                            # a scalar not recorded
+        if s == 7:
+            rec["param"]["grad_norm"] = [0.5, None]                  # a list
+        if s == 8:
+            rec["param"]["grad_norm"] = g.astype(np.float32)
+        if s == 9:
+            rec["module"] = {"out_std": np.array([MISSING, 1.0, MISSING])}   # another table
+        if s in (10, 11):
+            rec["module"] = {"out_std": np.array([MISSING, 2.0 + s, 3.0])}   # a name it lacks
+        recs.append(rec)
+    with np.errstate(over="ignore"):            # the float32 cast of ``big``
+        both = _encode_both(recs)
+    rows = []
+    for (a, b, _), rec in zip(both, recs):
+        assert a[0].k == b[0].k and a[0].columns == b[0].columns and a[1] == b[1]
+        assert a[2] == b[2], rec["step"]
+        rows.append(np.frombuffer(a[2], a[0].dtype())[0])
+        assert rows[-1]["step"] == rec["step"] and rows[-1]["time"] == rec["time"]
+    assert [r[0].k for r, _, _ in both] == [0] * 9 + [1, 2, 2]     # out_std's wider table from step 10
+    assert {k: f.schema.k for k, f in both[-1][2]._fast.items()} == {
+        (("loss", "lr"), ("grad_norm", "grad_nonfinite"), ()): 0,
+        (("loss", "lr"), ("grad_norm", "grad_nonfinite"), ("out_std",)): 2}
+    v = rows[5]["values"]
+    assert np.isnan(v[0]) and not is_missing(v[:1])[0] and v[1] == np.inf
+    assert is_missing(rows[3]["values"][:1])[0] and rows[6]["scalars"][0] != rows[6]["scalars"][0]
+    assert rows[11]["values"][-2:].tolist() == [13.0, 3.0]
+
+
+def test_a_table_that_leaves_names_out_still_takes_a_new_name(tmp_path):
+    # Frozen parameter 1 has no gradient: its table leaves it out, and the row recipe
+    # checks that it stays out; once it is recorded a new table holds it.
+    recs = [{"step": s, "time": float(s), "scalars": {"loss": 1.0},
+             "param": {"grad_norm": np.array([1.0 + s, MISSING if s < 3 else 7.0])}} for s in range(5)]
+    t = _write(tmp_path / "r", recs)
+    m = t.matrix("grad_norm")
+    assert m.steps.tolist() == list(range(5))
+    assert m.recorded[:, 1].tolist() == [False, False, False, True, True]
+    assert m.values[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0] and m.values[3:, 1].tolist() == [7.0, 7.0]
+    tables = [json.loads(x) for x in (tmp_path / "r" / "tables.jsonl").read_text().splitlines()]
+    assert [d["columns"][0][2] for d in tables] == [[0], [0, 1]]
+
+
+def test_rows_are_in_the_file_before_close(tmp_path):
+    w = TraceWriter(tmp_path / "r", META)
+    for s in range(3):
+        w.write({"step": s, "time": 1.0, "scalars": {"loss": 2.0}, "param": {"grad_norm": np.array([1.0, 2.0])}})
+        assert len(gt.load(tmp_path / "r")) == s + 1         # no buffer holds a row back
+    w.close()

@@ -70,6 +70,14 @@ def next_run_dir(path: str | os.PathLike) -> str:
     return candidate
 
 
+def _write_all(f, data: bytes) -> None:
+    """Write ``data`` to an unbuffered file (a regular file takes it in one call; a
+    partial write, possible in principle, is continued)."""
+    done = f.write(data)
+    while done < len(data):
+        done += f.write(memoryview(data)[done:])
+
+
 def _layout(meta: dict[str, Any]) -> tuple[list, list]:
     return ([(m.get("name"), m.get("type")) for m in meta.get("modules", [])],
             [(p.get("name"), list(p.get("shape") or [])) for p in meta.get("params", [])])
@@ -207,15 +215,13 @@ class TraceWriter:
             schema, new, row = self._encoder.encode(record)
             if new:
                 self._line(self._tables, schema.to_json())
-                self._bins[schema.k] = open(self.path / schema.file, "ab")
             f = self._bins.get(schema.k)
-            if f is None:                      # a table continued after resume
-                f = self._bins[schema.k] = open(self.path / schema.file, "ab")
-            f.write(row)
-            f.flush()
-            side = {k: v for k, v in record.items() if k not in TABLE_KEYS}
-            if side:
-                self._line(self._events, {"step": step, **side})
+            if f is None:                      # a new table, or one continued after resume
+                # Unbuffered: each row is one write() system call, in the file at once.
+                f = self._bins[schema.k] = open(self.path / schema.file, "ab", buffering=0)
+            _write_all(f, row)
+            if not record.keys() <= TABLE_KEYS:
+                self._line(self._events, {"step": step, **{k: v for k, v in record.items() if k not in TABLE_KEYS}})
             vec = record.get("vectors")
             if vec:
                 for stat in vec:
