@@ -73,43 +73,18 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
     if not reduced:
         return []
     before = U.before_nonfinite(steps, trace)
-    hits = []   # (first flagged step, headroom there, module, figures)
+    hits = []   # per flagged module: (first flagged step, headroom there, module, figures, last flagged step)
     for j, name in enumerate(names):
-        if name not in reduced:
-            continue
-        dtype, fmax = reduced[name]
-        ok = before & np.isfinite(values[:, j]) & (values[:, j] > 0)
-        s, v = steps[ok], values[ok, j].astype(np.float64)
-        if s.size == 0:
-            continue
-        logs = np.log(v)
-        w = th.overflow_trend_window
-        high = np.maximum.accumulate(v)
-        flagged = []
-        for i in np.flatnonzero((v >= fmax / th.overflow_headroom) & (v >= high)):
-            lo = i - w + 1
-            if lo < 0:
-                continue                 # too few records for a trend
-            g = _growth(s[lo:i + 1], logs[lo:i + 1])
-            if g > 1.0:
-                flagged.append((int(i), g, lo))
-        if not flagged:
-            continue
-        i, g, lo = flagged[0]
-        figures = {"module": name, "dtype": dtype, "dtype_max": fmax, "max_abs": float(v[i]),
-                   "headroom": fmax / float(v[i]), "growth_per_step": g,
-                   "steps_to_overflow": math.log(fmax / float(v[i])) / math.log(g),
-                   "window": {str(int(a)): float(b) for a, b in zip(s[lo:i + 1], v[lo:i + 1])},
-                   "steps_flagged": len(flagged), "steps_examined": int(s.size),
-                   "resolved": flagged[-1][0] != s.size - 1, "last": int(s[flagged[-1][0]])}
-        hits.append((int(s[i]), figures["headroom"], name, figures))
+        if name in reduced:
+            ok = before & np.isfinite(values[:, j]) & (values[:, j] > 0)
+            hit = _module(steps[ok], values[ok, j].astype(np.float64), name, *reduced[name], th)
+            if hit is not None:
+                hits.append(hit)
     if not hits:
         return []
     hits.sort(key=lambda h: (h[0], h[1]))
-    first, _, module, ev = hits[0]
-    last = max(h[3].pop("last") for h in hits)
-    for h in hits[1:]:
-        h[3].pop("last", None)
+    first, _, module, ev, _ = hits[0]
+    last = max(h[4] for h in hits)
     ev["headroom_per_module"] = {h[2]: h[1] for h in sorted(hits, key=lambda h: h[1])}
     fmax, dtype = ev["dtype_max"], ev["dtype"]
     ev["summary"] = (f"{module} ({dtype}) output reached |{U.sci(ev['max_abs'])}| at step {first}, "
@@ -123,6 +98,31 @@ def detect(trace: Trace, th: Thresholds) -> list[Finding]:
             "softmax, normalisation or loss after it turns the inf into nan. Attention logits q.k do this "
             "when nothing bounds the query and key norms (no 1/sqrt(head_dim) scaling, no qk-LayerNorm) and "
             "the learning rate lets the projections grow.")
-    layers = [m for m in ev["headroom_per_module"]]
-    layers.remove(module)
-    return [Finding("near_overflow", "warning", [module, *layers], first, last, ev, expl)]
+    layers = [module] + [m for m in ev["headroom_per_module"] if m != module]
+    return [Finding("near_overflow", "warning", layers, first, last, ev, expl)]
+
+
+def _module(s: np.ndarray, v: np.ndarray, name: str, dtype: str, fmax: float, th: Thresholds):
+    """The rule on one module's finite records (steps ``s``, largest magnitudes ``v``):
+    ``(first flagged step, headroom, name, figures, last flagged step)`` or ``None``."""
+    logs = np.log(v)
+    w = th.overflow_trend_window
+    high = np.maximum.accumulate(v) if v.size else v
+    flagged = []
+    for i in np.flatnonzero((v >= fmax / th.overflow_headroom) & (v >= high)):
+        lo = i - w + 1
+        if lo < 0:
+            continue                 # too few records for a trend
+        g = _growth(s[lo:i + 1], logs[lo:i + 1])
+        if g > 1.0:
+            flagged.append((int(i), g, lo))
+    if not flagged:
+        return None
+    i, g, lo = flagged[0]
+    room = fmax / float(v[i])
+    figures = {"module": name, "dtype": dtype, "dtype_max": fmax, "max_abs": float(v[i]),
+               "headroom": room, "growth_per_step": g, "steps_to_overflow": math.log(room) / math.log(g),
+               "window": {str(int(a)): float(b) for a, b in zip(s[lo:i + 1], v[lo:i + 1])},
+               "steps_flagged": len(flagged), "steps_examined": int(s.size),
+               "resolved": flagged[-1][0] != s.size - 1}
+    return int(s[i]), room, name, figures, int(s[flagged[-1][0]])
