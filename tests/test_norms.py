@@ -310,6 +310,24 @@ def test_the_bound_grows_with_the_number_of_entries(monkeypatch):
     assert v[1].item() == pytest.approx(ref_norm(many, 2.0), rel=RTOL, abs=0.0)
 
 
+RTOL_UPDATE = 1e-4   # the monitor's UPDATE_RTOL: an update's norm read to a few digits
+
+
+def test_a_looser_rtol_redoes_only_what_that_error_could_show(monkeypatch):
+    # 65536 entries of 1e-16: squares 1e-32 are normal floats, so float32 is right, but the
+    # exact bound (n * 2**-102) cannot prove it and redoes; with rtol=1e-4 it is trusted.
+    # Entries of 1e-21 (squares flushed) are redone at either tolerance.
+    ok, lost = torch.full((65536,), 1e-16), torch.full((65536,), 1e-21)
+    calls = _count_wide(monkeypatch)
+    N.norm_vector([ok])
+    assert calls == [1]
+    calls.clear()
+    v = N.norm_vector([ok, lost], rtol=RTOL_UPDATE)
+    assert calls == [1]                         # only the flushed one
+    assert v[0].item() == pytest.approx(ref_norm(ok, 2.0), rel=RTOL_UPDATE, abs=0.0)
+    assert v[1].item() == pytest.approx(ref_norm(lost, 2.0), rel=RTOL, abs=0.0)
+
+
 def test_a_large_norm_type_does_not_overflow_the_check():
     # |x| ** 20 of 1e30 is past float64 too: the check compares norms, the redo scales.
     got = N.norm_vector([torch.full((3,), 1e30), torch.full((3,), 1e-30)], 20.0)

@@ -18,7 +18,7 @@ compute the same norms twice.
   float32 norms are checked (one ``aminmax``; reading a CPU value waits for nothing) and
   only the norms float32 really lost (``inf`` from finite entries, or so small that
   entries' squares may have underflowed: the bound, from float32's smallest normal and
-  the tensor's size, is at ``_LOSS_PER_ENTRY``) are redone, in one grouped call
+  the tensor's size, is at ``RTOL``) are redone, in one grouped call
   accumulating in float64. On accelerators
   the group accumulates in float64 (``_foreach_norm(..., dtype=float64)``: a
   memory-bound read there, and no host read); on one CPU thread that costs 3.3× the
@@ -84,11 +84,12 @@ _FOREACH_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia"})
 #: Range check of float32 norms (finite ``p > 0``). Each ``|x| ** p`` below float32's
 #: smallest normal (2**-126) may be lost (flushed or rounded to a subnormal), so a norm
 #: ``N`` of ``n`` entries can be short by at most ``n * 2**-126`` in ``N ** p``; that is
-#: under float32's rounding (2**-24 relative) unless ``N ** p < n * 2**-102``. Only those
-#: norms (and ``inf`` from finite entries) are redone. A fixed bound would either redo
+#: under float32's rounding (``RTOL`` = 2**-24 relative) unless ``N ** p < n * 2**-102``.
+#: Only those norms (and ``inf`` from finite entries) are redone. A fixed bound would either redo
 #: legitimate 1e-13 gradients every step (the old 1e-12 did: 3.8 ms a step on 100 tiny
 #: layers) or miss a large tensor of tiny entries; this one depends on ``n``.
-_LOSS_PER_ENTRY = 2.0 ** -126 / 2.0 ** -24
+RTOL = 2.0 ** -24
+_TINY_POWER = 2.0 ** -126
 #: Tensors up to this many entries: a first check on the smallest norm alone (no numel
 #: read) clears the common case; below it, the per-tensor bound decides.
 _CHEAP_NUMEL = 2.0 ** 32
@@ -111,8 +112,10 @@ SMALL_NUMEL = 256
 #: Alongside large tensors, the flat route runs only for at least this many small ones:
 #: splitting a group and merging its two results costs a few tensor operations a step
 #: (measured: 4 x Linear(32, 32), 4 small and 4 large tensors, 0.27 ms more a step with
-#: the split on a loaded 2-core machine; 64 of each: even).
-MIXED_MIN_SMALL = 16
+#: the split on a loaded 2-core machine; 64 of each: even; the 24-layer MLP of
+#: ``bench/overhead.py``, 25 biases beside 25 weights: the split route's small part took
+#: 185-225 us in the loop against 100-150 us for those biases inside the grouped call).
+MIXED_MIN_SMALL = 64
 #: sizes -> split plan (:func:`_plan`); a few models' worth, cleared when full.
 _plans: dict[tuple[int, ...], tuple] = {}
 _PLANS_KEPT = 64
@@ -254,22 +257,23 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------ computing norms
 
 
-def _rescue(group: list[Tensor], v: Tensor, p: float) -> Tensor | None:
+def _rescue(group: list[Tensor], v: Tensor, p: float, rtol: float = RTOL) -> Tensor | None:
     """``v`` (float32 norms of ``group``) with the norms float32 lost redone in float64
     accumulation (one grouped call), or None when all are trustworthy (the usual case:
     one ``aminmax`` and two host reads, on the CPU only, where a read waits for nothing).
     """
+    loss = _TINY_POWER / rtol             # the most a flushed power may cost, per entry
     lo, hi = torch.aminmax(v)
     lo_f, hi_f = float(lo), float(hi)
     # Compared as norms (a root of the bound), so a large p cannot overflow a float power.
-    if hi_f < math.inf and lo_f >= (_CHEAP_NUMEL * _LOSS_PER_ENTRY) ** (1.0 / p):
+    if hi_f < math.inf and lo_f >= (_CHEAP_NUMEL * loss) ** (1.0 / p):
         return None                       # nan falls through to the exact check (harmless)
     if hi_f < math.inf and lo_f > 0.0 and \
-            lo_f >= (max(map(Tensor.numel, group)) * _LOSS_PER_ENTRY) ** (1.0 / p):
+            lo_f >= (max(map(Tensor.numel, group)) * loss) ** (1.0 / p):
         return None                       # the per-tensor bound at the largest tensor
     # Each tensor's bound as a norm, (n * loss) ** (1/p): at least 2**-102 ** (1/p), a
     # float32 normal for p >= 2 (and 0 below it, which only trusts more norms for p < 2).
-    bound = torch.tensor(list(map(Tensor.numel, group)), dtype=F32).mul_(_LOSS_PER_ENTRY)
+    bound = torch.tensor(list(map(Tensor.numel, group)), dtype=F32).mul_(loss)
     ok = v >= bound.pow_(1.0 / p)
     ok &= v < math.inf                    # False for inf and nan (nan is redone: harmless)
     lost = ~ok
@@ -340,7 +344,7 @@ def _small_squares(group: list[Tensor], lengths: Tensor) -> Tensor:
 
 def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float,
                  foreach: bool | None, as_list: bool = True, check: bool = True,
-                 wide: bool = False) -> tuple[list[Tensor], Tensor]:
+                 wide: bool = False, rtol: float = RTOL) -> tuple[list[Tensor], Tensor]:
     """Norms of one (device, dtype) group, as a list of 0-d tensors (``as_list``; else the
     list may be stale) and as one vector: float64 for float64 tensors (and with ``wide``),
     else float32."""
@@ -356,7 +360,7 @@ def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, 
             v = _small_squares(pick_small(group) if large else group, lengths).sqrt_()
             if large:
                 big = _group_norms(pick_large(group), device, dtype, p, foreach, False, check,
-                                   wide)[1]
+                                   wide, rtol)[1]
                 v = torch.empty(len(group), dtype=F64).index_copy_(0, small_at, v) \
                     .index_copy_(0, large_at, big.to(F64))
             if not wide and dtype != F64:
@@ -373,7 +377,7 @@ def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, 
         if as_list:
             out = list(v.unbind(0))
     elif check and at_risk and device.type in HOST_READ_FREE:
-        fixed = _rescue(group, v, p)
+        fixed = _rescue(group, v, p, rtol)
         if fixed is not None:
             v = fixed
             if as_list:
@@ -847,7 +851,7 @@ def _grad_norms(ts: list[Tensor], p: float, foreach: bool | None,
 
 def norm_vector(tensors: list[Tensor], norm_type: float = 2.0, *,
                 device: torch.device | None = None, uniform: bool = False,
-                check: bool = True, wide: bool = False) -> Tensor:
+                check: bool = True, wide: bool = False, rtol: float = RTOL) -> Tensor:
     """Per-tensor norms as one 1-D tensor on ``device`` (default: the first tensor's), no
     sync and nothing remembered: the recorder's entry point, taken every step.
 
@@ -861,7 +865,10 @@ def norm_vector(tensors: list[Tensor], norm_type: float = 2.0, *,
     ``uniform=True``: the caller checked once that all are plain dense tensors of one
     device and dtype, so not even the grouping loop runs (a sparse gradient after all is
     caught and grouped). ``check=False`` skips the CPU range check of the large tensors
-    (no host read) for a caller that checks them itself.
+    (no host read) for a caller that checks them itself. ``rtol``: the relative error
+    the range check accepts from float32's flushed powers (default :data:`RTOL`, float32's
+    own rounding); a figure read to a few digits (an update ratio) passes a larger one,
+    so that norms of tiny entries are redone only when that error could show.
 
     Example:
         >>> [f"{v:.4g}" for v in norm_vector([torch.ones(4), torch.full((9,), 1e-30)]).tolist()]
@@ -875,7 +882,7 @@ def norm_vector(tensors: list[Tensor], norm_type: float = 2.0, *,
         if uniform:
             t0 = tensors[0]
             try:
-                v = _group_norms(tensors, t0.device, t0.dtype, p, True, False, check, wide)[1]
+                v = _group_norms(tensors, t0.device, t0.dtype, p, True, False, check, wide, rtol)[1]
                 return v if t0.device == dev else v.to(dev, non_blocking=dev.type != "cpu")
             except (TypeError, RuntimeError):   # not dense after all: group below
                 pass
@@ -884,7 +891,7 @@ def norm_vector(tensors: list[Tensor], norm_type: float = 2.0, *,
         if len(grouped) == 1 and (plain or not any(map(is_dtensor, tensors))):
             ((gdev, dtype), idx), = grouped.items()
             if len(idx) == len(tensors):  # the usual case: one device, one dtype, all dense
-                v = _group_norms(tensors, gdev, dtype, p, None, False, check, wide)[1]
+                v = _group_norms(tensors, gdev, dtype, p, None, False, check, wide, rtol)[1]
                 return v if gdev == dev else v.to(dev, non_blocking=dev.type != "cpu")
         v = _stack([n.to(dev, non_blocking=dev.type != "cpu")
                     for n in _grad_norms(list(tensors), p, None)])
