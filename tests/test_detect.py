@@ -204,6 +204,19 @@ def test_near_overflow_needs_a_rising_reduced_precision_output():
     assert "near_overflow" not in kinds(diagnose(overflow_trace(rising, nan_at=90)))
 
 
+def test_near_overflow_names_every_flagged_module_earliest_then_least_headroom():
+    meta = mlp_meta(3)                                  # Linear 0, ReLU 1, Linear 2, ReLU 3, Linear 4
+    grow = [1000.0 * 1.5 ** i for i in range(12)]
+    recs = [rec(meta, 10 * i, module={"out_maxabs": module_col(meta, {"0": 0.8 * g, "2": 3.0, "4": g})})
+            for i, g in enumerate(grow)]
+    recs[0]["out_dtypes"] = {"0": "float16", "2": "float32", "4": "float16"}
+    (f,) = [x for x in diagnose(Trace(meta, recs)) if x.kind == "near_overflow"]
+    # "4" crosses 32752 at record 9 (38443), "0" at record 10 (0.8 x 57665 = 46132: less headroom)
+    assert f.layers == ["4", "0"] and f.first_step == 90 and f.evidence.module == "4"
+    assert list(f.evidence.headroom_per_module) == ["0", "4"]     # least headroom first
+    assert f.evidence.headroom_per_module["0"] == pytest.approx(F16_MAX / (0.8 * grow[10]), rel=REL_TOL)
+
+
 def test_trace_out_dtypes_are_recorded_and_read_back(tmp_path):
     class HalfOut(torch.nn.Module):
         def forward(self, x):
