@@ -406,6 +406,17 @@ def test_flat_route_reads_once_and_redoes_nothing(monkeypatch):
     assert count.calls == 1
 
 
+def test_published_squares_are_rooted_on_first_use():
+    g = [torch.full((4,), 3.0), torch.full((9,), 1.0)]
+    with N.register(lambda *a: None):
+        token = N.publish(g, torch.tensor([36.0, 9.0], dtype=torch.float64), squared=True)
+        assert N.recall(g).tolist() == [6.0, 3.0]
+        assert [float(n) for n in N.grad_norms(g)] == [6.0, 3.0]
+        with pytest.raises(ValueError, match="norm_type must be 2"):
+            N.publish(g, torch.tensor([36.0, 9.0]), 1.0, squared=True)
+    del token
+
+
 def test_published_norms_live_while_their_token_is_held():
     ts = [torch.randn(4, 4), torch.randn(3)]
     exact = torch.tensor([ref_norm(t, 2.0) for t in ts], dtype=torch.float64)

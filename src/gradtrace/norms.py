@@ -483,15 +483,16 @@ class _Batch:
     Post-clip batches derived from it are owned by it. Any other batch holds its tensors
     weakly. Every per-tensor step here is a C-level ``map``: no Python call per tensor."""
 
-    __slots__ = ("tensors", "refs", "versions", "pre", "coef", "derived", "_key", "_vec",
-                 "_index", "__weakref__")
+    __slots__ = ("tensors", "refs", "versions", "pre", "coef", "squared", "derived", "_key",
+                 "_vec", "_index", "__weakref__")
 
     def __init__(self, tensors: list[Tensor], pre: Any, coef: Tensor | None = None, *,
-                 versions: list[int] | None = None, owned: bool = False) -> None:
+                 versions: list[int] | None = None, owned: bool = False,
+                 squared: bool = False) -> None:
         self.tensors = tensors if owned else None
         self.refs = None if owned else list(map(weakref.ref, tensors))
         self.versions = list(map(_VERSION, tensors)) if versions is None else versions
-        self.pre, self.coef = pre, coef
+        self.pre, self.coef, self.squared = pre, coef, squared
         self.derived: list[_Batch] = []
         self._key: Any = False
         self._vec = self._index = None
@@ -517,6 +518,8 @@ class _Batch:
         if self._vec is None:
             pre = self.pre if isinstance(self.pre, Tensor) else _stack(list(self.pre))
             with torch.no_grad():
+                if self.squared:            # published as squares: the root on first use
+                    pre = pre.sqrt()
                 self._vec = pre if self.coef is None else pre * self.coef.to(pre.device, pre.dtype)
         return self._vec
 
@@ -571,15 +574,16 @@ def _clear() -> None:
 
 
 def publish(tensors: list[Tensor], norms: Tensor, norm_type: float = 2.0, *,
-            versions: list[int] | None = None) -> Any:
+            versions: list[int] | None = None, squared: bool = False) -> Any:
     """Offer the norms of ``tensors`` (a 1-D tensor, one per tensor, in order) to every
     later norm computation while the returned token is held: while someone listens
     (:func:`register`), a clipper given the same, unchanged tensors uses them instead of
     reading the gradients, and publishes post-clip ones (``norms * coef``) in turn. What a
     monitor calls at the end of backward, holding the token for the step. The token
     holds ``tensors``; drop it to withdraw them. ``versions``: their ``_version``\\ s, if
-    the caller has them. Returns None (nothing published) when nobody listens or for
-    DTensors (local shard norms).
+    the caller has them; ``squared=True``: ``norms`` holds squared 2-norms (a monitor's
+    figures), rooted only if a clipper asks. Returns None (nothing published) when nobody
+    listens or for DTensors (local shard norms).
 
     Example:
         >>> g = [torch.full((4,), 3.0)]
@@ -596,7 +600,9 @@ def publish(tensors: list[Tensor], norms: Tensor, norm_type: float = 2.0, *,
     if norms.dim() != 1 or norms.numel() != len(tensors):
         raise ValueError(f"publish: norms must be a 1-D tensor of {len(tensors)} values, "
                          f"got shape {tuple(norms.shape)}")
-    batch = _Batch(list(tensors), norms, versions=versions, owned=True)
+    if squared and float(norm_type) != 2.0:
+        raise ValueError(f"publish: squared=True holds squared 2-norms; norm_type must be 2, got {norm_type}")
+    batch = _Batch(list(tensors), norms, versions=versions, owned=True, squared=squared)
     _add_batch(batch, float(norm_type))
     return batch
 

@@ -368,7 +368,7 @@ class Monitor:
                     if fig.every_step or self._act:
                         parts[fig.part] = fig.compute(local, params, self._device, self._uniform)
             if not self._sharded:           # for a clipper of these very gradients
-                published = norms.publish(local, parts["gsq"].sqrt(), 2.0, versions=versions)
+                published = norms.publish(local, parts["gsq"], 2.0, versions=versions, squared=True)
             inv = self._inverse_scale()
             if inv is not None:             # GradScaler: figures of the unscaled gradient
                 parts["gsq"] = parts["gsq"] * inv.square()
