@@ -289,13 +289,14 @@ class Monitor:
         s = self.step_count
         self._act = self.activations_every > 0 and s % self.activations_every == 0
         self._rec = s % self.every == 0 or self._act
-        self._hooks.reset()
+        want = not self.compiled and self._rec and (self._act or self.backward_flags or self._dist is not None)
+        if want or self._hooks.active:        # a step without module hooks gathers nothing
+            self._hooks.reset()
         prev = self._bwd.get("early") if getattr(self, "_bwd", None) else None
         if prev is not None and prev.ready():   # a skipped step's: its buffer goes back
             self._copies.release(prev)
         # Under a process group the forward flags stay on every recorded step: a replay
         # would have to run on every rank together, and FSDP2 ranks judge their own shards.
-        want = not self.compiled and self._rec and (self._act or self.backward_flags or self._dist is not None)
         if want:
             self._hooks.attach(activations=self._act, backward=self.backward_flags,
                                time_gradients=self.time_gradients)
@@ -452,6 +453,8 @@ class Monitor:
             info.replay_note = "figures not on the host before the optimizer step: not replayed"
             return
         vals = early.values
+        if np.isfinite(vals).all():       # the usual step: one numpy call
+            return
         n = len(b["idx"])
         gsq, loss = vals[:n], vals[n:]
         bad = np.flatnonzero(~np.isfinite(gsq))
@@ -466,7 +469,7 @@ class Monitor:
             info.counts[int(k)] = c
         cap = self.capture
         fresh = cap is not None and cap.step == self.step_count
-        if fresh and not self._hooks.flags and self._dist is None:
+        if fresh and not (self._hooks.active and self._hooks.flags) and self._dist is None:
             self._replaying = True
             try:
                 info.replayed = first_nonfinite_module(self.model, self._modules, self._mod_names, cap)
@@ -545,8 +548,8 @@ class Monitor:
     def _finish_step(self) -> None:
         dev, b, info = self._device, self._bwd or {"idx": [], "parts": {}}, self._info
         losses = [l for l in self._losses if isinstance(l, torch.Tensor)]
-        hooks = self._hooks
-        hook_parts = hooks.parts(dev)
+        hooks = self._hooks if self._hooks.active else None    # module hooks ran this step
+        hook_parts = hooks.parts(dev) if hooks is not None else []
         # A gradient-only step holds what the end of backward already sent to the host:
         # the squared norms and, if one loss was noted before backward ended, that loss.
         # That copy is then this record's copy: no second flat buffer, no second copy.
@@ -575,9 +578,10 @@ class Monitor:
         info.losses = [float(l) for l in self._losses if not isinstance(l, torch.Tensor)]
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None and self.optimizer.param_groups else None
         info.lr = float(lr) if isinstance(lr, (int, float)) else None
-        info.call_idx, info.acts, info.order, info.seen = hooks.call_idx, hooks.acts, hooks.order, hooks.seen
-        info.bwd, info.bwd_order = hooks.bwd_idx, hooks.bwd_order
-        info.mask_ids, info.mask_units, info.time_ids = hooks.mask_ids, hooks.mask_units, list(hooks.time)
+        if hooks is not None:
+            info.call_idx, info.acts, info.order, info.seen = hooks.call_idx, hooks.acts, hooks.order, hooks.seen
+            info.bwd, info.bwd_order = hooks.bwd_idx, hooks.bwd_order
+            info.mask_ids, info.mask_units, info.time_ids = hooks.mask_ids, hooks.mask_units, list(hooks.time)
         layout = [(name, t.numel()) for name, t in parts]
         if early is not None:               # gsq, then the loss: the early copy's order
             layout += [("loss", 1)] * len(losses)

@@ -4,8 +4,9 @@
 (pinned on an accelerator) with ``non_blocking=True`` and records an event after it. The
 caller keeps the returned :class:`Copy` and reads ``copy.values`` (a numpy view made once
 per buffer, so reading it converts no tensor) only once :meth:`Copy.ready` is true, which
-asks ``event.query()`` and never blocks. On CPU a copy is complete when ``start``
-returns. :meth:`Copy.wait` blocks; the monitor calls it only from ``close()`` and when
+asks ``event.query()`` and never blocks. On CPU nothing is copied: the flat tensor is
+already in host memory, and the caller made it fresh for the copy (a ``cat``), so its
+own numpy view is the record's values. :meth:`Copy.wait` blocks; the monitor calls it only from ``close()`` and when
 ``raise_on_nonfinite=True`` asked for it.
 """
 from __future__ import annotations
@@ -43,14 +44,15 @@ class Copy:
 
 
 class HostCopies:
-    """A pool of host buffers, reused by size, so a recorded step allocates nothing.
+    """A pool of pinned host buffers, reused by size, so a recorded step allocates nothing
+    on the host (a CPU run's flat buffers are used as they are).
 
     Example:
         >>> pool = HostCopies()
-        >>> a = pool.start(torch.ones(2, dtype=torch.float64)); pool.release(a)
-        >>> b = pool.start(torch.zeros(2, dtype=torch.float64))
-        >>> a.host is b.host
-        True
+        >>> a = pool.start(torch.ones(2, dtype=torch.float64))   # on the CPU: its own values
+        >>> a.values.tolist(), a.ready()
+        ([1.0, 1.0], True)
+        >>> pool.release(a)
     """
 
     def __init__(self) -> None:
@@ -58,19 +60,18 @@ class HostCopies:
 
     def start(self, flat: torch.Tensor) -> Copy:
         """Start copying ``flat`` (1-D float64) to the host; returns at once."""
-        n = flat.numel()
         dev = flat.device
+        if dev.type == "cpu":
+            flat = flat.detach()
+            return Copy(flat, flat.numpy(), None, None)
+        n = flat.numel()
         key = (n, dev.type)
         free = self._free.setdefault(key, [])
         if free:
             host, values = free.pop()
         else:
-            pin = dev.type != "cpu" and torch.cuda.is_available()
-            host = torch.empty(n, dtype=torch.float64, pin_memory=pin)
+            host = torch.empty(n, dtype=torch.float64, pin_memory=torch.cuda.is_available())
             values = host.numpy()        # one view per buffer, made once
-        if dev.type == "cpu":
-            host.copy_(flat)
-            return Copy(host, values, None, key)
         host.copy_(flat, non_blocking=True)
         event = _event(dev)
         if event is None:                # a device without events: the copy must block
@@ -79,7 +80,8 @@ class HostCopies:
 
     def release(self, copy: Copy) -> None:
         """Give a buffer whose values have been read back for reuse."""
-        self._free.setdefault(copy.key, []).append((copy.host, copy.values))
+        if copy.key is not None:
+            self._free.setdefault(copy.key, []).append((copy.host, copy.values))
 
 
 def _event(device: torch.device) -> Any:
