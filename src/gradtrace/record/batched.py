@@ -88,18 +88,14 @@ def _rows(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     return torch.stack(tensors), True
 
 
-def _unit_active(s: torch.Tensor) -> torch.Tensor:
-    """Per row and unit of a stacked (k, *shape) ReLU output: 1.0 if any sample was > 0."""
+def _unit_max(s: torch.Tensor) -> torch.Tensor:
+    """Per row and unit of a stacked (k, *shape) output: the largest entry (a new tensor)."""
     k = s.shape[0]
     if s.dim() >= 5:          # conv outputs: channels are dim 1 of each call (no copy)
-        m = s.amax(dim=(1, *range(3, s.dim())))
-    elif s.dim() == 1:        # 0-d outputs: one unit
-        m = s.reshape(k, 1)
-    else:
-        m = s.reshape(k, -1, s.shape[-1]).amax(1)
-    if s.dim() == 1:
-        m = m.clone()         # a view of the rows: not to be changed in place
-    return m.gt_(0).to(F32)   # nan > 0 is false, as a comparison's
+        return s.amax(dim=(1, *range(3, s.dim())))
+    if s.dim() == 1:          # 0-d outputs: one unit
+        return s.reshape(k, 1).clone()
+    return s.reshape(k, -1, s.shape[-1]).amax(1)
 
 
 def figures(tensors: list[torch.Tensor], kind: str | None, act: bool) -> dict[str, torch.Tensor]:
@@ -124,9 +120,13 @@ def figures(tensors: list[torch.Tensor], kind: str | None, act: bool) -> dict[st
     if not act:
         return {"flag": total}
     n = flat.shape[1]
-    out = {"flag": total, "a_min": flat.amin(1).to(F32), "a_max": flat.amax(1).to(F32)}
+    out = {"flag": total, "a_min": flat.amin(1).to(F32)}
     if kind == "relu":
-        out["units"] = _unit_active(s)
+        # The per-unit maxima give the row's maximum too (a pass over 256 entries a row,
+        # not over all of them); nan > 0 is false, as a comparison's.
+        um = _unit_max(s)
+        out["a_max"] = um.amax(1).to(F32)
+        out["units"] = um.gt_(0).to(F32)
         out["a_extra"] = torch.sign(flat, out=_scratch(flat.shape, flat.dtype, flat.device)).sum(1, dtype=F32)
     elif kind in SATURATION_BOUNDS:
         lo, hi = SATURATION_BOUNDS[kind]                 # symmetric about their middle
@@ -134,6 +134,8 @@ def figures(tensors: list[torch.Tensor], kind: str | None, act: bool) -> dict[st
         out["a_extra"] = c.abs_().sub_((hi - lo) / 2).sign_().clamp_(min=0).sum(1, dtype=F32)
     else:
         out["a_extra"] = total
+    if "a_max" not in out:
+        out["a_max"] = flat.amax(1).to(F32)
     # Centred last: on a copy of ours in place (no temporary) when the dtype allows; the
     # same subtraction either way, so the same values.
     mean = (total / n).unsqueeze(1)
