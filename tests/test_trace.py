@@ -140,3 +140,19 @@ def test_events_are_kept_apart_from_steps(tmp_path):
     (ev,) = t.events("guard_skip")
     assert ev["step"] == 0 and ev["reason"] == "nonfinite_grad" and ev["value"] == "nan"
     assert len(t) == 1
+
+
+def test_a_partial_row_write_is_continued():
+    from gradtrace.trace.writer import _write_rest
+
+    class Trickle:                     # a file that takes at most 3 bytes per write() call
+        def __init__(self):
+            self.data = b""
+
+        def write(self, b):
+            self.data += bytes(b[:3])
+            return min(3, len(b))
+    f, row = Trickle(), bytearray(range(10))
+    done = f.write(row)
+    _write_rest(f, row, done)
+    assert f.data == bytes(range(10))

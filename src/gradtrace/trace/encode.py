@@ -92,15 +92,16 @@ class _Fast:
         self.values = np.frombuffer(self.buf, dtype, schema.n_values, self.head.size)
 
 
-def _fast_row(fast: _Fast, rec: dict, scal: dict, secs: dict) -> bytes | None:
-    """The row's bytes, or None when the record needs the general path: a value that is
-    not a full-length 1-D numeric array, a scalar that is not a plain number (``None``, a
-    string), or a recorded value under a name the table lacks (a new table)."""
+def _fast_row(fast: _Fast, rec: dict, scal: dict, param: dict, module: dict) -> bool:
+    """Fill ``fast.buf`` with the record's row; False when the record needs the general
+    path: a value that is not a full-length 1-D numeric array, a scalar that is not a
+    plain number (``None``, a string), or a recorded value under a name the table lacks
+    (a new table)."""
     vals = []
-    for sec, n in zip(("param", "module"), fast.n):
-        for v in secs[sec].values():
+    for sec, n in ((param, fast.n[0]), (module, fast.n[1])):
+        for v in sec.values():
             if type(v) is not np.ndarray or v.shape != (n,):
-                return None
+                return False
             vals.append(v)
     try:
         fast.head.pack_into(fast.buf, 0, rec["step"], rec["time"], *scal.values())
@@ -110,11 +111,11 @@ def _fast_row(fast: _Fast, rec: dict, scal: dict, secs: dict) -> bytes | None:
         else:
             a = np.concatenate(vals, dtype=fast.dtype, casting="same_kind")
             if not is_missing(a[fast.left_out]).all():
-                return None
+                return False
             np.take(a, fast.sel, out=fast.values)
     except (KeyError, TypeError, ValueError, OverflowError, struct.error):
-        return None
-    return bytes(fast.buf)
+        return False
+    return True
 
 
 class Encoder:
@@ -144,16 +145,19 @@ class Encoder:
         for s in self.schemas:          # resuming: the last table of each set continues
             self.current[s.key] = s
 
-    def encode(self, rec: dict[str, Any]) -> tuple[Schema, bool, bytes]:
-        """``(schema, is_new_schema, row)``: ``row`` is the row's bytes (``schema.dtype()``)."""
+    def encode(self, rec: dict[str, Any], copy: bool = True) -> tuple[Schema, bool, bytes | bytearray]:
+        """``(schema, is_new_schema, row)``: ``row`` is the row's bytes (``schema.dtype()``).
+
+        With ``copy=False`` a repeated layout's row may be the buffer kept for that layout,
+        which the next record of it overwrites: for a caller that writes it at once.
+        """
         scal = rec.get("scalars") or {}
-        secs = {"param": rec.get("param") or {}, "module": rec.get("module") or {}}
-        key = (tuple(scal), tuple(secs["param"]), tuple(secs["module"]))
+        param, module = rec.get("param") or {}, rec.get("module") or {}
+        key = (tuple(scal), tuple(param), tuple(module))
         fast = self._fast.get(key)
-        if fast is not None:
-            row = _fast_row(fast, rec, scal, secs)
-            if row is not None:
-                return fast.schema, False, row
+        if fast is not None and _fast_row(fast, rec, scal, param, module):
+            return fast.schema, False, bytes(fast.buf) if copy else fast.buf
+        secs = {"param": param, "module": module}
         schema, new, row = self._encode(rec, key, scal, secs)
         self._fast[key] = _Fast(schema, self.n, self.value_dtype, *self._layout(schema))
         return schema, new, row

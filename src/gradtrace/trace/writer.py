@@ -70,12 +70,12 @@ def next_run_dir(path: str | os.PathLike) -> str:
     return candidate
 
 
-def _write_all(f, data: bytes) -> None:
-    """Write ``data`` to an unbuffered file (a regular file takes it in one call; a
-    partial write, possible in principle, is continued)."""
-    done = f.write(data)
+def _write_rest(f, data: bytes | bytearray, done: int) -> None:
+    """Finish a partial write to an unbuffered file: a regular file takes a row in one
+    call, but a partial write is allowed, and then continued here."""
+    view = memoryview(data)
     while done < len(data):
-        done += f.write(memoryview(data)[done:])
+        done += f.write(view[done:])
 
 
 def _layout(meta: dict[str, Any]) -> tuple[list, list]:
@@ -212,14 +212,16 @@ class TraceWriter:
                                           "gap": step - self._resumed_from, "time": time.time()})
                 self._resumed_from = None
             self._last_step = step
-            schema, new, row = self._encoder.encode(record)
+            schema, new, row = self._encoder.encode(record, copy=False)     # written at once
             if new:
                 self._line(self._tables, schema.to_json())
             f = self._bins.get(schema.k)
             if f is None:                      # a new table, or one continued after resume
                 # Unbuffered: each row is one write() system call, in the file at once.
                 f = self._bins[schema.k] = open(self.path / schema.file, "ab", buffering=0)
-            _write_all(f, row)
+            done = f.write(row)
+            if done != len(row):
+                _write_rest(f, row, done)
             if not record.keys() <= TABLE_KEYS:
                 self._line(self._events, {"step": step, **{k: v for k, v in record.items() if k not in TABLE_KEYS}})
             vec = record.get("vectors")
