@@ -14,6 +14,9 @@ Variants:
 
   bare            plain training
   chapter loop    the chapter's per-parameter ``grad_stats`` (``.item()`` per tensor)
+  norms floor     one grouped ``_foreach_norm`` of the gradients after each backward and
+                  nothing else: the least any recorder of per-tensor gradient norms on
+                  every step can cost (the defaults' floor)
   gt economy      ``preset="economy"``: parameter figures every 10th step
   gt default      ``gt.watch(model, opt)`` with default settings
   gt full         ``preset="full"``: every statistic on every step
@@ -94,6 +97,8 @@ class Variant:
         loss.backward()
         if self.mode == "chapter":
             chapter_grad_stats(self.model)
+        elif self.mode == "floor":
+            torch.stack(torch._foreach_norm([p.grad for p in self.model.parameters()]))
         elif self.mode == "clip":
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         elif self.mode == "gtclip":
@@ -191,7 +196,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
           f"medians of interleaved rounds, {args.clock} clock")
 
-    modes = [("bare", "bare"), ("chapter loop", "chapter"), ("gt economy", "economy"),
+    modes = [("bare", "bare"), ("chapter loop", "chapter"), ("norms floor", "floor"), ("gt economy", "economy"),
              ("gt default", "default"), ("gt no capture", "nocapture"), ("gt full", "full")]
     g = torch.Generator().manual_seed(0)
     mlp_batch = (torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g))
