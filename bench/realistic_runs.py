@@ -200,25 +200,6 @@ class TanhRNN(nn.Module):
         return self.out(self.rnn(self.emb(x))[0][:, -1])
 
 
-class AttnClassifier(nn.Module):
-    """One self-attention layer whose logits are ``scale * q.k``: ``scale`` is trained with
-    its own (too large) learning rate, so the logits grow until softmax saturates."""
-
-    def __init__(self, dim: int = 32):
-        super().__init__()
-        self.emb = nn.Embedding(256, dim)
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.scale = nn.Parameter(torch.tensor(1.0 / math.sqrt(dim)))
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
-        self.head = nn.Linear(dim, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
-        att = torch.softmax(self.scale * self.q(h) @ self.k(h).transpose(1, 2), dim=-1)
-        h = h + att @ self.v(h)
-        return self.head(self.mlp(h).mean(1))
-
-
 # ---- the runs --------------------------------------------------------------------------------
 def _seed(s: int = 0) -> torch.Generator:
     torch.manual_seed(s)

@@ -169,11 +169,12 @@ def test_same_figures_as_explicit_watch_and_bitwise_identical_training(tmp_path,
     ra = {r["step"]: r for r in a.records}
     re_ = {r["step"]: r for r in e.records}
     assert sorted(ra) == sorted(re_) == list(range(12))
-    # exec_order is written when it changes: the explicit run wrote it at step 0
-    drop = lambda r: {k: v for k, v in r.items() if k not in ("time", "exec_order")}  # noqa: E731
+    # exec_order and out_dtypes are written when they change: the explicit run wrote them at step 0
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("time", "exec_order", "out_dtypes")}  # noqa: E731
     for s in range(1, 12):
         assert drop(ra[s]) == drop(re_[s]), s
     assert a.exec_order(10) == e.exec_order(10) == ["a", "drop", "inner.fc", "b"]
+    assert a.out_dtypes() == e.out_dtypes() == {m: "float32" for m in ("a", "drop", "inner.fc", "b")}
     # step 0: the monitor came in after that step's forward: parameter figures only
     for key in ("param", "scalars"):
         assert ra[0][key] == re_[0][key]
