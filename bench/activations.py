@@ -1,6 +1,6 @@
 """Cost of the recorder's activation steps, measured interleaved (A B A B ...) in one run.
 
-    python bench/activations.py [--steps 40] [--rounds 7] [--threads 1] [--quick]
+    python bench/activations.py [--steps 40] [--rounds 7] [--threads 1] [--quick] [--steptypes]
 
 The gradient-only steps are ``bench/overhead.py``'s; this bench isolates what an
 activation step adds: the module hooks, the batched figures at the end of the step, and
@@ -22,6 +22,35 @@ host side of one full-preset record (assemble + write) per model.
 
 Targets (issue 9): defaults <= 1.03x (MLP, transformer), <= 1.15x (100 x Linear(8, 8));
 full <= 1.25x (MLP), <= 1.20x (transformer), <= 2x (100 x Linear(8, 8)).
+
+``--steptypes`` prints what one activation step of the defaults adds (a bare and a
+watched step in turn, split by step type; target: MLP <= +6 ms), then the in-loop cost
+of the MLP's figures by strategy. Ideas measured in-loop for the activation steps
+(thread clock, one thread, 2 shared cores: a few % of noise):
+
+=====================================================  ==========================  =======
+idea                                                   measured in-loop            kept
+=====================================================  ==========================  =======
+hold outputs >= SMALL_ENTRIES too (were measured per   MLP figures 5.3 -> 2.7 ms   yes
+call in the hook) and reduce them in groups into a     a step; 8 x 128 x 1024
+kept stack, centred in place (no third array)          outputs 10.6 -> 1.0 ms
+same, into a fresh stack (page faults every step)      MLP 4.5 ms                  no
+forward hooks straight into the modules' hook dicts    attach + detach, 200        yes
+(register_forward_hook builds a handle per call)       modules: 1.85 -> 0.23 ms
+no detach() per held output / retained gradient        ~2.5 us a call              yes
+(reductions under no_grad)
+a ReLU group's max from its per-unit maxima            one 3 MiB pass (~50 us)     yes
+conv unit masks: amax over (N, H, W), not a            no transposed copy          yes
+transposed reshape
+per call: sub with alpha (no mean op), no stack of     5.3 -> 3.7-4.2 ms (MLP);    no (held
+five 0-d figures, gt_ in place                         superseded by holding       instead)
+out= into a kept 128 KiB scratch per call              slower than fresh (2.5 vs   no
+                                                       1.7 ms for the MLP)
+large output gradients: retain_grad (C++ copy) or      MLP +2.8 / +2.0 ms vs       no
+a Python hook that holds them, then one norm           +1.7 ms (hook + norm now)
+float64 sum of squares (for the centred norm)          vector_norm(dtype=float64)  no
+                                                       costs 3x a float32 pass
+=====================================================  ==========================  =======
 """
 from __future__ import annotations
 
@@ -108,6 +137,83 @@ def record_cost(title: str, make_model, batch, n: int = 30) -> None:
     print(f"| {title} | {statistics.median(build) * 1e6:.0f} | {statistics.median(write) * 1e6:.0f} |")
 
 
+def step_types(title: str, make_model, batch, steps: int) -> None:
+    """Extra thread time of each step type of the defaults: a bare and a watched model
+    step in turn (A B A B ...), split by whether the watched step recorded activations."""
+    bare = overhead.Variant("bare", make_model, batch, "bare")
+    mon = Variant("gt default", make_model, batch)
+    clock = overhead.CLOCK[0]
+    tb, tg, ta = [], [], []
+    for i in range(steps + 20):
+        t0 = clock()
+        bare.step()
+        t1 = clock()
+        act = mon.mon._act            # this step records activations (hooks attached)
+        mon.step()
+        t2 = clock()
+        if i >= 20:                   # warm-up left out
+            tb.append(t1 - t0)
+            (ta if act else tg).append(t2 - t1)
+    mon.close()
+    b = statistics.median(tb)
+    print(f"| {title} | {b * 1e3:.2f} | +{(statistics.median(tg) - b) * 1e3:.2f} | "
+          f"+{(statistics.median(ta) - b) * 1e3:.2f} | {len(ta)} |")
+
+
+def figure_ideas(steps: int) -> None:
+    """In-loop cost of taking the MLP's activation figures (hook time a step, forward
+    hooks on every module, strategies interleaved step by step): each call measured in
+    its hook (``call_figures``) against calls held and reduced in groups at the end of
+    the forward (``figures``), into a fresh stack or the kept one."""
+    from gradtrace.record import batched
+
+    torch.manual_seed(0)
+    model = mlp(24)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    kinds = ["relu" if isinstance(m, nn.ReLU) else None for m in model]
+    state = {"mode": "none", "held": [], "t": 0.0}
+    last = len(model) - 1
+
+    def hook(i):
+        def run(module, inputs, out):
+            t0 = time.thread_time()
+            out = out.detach()
+            if state["mode"] == "per call":
+                batched.call_figures(out, kinds[i])
+            elif state["mode"] != "none":
+                state["held"].append((out, kinds[i]))
+                if i == last:
+                    groups: dict = {}
+                    for t, k in state["held"]:
+                        groups.setdefault((t.shape, k), []).append(t)
+                    for (_, k), ts in groups.items():
+                        batched.figures(ts, k, True)
+            state["t"] += time.thread_time() - t0
+        return run
+    for i, m in enumerate(model):
+        m.register_forward_hook(hook(i))
+    modes = ["none", "per call", "held, fresh stack", "held, kept stack"]
+    res: dict[str, list[float]] = {m: [] for m in modes}
+    keep = batched.SCRATCH_BYTES
+    for i in range(steps * len(modes) + 20):
+        mode = modes[i % len(modes)]
+        state.update(mode=mode, held=[], t=0.0)
+        batched.SCRATCH_BYTES = 0 if mode == "held, fresh stack" else keep
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 20:
+            res[mode].append(state["t"])
+    batched.SCRATCH_BYTES = keep
+    base = statistics.median(res["none"])
+    print("| strategy (48 calls of 128 x 256) | hook ms / step |")
+    print("|---|---:|")
+    for mode in modes[1:]:
+        print(f"| {mode} | {(statistics.median(res[mode]) - base) * 1e3:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="steps per round and variant")
@@ -115,6 +221,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
     ap.add_argument("--only", choices=("mlp", "transformer", "narrow"), default=None)
+    ap.add_argument("--steptypes", action="store_true",
+                    help="only the per-step-type table (MLP and narrow) and the in-loop figure strategies")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.rounds = 10, 2
@@ -132,6 +240,15 @@ def main() -> None:
                    (torch.randn(16, 8, generator=g), torch.randint(0, 8, (16,), generator=g))),
     }
     chosen = [args.only] if args.only else list(models)
+    if args.steptypes:
+        print("\nDefaults, extra thread time per step type (median over steps, bare and watched in turn)")
+        print("| model | bare ms | gradient-only step | activation step | activation steps |")
+        print("|---|---:|---:|---:|---:|")
+        for k in [c for c in chosen if c != "transformer"]:
+            step_types(models[k][0], *models[k][1:], steps=300 if not args.quick else 60)
+        print()
+        figure_ideas(steps=40 if not args.quick else 10)
+        return
     for k in chosen:
         compare(*models[k], args.steps, args.rounds)
     print("\nHost side of one full-preset record (median)")

@@ -480,3 +480,34 @@ def test_group_figures_leave_the_outputs_untouched_and_match_float64(monkeypatch
             per_unit = torch.stack(xs).double().transpose(1, 2).reshape(k, 3, -1)   # channels of each call
             assert out["units"].tolist() == (per_unit.amax(2) > 0).double().tolist()
             assert out["a_extra"].tolist() == x64.sign().sum(1).tolist()
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_create_graph_backward_keeps_the_figures_and_builds_no_graph_of_ours(monkeypatch):
+    """Held outputs are not detached and retained gradients require grad under
+    create_graph: their reductions must still give plain, exact figures."""
+    from gradtrace.record import batched
+    made = []
+
+    def spy(f):
+        def run(*a, **k):
+            out = f(*a, **k)
+            made.extend(out.values() if isinstance(out, dict) else [out])
+            return out
+        return run
+    monkeypatch.setattr(batched, "figures", spy(batched.figures))
+    monkeypatch.setattr(batched, "grad_norms", spy(batched.grad_norms))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = Reference(model)
+    g = torch.Generator().manual_seed(4)
+    with gt.watch(model, opt, preset="full") as mon:
+        for step in range(3):
+            ref.clear()
+            model(torch.randn(16, 8, generator=g)).pow(2).mean().backward(create_graph=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            check_step(mon.trace, step, ref, _kinds(mon))
+    ref.remove()
+    assert len(made) > 10 and not any(v.requires_grad for v in made)

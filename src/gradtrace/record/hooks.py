@@ -349,7 +349,6 @@ class StepHooks:
             self._bwd_vals.append(torch.stack(self._bwd_one))
             self._bwd_one = []
 
-    @torch.no_grad()
     def _reduce(self, idx: list[int], ts: list[torch.Tensor]) -> None:
         self._take_one()
         groups: dict[tuple, list[int]] = {}
@@ -369,7 +368,8 @@ class StepHooks:
         figs = self._figs
         for (shape, _, _, kind), pos in groups.items():
             mods = [idx[k] for k in pos] if len(pos) < len(idx) else idx
-            out = batched.figures([ts[k] for k in pos], kind, act)
+            with torch.no_grad():       # the outputs are held as returned (not detached)
+                out = batched.figures([ts[k] for k in pos], kind, act)
             for name, v in out.items():
                 if name in figs:
                     figs[name].append(v)
@@ -380,7 +380,6 @@ class StepHooks:
                 self._mask_rows.append(out["units"].reshape(-1))
                 self._mask_meta.extend((i, u, runs[k]) for i, k in zip(mods, pos))
 
-    @torch.no_grad()
     def flush_grads(self) -> None:
         """Reduce the held output gradients: one grouped norm per (shape, dtype, device)."""
         idx, gs, changed = self._grads.take()
@@ -400,7 +399,8 @@ class StepHooks:
         for k, g in enumerate(gs):
             groups.setdefault((g.shape, g.dtype, g.device), []).append(k)
         for pos in groups.values():
-            self._bwd_vals.append(batched.grad_norms([gs[k] for k in pos]))
+            with torch.no_grad():       # retained gradients are not detached
+                self._bwd_vals.append(batched.grad_norms([gs[k] for k in pos]))
             self.bwd_idx.extend(idx[k] for k in pos)
 
     def _take_retained(self) -> tuple[list[int], list[torch.Tensor]] | None:
