@@ -2,8 +2,9 @@
 ``MemoryWriter``, the ``Sink`` protocol of live outputs, and ``next_run_dir``.
 
 Each record is encoded into one fixed-width row of its table (see ``format.py``) and
-written with one ``write`` + ``flush`` per touched file (no fsync unless asked), so a
-process killed with SIGKILL leaves every complete row readable.
+written with one ``write`` system call (table files are unbuffered; JSON lines are
+written and flushed), no fsync unless asked, so a process killed with SIGKILL leaves
+every complete row readable.
 """
 from __future__ import annotations
 
