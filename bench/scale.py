@@ -33,11 +33,19 @@ WIDTH = 32
 BATCH = 64
 
 
-def mlp(layers: int) -> nn.Module:
+def mlp(layers: int, init: str = "default") -> nn.Module:
+    """``init="default"``: PyTorch's own initialisation, under which a deep ReLU stack
+    vanishes (gradients of 1e-15 and below by 64 layers, some exactly zero), so the norm
+    engine re-measures those tensors in float64; ``"kaiming"``: He-normal weights and
+    zero biases, a healthy stack whose norms are all taken in one float32 pass."""
     torch.manual_seed(SEED)
     mods: list[nn.Module] = []
     for _ in range(layers):
-        mods += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+        lin = nn.Linear(WIDTH, WIDTH)
+        if init == "kaiming":
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+        mods += [lin, nn.ReLU()]
     return nn.Sequential(*mods)
 
 
@@ -59,11 +67,11 @@ def _interleaved(model_plain, model_watched, opt_p, opt_w, x, reps: int, warm: i
     return statistics.median(t_p), statistics.median(t_w)
 
 
-def by_tensors(sizes: list[int], reps: int) -> list[tuple]:
+def by_tensors(sizes: list[int], reps: int, init: str = "default") -> list[tuple]:
     rows = []
     x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(SEED))
     for layers in sizes:
-        a, b = mlp(layers), mlp(layers)
+        a, b = mlp(layers, init), mlp(layers, init)
         oa = torch.optim.SGD(a.parameters(), lr=1e-3)
         ob = torch.optim.SGD(b.parameters(), lr=1e-3)
         with gt.watch(b, ob, out=None, activations_every=0):
@@ -164,16 +172,20 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     reps = 15 if a.quick else 40
     sizes = [4, 16, 64] if a.quick else [4, 16, 64, 256]
-    print(f"# recording cost vs parameter tensors (MLP width {WIDTH}, batch {BATCH}, "
-          f"median of {reps} interleaved steps, 1 thread)")
-    print(f"{'tensors':>8} {'plain ms':>9} {'watched ms':>11} {'extra ms':>9} {'us/tensor':>10}")
-    rows = by_tensors(sizes, reps)
-    for n, tp, tw, d, per in rows:
-        print(f"{n:>8} {tp:>9.3f} {tw:>11.3f} {d:>9.3f} {per:>10.2f}")
-    # The per-step fixed cost (record, copy, hooks on the root) divides out of the slope:
-    # what one more watched tensor costs on a step without activations (target <= 2 us).
-    (n0, _, _, d0, _), (n1, _, _, d1, _) = rows[0], rows[-1]
-    print(f"marginal cost per watched tensor ({n0} -> {n1} tensors): {(d1 - d0) / (n1 - n0) * 1e3:.2f} us")
+    for init, what in (("kaiming", "He-normal init: healthy"),
+                       ("default", "PyTorch's default init: vanishing, tiny norms re-measured")):
+        print(f"# recording cost vs parameter tensors (MLP width {WIDTH}, batch {BATCH}, {what}; "
+              f"median of {reps} interleaved steps, 1 thread)")
+        print(f"{'tensors':>8} {'plain ms':>9} {'watched ms':>11} {'extra ms':>9} {'us/tensor':>10}")
+        rows = by_tensors(sizes, reps, init)
+        for n, tp, tw, d, per in rows:
+            print(f"{n:>8} {tp:>9.3f} {tw:>11.3f} {d:>9.3f} {per:>10.2f}")
+        # The per-step fixed cost (record, copy, hooks on the root) divides out of the
+        # slope: what one more watched tensor costs on a step without activations
+        # (target <= 2 us).
+        (n0, _, _, d0, _), (n1, _, _, d1, _) = rows[0], rows[-1]
+        print(f"marginal cost per watched tensor ({n0} -> {n1} tensors): "
+              f"{(d1 - d0) / (n1 - n0) * 1e3:.2f} us\n")
     print("\n# Python function calls per step without activations (cProfile; load-independent)")
     print(f"{'tensors':>8} {'in gradtrace':>13} {'added in all':>13}")
     for n, ours, added in python_calls(sizes):

@@ -147,7 +147,7 @@ class NormCounter:
         self.calls = 0
         self.watched = {id(g) for g in watched}
         for mod, name in ((torch, "_foreach_norm"), (torch.linalg, "vector_norm"),
-                          (torch._C._nn, "flatten_dense_tensors")):
+                          (torch, "stack")):
             monkeypatch.setattr(mod, name, self._wrap(getattr(mod, name)))
 
     def _wrap(self, real):
@@ -219,7 +219,7 @@ def test_cpu_finite_safety_reads_only_on_the_cpu(monkeypatch):
     counter = SyncCounter(monkeypatch)
     N.grad_norms(grads)
     assert counter.count == 2            # lo and hi of one aminmax: the in-range case
-    N.grad_norms([torch.randn(4, 4), torch.randn(3)])   # small: float64 sums, no check
+    N.grad_norms([torch.randn(4, 4) for _ in range(N.STACK_MIN)])   # stacked: float64, no check
     assert counter.count == 2
     monkeypatch.setattr(N, "HOST_READ_FREE", frozenset())
     N.grad_norms(grads)

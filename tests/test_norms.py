@@ -108,17 +108,23 @@ def test_bad_input_names_the_fix():
 
 
 class _Counter:
-    """Counts the engine's reads of the tensors: its foreach norm calls and its flat
-    route's copies (small CPU tensors, ``flatten_dense_tensors``)."""
+    """Counts the engine's reads of tensors it was given: its foreach norm calls and its
+    stacked route's copies (repeated small CPU shapes, ``torch.stack``), not the stacking
+    of norms it computed."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        for mod, name in ((torch, "_foreach_norm"), (torch._C._nn, "flatten_dense_tensors")):
+        made: set[int] = set()           # ids of norms the engine computed (not inputs)
+        for mod, name in ((torch, "_foreach_norm"), (torch, "stack")):
             real = getattr(mod, name)
 
-            def counted(*a, _real=real, **k):
-                self.calls += 1
-                return _real(*a, **k)
+            def counted(x, *a, _real=real, _name=name, **k):
+                out = _real(x, *a, **k)
+                if _name == "_foreach_norm":
+                    made.update(map(id, out))
+                if not all(id(t) in made for t in x):
+                    self.calls += 1
+                return out
             monkeypatch.setattr(mod, name, counted)
 
 
@@ -240,19 +246,23 @@ def test_norm_vector_matches_reference_and_grad_norms(uniform):
         for t, n, m in zip(same, v.tolist(), N.grad_norms(same, p)):
             assert n == pytest.approx(ref_norm(t, p), rel=RTOL, abs=0.0)
             assert n == float(m)            # one engine: the same numbers both ways
-    # The recorder's squares: small tensors take the flat float64 route, so the 1e20 and
-    # 1e-25 ones are near-exact as they come, zeros exactly 0; large ones (foreach) are
-    # range-checked and redone in float64 when float32 lost them: finite either way.
-    sq = squared_norms(same, torch.device("cpu"), uniform)
+    # The recorder's squares: a small shape repeated STACK_MIN times takes the float64
+    # stack, so its 1e20 and 1e-25 tensors are near-exact as they come, zeros exactly 0;
+    # the others (foreach) are range-checked and redone in float64 when float32 lost
+    # them: finite either way.
+    rows = [torch.randn(4, generator=g) * 1e20, torch.randn(4, generator=g) * 1e-25,
+            torch.zeros(4)] + [torch.randn(4, generator=g) for _ in range(N.STACK_MIN - 3)]
+    sq = squared_norms(rows, torch.device("cpu"), uniform)
     assert sq.dtype == torch.float64
-    for t, s in zip(same, sq.tolist()):
+    for t, s in zip(rows, sq.tolist()):
         assert s == pytest.approx(ref_norm(t, 2.0) ** 2, rel=2 * RTOL_WIDE, abs=0.0)
-    assert sq[3].item() == 0.0
+    assert sq[2].item() == 0.0
     big = [torch.randn(N.SMALL_NUMEL + 1, generator=g) * 1e20,
            torch.randn(N.SMALL_NUMEL + 1, generator=g) * 1e-25]
-    sq = squared_norms(same + big, torch.device("cpu"), uniform)   # too few small: foreach
+    sq = squared_norms(same + big, torch.device("cpu"), uniform)   # nothing repeats: foreach
     for t, s in zip(same + big, sq.tolist()):
         assert s == pytest.approx(ref_norm(t, 2.0) ** 2, rel=2 * RTOL, abs=0.0)
+    assert sq[3].item() == 0.0
     # mixed dtypes and layouts (uniform=True wrongly claimed: caught, grouped)
     mixed = _mixed() + [torch.randn(4, 5, generator=g).relu().to_sparse()]
     v = N.norm_vector(mixed, uniform=uniform)
@@ -348,61 +358,65 @@ def test_zero_norms_are_told_apart_without_float64(monkeypatch):
     assert torch.equal(N.norm_vector([zero], 1.0), torch.zeros(1))
 
 
-# ------------------------------------------------------------------ the flat CPU route
+# ------------------------------------------------------------------ the stacked CPU route
 
 RTOL_WIDE = 1e-12    # float64 sums of squares of the same entries, summed in another order
 
 
 def _route_mix(seed: int = 7) -> list[torch.Tensor]:
-    """Small and large tensors (either side of SMALL_NUMEL; enough small ones for the
-    split, MIXED_MIN_SMALL), entries from 1e-25 to 1e20, an empty one, a non-contiguous
-    one, zeros."""
+    """Small and large tensors (either side of SMALL_NUMEL; a small shape repeated
+    STACK_MIN times for the stacked route), entries from 1e-25 to 1e20, an empty one, a
+    non-contiguous one, zeros."""
     g = torch.Generator().manual_seed(seed)
     cut = N.SMALL_NUMEL
     return [torch.randn(8, 8, generator=g), torch.randn(cut, generator=g) * 1e-25,
             torch.randn(cut + 1, generator=g), torch.full((16,), 1e20), torch.empty(0),
             torch.randn(12, 5, generator=g).t(), torch.zeros(9), torch.randn(40, 40, generator=g),
             torch.randn(3, generator=g) * 1e-30, torch.randn(1, generator=g)] + \
-        [torch.randn(7, generator=g) for _ in range(N.MIXED_MIN_SMALL)]
+        [torch.randn(7, generator=g) for _ in range(N.STACK_MIN)] + \
+        [torch.randn(2, 3, generator=g).t() * 1e-25 for _ in range(N.STACK_MIN)]
 
 
 @pytest.mark.parametrize("uniform", [False, True])
-def test_flat_route_matches_a_float64_reference(uniform):
+def test_stacked_route_matches_a_float64_reference(uniform):
     ts = _route_mix()
     wide = N.norm_vector(ts, wide=True, uniform=uniform)
     narrow = N.norm_vector(ts, uniform=uniform)
     assert wide.dtype == torch.float64 and narrow.dtype == torch.float32
     for t, w, n, m in zip(ts, wide.tolist(), narrow.tolist(), N.grad_norms(ts)):
         ref = ref_norm(t, 2.0)
-        # small tensors: float64 sums, near-exact; large ones: float32 foreach (checked)
-        tol = RTOL_WIDE if t.numel() <= N.SMALL_NUMEL else RTOL
+        # repeated small shapes: float64 sums, near-exact; others: float32 foreach (checked)
+        stacked = t.numel() <= N.SMALL_NUMEL and t.shape in ((7,), (3, 2))
+        tol = RTOL_WIDE if stacked else RTOL
         assert w == pytest.approx(ref, rel=tol, abs=0.0)
         assert n == pytest.approx(ref, rel=RTOL, abs=0.0) and n == float(m)
     assert wide[4].item() == 0.0 and wide[6].item() == 0.0
-    for t in _mixed():                          # half/bfloat16/float64 alone: same route
-        assert N.norm_vector([t], wide=True).item() == pytest.approx(ref_norm(t, 2.0),
-                                                                     rel=RTOL_WIDE)
+    for t in _mixed():          # alone (nothing to stack): foreach, float32 accumulation
+        tol = RTOL_WIDE if t.dtype == torch.float64 else RTOL
+        assert N.norm_vector([t], wide=True).item() == pytest.approx(ref_norm(t, 2.0), rel=tol)
 
 
-def test_flat_route_reads_once_and_redoes_nothing(monkeypatch):
-    # Tiny, huge and zero small tensors: one flat read, no range check, no float64 redo.
+def test_stacked_route_reads_once_and_redoes_nothing(monkeypatch):
+    # Tiny, huge and zero small tensors of one repeated shape: one stacked read, no range
+    # check, no float64 redo.
     g = torch.Generator().manual_seed(8)
-    small = [torch.randn(8, 8, generator=g) * 1e-25, torch.full((8,), 1e20), torch.zeros(64),
-             torch.randn(8, 8, generator=g) * 1e-13]
+    small = [torch.randn(8, 8, generator=g) * 1e-25, torch.full((8, 8), 1e20), torch.zeros(8, 8),
+             torch.randn(8, 8, generator=g) * 1e-13] * (N.STACK_MIN // 4)
     wide_calls = _count_wide(monkeypatch)
     count = _Counter(monkeypatch)
     v = N.norm_vector(small, wide=True)
     assert count.calls == 1 and wide_calls == []
     for t, n in zip(small, v.tolist()):
         assert n == pytest.approx(ref_norm(t, 2.0), rel=RTOL_WIDE, abs=0.0)
-    # a mixed list: one flat read for the small ones, one foreach for the large ones ...
+    # a mixed list: one stacked read per repeated shape, one foreach for the rest ...
     count.calls = 0
-    many = small * (N.MIXED_MIN_SMALL // len(small))
-    N.norm_vector(many + [torch.randn(N.SMALL_NUMEL + 1, generator=g)])
-    assert count.calls == 2 and wide_calls == []
-    # ... unless too few small ones are there to pay for the split: all by foreach
+    other = [torch.randn(5, generator=g) for _ in range(N.STACK_MIN)]
+    N.norm_vector(small + other + [torch.randn(N.SMALL_NUMEL + 1, generator=g)])
+    assert count.calls == 3 and wide_calls == []
+    # ... unless no small shape repeats enough to pay for a stack: all by foreach
     count.calls = 0
-    N.norm_vector([torch.randn(8, generator=g), torch.randn(N.SMALL_NUMEL + 1, generator=g)])
+    few = [torch.randn(8, 8, generator=g) for _ in range(N.STACK_MIN - 1)]
+    N.norm_vector(few + [torch.randn(N.SMALL_NUMEL + 1, generator=g)])
     assert count.calls == 1
 
 

@@ -9,10 +9,10 @@ compute the same norms twice.
   ``_group_tensors_by_device_and_dtype`` does, and each group takes one
   ``torch._foreach_norm`` call; sparse tensors (COO, CSR/CSC/BSR/BSC) use the norm of the
   values they store. On the CPU, 2-norms of small tensors (up to :data:`SMALL_NUMEL`
-  entries: biases, narrow layers) take a cheaper route: one flat float64 copy of all of
-  them and one ``segment_reduce`` (1.1-1.7 µs a tensor against 1.8-2.1 µs for
-  ``_foreach_norm``, measured in ``bench/norms.py``); being float64, it needs no range
-  check below.
+  entries: biases, narrow layers) of a shape that repeats (a stack of identical blocks)
+  take a cheaper route: per shape, one ``torch.stack`` of them, widened to float64,
+  squared and summed per row (0.5 µs a tensor in a training loop against 2.2 µs for
+  ``_foreach_norm``, measured); being float64, it needs no range check below.
 * **Finite-safe.** A finite entry of 1e20 squares past float32's range and a norm of
   1e-25 squares below it; both would come out as ``inf`` / ``0``. On the CPU the
   float32 norms are checked (one ``aminmax``; reading a CPU value waits for nothing) and
@@ -63,7 +63,7 @@ import types
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -79,6 +79,7 @@ __all__ = [
 F32, F64 = torch.float32, torch.float64
 _PLAIN = (Tensor, torch.nn.Parameter)
 _PLAIN_TYPES = frozenset(_PLAIN)
+_SHAPE = operator.attrgetter("shape")
 #: Devices with foreach kernels (torch's ``_device_has_foreach_support`` list).
 _FOREACH_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia"})
 #: Range check of float32 norms (finite ``p > 0``). Each ``|x| ** p`` below float32's
@@ -101,23 +102,19 @@ _SCALE_DOWN = 2.0 ** -100
 #: accumulating in float64 (which costs +0.6 ms per 1.6 M values on one CPU thread,
 #: 3.3× the float32 norm). Tests empty it to run the accelerator path on the CPU.
 HOST_READ_FREE = frozenset({"cpu"})
-#: On those devices, 2-norms of tensors of at most this many entries are taken by one
-#: flat float64 ``segment_reduce`` instead of ``_foreach_norm``. Measured on one CPU
-#: thread (``bench/norms.py``, route table; 200 tensors of one size, µs per tensor):
-#: float32 ``_foreach_norm`` 1.8-2.1 at 8-512 entries (a fixed cost per tensor); the flat
-#: route 1.1-1.4 at 8-128, 1.4-1.7 at 256, 1.8 at 384, 2.0-2.4 at 512 and 10-18 from 512
-#: up (it copies every entry twice, and the buffer leaves the cache). Being float64, the
-#: flat route needs no range check and nothing of it is ever redone.
-SMALL_NUMEL = 256
-#: Alongside large tensors, the flat route runs only for at least this many small ones:
-#: splitting a group and merging its two results costs a few tensor operations a step
-#: (measured: 4 x Linear(32, 32), 4 small and 4 large tensors, 0.27 ms more a step with
-#: the split on a loaded 2-core machine; 64 of each: even; the 24-layer MLP of
-#: ``bench/overhead.py``, 25 biases beside 25 weights: the split route's small part took
-#: 185-225 us in the loop against 100-150 us for those biases inside the grouped call).
-MIXED_MIN_SMALL = 64
-#: sizes -> split plan (:func:`_plan`); a few models' worth, cleared when full.
-_plans: dict[tuple[int, ...], tuple] = {}
+#: On those devices, 2-norms of same-shape tensors of at most this many entries are
+#: taken as the rows of one float64 stack instead of by ``_foreach_norm``, whose cost is
+#: a fixed ~2.6 us a tensor at these sizes. Measured on one CPU thread (bench/norms.py
+#: route table, 200 tensors of one shape, us per tensor): foreach 2.6 / stack 0.4 at 8-64
+#: entries, 2.6 / 0.6 at 256, 3.0 / 1.3 at 1024, 4.6 / 7.2 at 4096 (the stack copies
+#: every entry twice: past ~2000 entries a single read wins). Right after a backward the
+#: stack's lead grows (64 gradients of 32 entries: 33 us against 139 us).
+SMALL_NUMEL = 1024
+#: A shape takes the stacked route from this many tensors on (fewer: the stack's three
+#: extra operations cost more than their ~2 us each inside the grouped call).
+STACK_MIN = 8
+#: shapes -> route plan (:func:`_plan`); a few models' worth, cleared when full.
+_plans: dict[tuple, "_Plan"] = {}
 _PLANS_KEPT = 64
 
 # ------------------------------------------------------------------ tensor helpers
@@ -303,23 +300,37 @@ def _group_norm_list(group: list[Tensor], p: float, acc: torch.dtype) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t, p, dtype=acc) for t in group])
 
 
-def _plan(sizes: tuple[int, ...]) -> tuple:
-    """How a group of tensors of these sizes splits between the two CPU routes (cached by
-    the sizes, so a training loop plans once): ``(small, large, lengths, small_at,
-    large_at, pick_small, pick_large)``, indices as lists and as index tensors, the small
-    tensors' lengths for ``segment_reduce`` and C-level pickers for the sub-lists."""
-    plan = _plans.get(sizes)
-    if plan is None:
-        if len(_plans) >= _PLANS_KEPT:
-            _plans.clear()
-        small = [i for i, n in enumerate(sizes) if n <= SMALL_NUMEL]
-        large = [i for i, n in enumerate(sizes) if n > SMALL_NUMEL]
-        if large and len(small) < MIXED_MIN_SMALL:     # too few to pay for the split
-            small, large = [], list(range(len(sizes)))
-        plan = (small, large, torch.tensor([sizes[i] for i in small], dtype=torch.long),
-                torch.tensor(small, dtype=torch.long), torch.tensor(large, dtype=torch.long),
-                _picker(small), _picker(large))
-        _plans[sizes] = plan
+class _Plan(NamedTuple):
+    """How one (device, dtype) group of tensors splits between the two CPU routes."""
+
+    stacks: tuple[Callable[[list], list], ...]   # per repeated small shape: its tensors
+    rest: Callable[[list], list] | None          # the others (grouped foreach), or none
+    order: Tensor | None                         # results in stack order -> input order
+
+
+def _plan(shapes: tuple) -> _Plan | None:
+    """The route plan for a group of tensors of these shapes, or None when no small shape
+    repeats :data:`STACK_MIN` times (then everything takes ``_foreach_norm``). Cached by
+    the shapes, so a training loop plans once."""
+    if shapes in _plans:
+        return _plans[shapes]
+    by_shape: dict[Any, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        if shape.numel() <= SMALL_NUMEL:
+            by_shape.setdefault(shape, []).append(i)
+    stacked = [idx for idx in by_shape.values() if len(idx) >= STACK_MIN]
+    plan = None
+    if stacked:
+        done = {i for idx in stacked for i in idx}
+        rest = [i for i in range(len(shapes)) if i not in done]
+        flat = [i for idx in stacked for i in idx] + rest
+        order = None if flat == sorted(flat) else \
+            torch.empty(len(flat), dtype=torch.long).index_copy_(
+                0, torch.tensor(flat), torch.arange(len(flat)))
+        plan = _Plan(tuple(map(_picker, stacked)), _picker(rest) if rest else None, order)
+    if len(_plans) >= _PLANS_KEPT:
+        _plans.clear()
+    _plans[shapes] = plan
     return plan
 
 
@@ -332,14 +343,13 @@ def _picker(idx: list[int]) -> Callable[[list], list]:
     return lambda xs: list(get(xs))
 
 
-def _small_squares(group: list[Tensor], lengths: Tensor) -> Tensor:
-    """Sums of squares of small dense CPU tensors, accumulated in float64: one flat copy
-    (``flatten_dense_tensors``), one widening, one ``segment_reduce``. No entry of any
-    float dtype leaves float64's range when squared, so nothing is checked or redone."""
-    # Looked up at call time (tests count gradient reads through it). A single tensor
-    # comes back as a view of itself: hence the out-of-place square.
-    flat = torch._C._nn.flatten_dense_tensors(group).to(F64)
-    return torch.segment_reduce(flat * flat, "sum", lengths=lengths)
+def _stack_squares(group: list[Tensor]) -> Tensor:
+    """Sums of squares of same-shape small dense CPU tensors, accumulated in float64: the
+    tensors as the rows of one stack, widened, squared in place, summed per row. No entry
+    of any float dtype leaves float64's range when squared: nothing is checked or redone."""
+    # torch.stack is looked up at call time: tests count gradient reads through it.
+    rows = torch.stack(group).reshape(len(group), -1).to(F64)
+    return rows.mul_(rows).sum(1)
 
 
 def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float,
@@ -354,15 +364,16 @@ def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, 
     widen = at_risk and device.type not in HOST_READ_FREE and device.type != "mps"
     plain = use_foreach(group, device, foreach)
     if p == 2.0 and plain and device.type in HOST_READ_FREE and dtype.is_floating_point:
-        small, large, lengths, small_at, large_at, pick_small, pick_large = \
-            _plan(tuple(map(Tensor.numel, group)))
-        if small:
-            v = _small_squares(pick_small(group) if large else group, lengths).sqrt_()
-            if large:
-                big = _group_norms(pick_large(group), device, dtype, p, foreach, False, check,
-                                   wide, rtol)[1]
-                v = torch.empty(len(group), dtype=F64).index_copy_(0, small_at, v) \
-                    .index_copy_(0, large_at, big.to(F64))
+        plan = _plan(tuple(map(_SHAPE, group)))
+        if plan is not None:
+            parts = [_stack_squares(pick(group)) for pick in plan.stacks]
+            parts = [torch.cat(parts).sqrt_() if len(parts) > 1 else parts[0].sqrt_()]
+            if plan.rest is not None:     # the large tensors and unrepeated small shapes
+                parts.append(_group_norms(plan.rest(group), device, dtype, p, foreach, False,
+                                          check, wide, rtol)[1].to(F64))
+            v = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if plan.order is not None:
+                v = v[plan.order]
             if not wide and dtype != F64:
                 v = v.to(F32)
             return (list(v.unbind(0)) if as_list else []), v
