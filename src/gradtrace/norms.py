@@ -873,11 +873,11 @@ def norm_vector(tensors: list[Tensor], norm_type: float = 2.0, *,
     sync and nothing remembered: the recorder's entry point, taken every step.
 
     O(1) Python calls in the number of tensors when they share a device and dtype: on the
-    CPU, 2-norms of small tensors (up to :data:`SMALL_NUMEL` entries) come from one flat
-    float64 ``segment_reduce`` and the rest from one grouped ``_foreach_norm``; elsewhere
-    one grouped ``_foreach_norm`` per (device, dtype). float32 (float64 if any tensor is
-    float64, or with ``wide=True``, which keeps the float64 sums of the small tensors
-    unrounded). Same numbers as :func:`grad_norms`: the same range check and redo,
+    CPU, 2-norms of small tensors (up to :data:`SMALL_NUMEL` entries) whose shape repeats
+    come from one float64 stack per shape and the rest from one grouped
+    ``_foreach_norm``; elsewhere one grouped ``_foreach_norm`` per (device, dtype).
+    float32 (float64 if any tensor is float64, or with ``wide=True``, which keeps the
+    float64 sums of the stacked tensors unrounded). Same numbers as :func:`grad_norms`: the same range check and redo,
     sparse tensors by their stored values, DTensors as full norms (collective).
     ``uniform=True``: the caller checked once that all are plain dense tensors of one
     device and dtype, so not even the grouping loop runs (a sparse gradient after all is

@@ -47,9 +47,9 @@ class ParamFigure:
 
 def squares(tensors: list, dev: torch.device, uniform: bool = False) -> torch.Tensor:
     """Squared L2 norms (float64, on ``dev``) from the one norm engine,
-    :func:`gradtrace.norms.norm_vector` (on the CPU small tensors summed in float64 in one
-    flat pass, large ones by one grouped ``_foreach_norm`` with its range check; float64
-    accumulation elsewhere). Not
+    :func:`gradtrace.norms.norm_vector` (on the CPU small tensors of a repeated shape summed
+    in float64 as the rows of one stack, the others by one grouped ``_foreach_norm`` with
+    its range check; float64 accumulation elsewhere). Not
     :func:`gradtrace.norms.grad_norms`: that one returns a 0-d tensor per input and keeps
     the per-tensor sharing for the clippers; this one is a vector, remembers nothing.
 

@@ -19,8 +19,8 @@ __all__ = ["squared_norms", "max_abs", "nonfinite_counts", "stored_values"]
 def squared_norms(tensors: list[torch.Tensor], device: torch.device,
                   uniform: bool = False) -> torch.Tensor:
     """Squared L2 norms (float64, on ``device``) from :func:`gradtrace.norms.norm_vector`
-    with ``wide=True``: on the CPU small tensors' sums of squares are float64 from the
-    start and large ones range-checked (lost ones redone in float64), elsewhere float64
+    with ``wide=True``: on the CPU the sums of squares of small tensors of a repeated
+    shape are float64 from the start and the others range-checked (lost ones redone in float64), elsewhere float64
     accumulation; squared in float64, so the square of a vanishing norm (3e-25 squared
     is below float32's smallest value) is kept and squares add up across shards and
     ranks. Finite tensors give finite squares: nothing is left to re-measure.
