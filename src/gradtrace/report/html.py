@@ -73,6 +73,7 @@ KIND_TITLES = {
     "growing_activations": "Activations grow across layers",
     "vanishing_through_time": "Gradients vanish through time",
     "exploding_through_time": "Gradients explode through time",
+    "near_overflow": "Activations near their dtype's overflow",
 }
 
 
