@@ -223,3 +223,9 @@ def test_findings_shown_in_diagnosis_order_not_by_severity(tmp_path):
     # the same findings in another order come out in that order: nothing re-sorts them
     rev = render_findings(ranked[::-1])
     assert rev.index('data-kind="loss_spike"') < rev.index('data-kind="dead_units"')
+
+
+def test_every_finding_kind_has_a_report_title():
+    from gradtrace.diagnose.finding import KINDS
+    from gradtrace.report.html import KIND_TITLES
+    assert set(KINDS) <= set(KIND_TITLES), set(KINDS) - set(KIND_TITLES)
