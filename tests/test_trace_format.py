@@ -232,3 +232,14 @@ def test_rows_are_in_the_file_before_close(tmp_path):
         w.write({"step": s, "time": 1.0, "scalars": {"loss": 2.0}, "param": {"grad_norm": np.array([1.0, 2.0])}})
         assert len(gt.load(tmp_path / "r")) == s + 1         # no buffer holds a row back
     w.close()
+
+
+def test_records_that_need_the_general_path_keep_one_recipe():
+    from gradtrace.trace.encode import Encoder
+    enc = Encoder(2, 0, "<f8")
+    recipes = []
+    for s in range(3):           # a list value: the general path every time
+        schema, new, row = enc.encode({"step": s, "time": 0.0, "param": {"grad_norm": [1.0 + s, None]}})
+        recipes.append(enc._fast[((), ("grad_norm",), ())])
+        assert new == (s == 0) and np.frombuffer(row, schema.dtype("<f8"))["values"][0].tolist() == [1.0 + s]
+    assert recipes[0] is recipes[1] is recipes[2]

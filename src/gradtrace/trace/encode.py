@@ -159,7 +159,10 @@ class Encoder:
             return fast.schema, False, bytes(fast.buf) if copy else fast.buf
         secs = {"param": param, "module": module}
         schema, new, row = self._encode(rec, key, scal, secs)
-        self._fast[key] = _Fast(schema, self.n, self.value_dtype, *self._layout(schema))
+        if fast is None or fast.schema is not schema:
+            # One recipe per layout and table: records that always take the general path
+            # (lists, a None scalar) do not rebuild it each time.
+            self._fast[key] = _Fast(schema, self.n, self.value_dtype, *self._layout(schema))
         return schema, new, row
 
     def _encode(self, rec: dict[str, Any], key: tuple, scal: dict, secs: dict) -> tuple[Schema, bool, bytes]:
