@@ -5,7 +5,9 @@ reduced across ranks), and a :class:`StepInfo` says what the hooks saw. Output: 
 ``{"step", "time", "exec_order"?, "scalars", "param", "module", "vectors"?}`` (see
 ``docs/trace-format.md``) and, when something was non-finite, the ``nonfinite`` event.
 Per-name values are 1-D float64 arrays with :data:`~gradtrace.trace.MISSING` for a name
-not recorded: the trace writer stores them without a Python float per value.
+not recorded: the trace writer stores them without a Python float per value. A
+gradient-only step (the common one) takes a short path with the same result; its
+all-zero ``grad_nonfinite`` is one read-only array shared by those records.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .selection import SATURATION_BOUNDS
 #: Parts of a gradient-only step's host values (squared gradient norms, the loss).
 _GRAD_ONLY = frozenset(("gsq", "loss"))
 _F64 = np.dtype(np.float64)
+
 
 @dataclass
 class StepInfo:
