@@ -18,9 +18,9 @@ group's rows). Memory: held outputs autograd does not keep anyway (a Linear's ou
 feeding a ReLU) stay alive until the flush, at most :data:`HOLD_BYTES` of them.
 
 Output gradients of small outputs (under :data:`batched.SMALL_ENTRIES` entries):
-``retain_grad()`` (a C++ hook that keeps a copy; no
-Python runs in the backward for the call) and one grouped norm per shape when the
-backward ends (an autograd final callback queued from one hook on the root's output).
+``retain_grad()`` (a C++ hook that keeps a copy; no Python runs in the backward for the
+call) and one grouped norm per shape when the backward ends (an autograd final callback
+queued from one hook on the root's output).
 This keeps those outputs and their gradient copies alive until then, at most
 :data:`HOLD_BYTES` together. Large outputs, and outputs changed in place (below), get a
 Python hook on their autograd node that takes the norm at once.
@@ -31,6 +31,9 @@ calls are measured in the hook, as before, and its outputs' version counters are
 at the end of that forward: untouched -> its later calls are deferred; changed -> its
 figures stay in the hook. A deferred output found changed later (data-dependent code)
 loses that call's figures for the step, and the module is measured in the hook from then on.
+
+(Over 400 lines: the forward and backward hooks and the flushes share one step's held
+state and its ordering rules; split apart, each half would need the other's internals.)
 """
 from __future__ import annotations
 
