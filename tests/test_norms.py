@@ -450,3 +450,20 @@ def test_published_norms_live_while_their_token_is_held():
         del token
         gc.collect()
         assert N.recall(ts) is None                       # withdrawn with its token
+
+
+def test_max_abs_stacked_route_equals_one_aminmax_per_tensor():
+    # Repeated small shapes are read as the rows of one stack; a NaN stays NaN, -50 is 50.
+    from gradtrace.record.reduce import _max_abs_each, max_abs
+    g = torch.Generator().manual_seed(11)
+    ts = [torch.randn(8, 8, generator=g) for _ in range(N.STACK_MIN)] + \
+        [torch.randn(N.SMALL_NUMEL + 1, generator=g)] + \
+        [torch.randn(8, generator=g) for _ in range(N.STACK_MIN)] + [torch.zeros(0)]
+    ts[3][2, 2] = math.nan
+    ts[N.STACK_MIN + 2][1] = -50.0
+    cpu = torch.device("cpu")
+    got, ref = max_abs(ts, cpu, uniform=True), _max_abs_each(ts, cpu)
+    assert got.dtype == torch.float32 and torch.isnan(got[3]) and got[N.STACK_MIN + 2] == 50.0
+    expect = [float(t.abs().max()) if t.numel() else 0.0 for t in ts]
+    np.testing.assert_array_equal(got.numpy(), ref.numpy())
+    np.testing.assert_array_equal(got.numpy(), np.array(expect, dtype=np.float32))

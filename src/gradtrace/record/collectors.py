@@ -65,7 +65,7 @@ def _grad_sq(grads: list, params: list, dev: torch.device, uniform: bool = False
 
 
 def _grad_max(grads: list, params: list, dev: torch.device, uniform: bool = False) -> torch.Tensor:
-    return max_abs(grads, dev)
+    return max_abs(grads, dev, uniform)
 
 
 def _param_sq(grads: list, params: list, dev: torch.device, uniform: bool = False) -> torch.Tensor:
