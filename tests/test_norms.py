@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gc
 import math
+
+import numpy as np
 import weakref
 
 import pytest
