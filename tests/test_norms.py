@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import gc
 import math
-
-import numpy as np
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
