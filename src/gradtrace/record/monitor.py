@@ -379,7 +379,11 @@ class Monitor:
         if grads and self._dist is None:
             losses = [l for l in self._losses if isinstance(l, torch.Tensor)]
             n_losses = len(losses)
-            head = [parts["gsq"]] + ([torch.stack(losses).sum().reshape(1).to(self._device, F64)] if losses else [])
+            head = [parts["gsq"]]
+            if n_losses == 1 and losses[0].device == self._device:
+                head.append(losses[0].reshape(1))      # cat widens it to float64
+            elif losses:
+                head.append(torch.stack(losses).sum().reshape(1).to(self._device, F64))
             early = self._copies.start(torch.cat(head))
         prev = self._bwd.get("early") if self._bwd is not None else None
         if prev is not None and prev.ready():      # an earlier micro-batch's: superseded
@@ -717,8 +721,15 @@ class Monitor:
             >>> mon = Monitor(torch.nn.Linear(2, 1)); mon.record_loss(torch.tensor(0.5))
         """
         if self._rec and not self._closed:
-            # A per-example loss vector is averaged (on the device: no sync).
-            self._losses.append(loss.detach().float().mean() if isinstance(loss, torch.Tensor) else float(loss))
+            # A per-example loss vector is averaged (on the device: no sync); a float32
+            # scalar is kept as it is (one operation less a step).
+            if isinstance(loss, torch.Tensor):
+                loss = loss.detach()
+                if loss.dim() or loss.dtype != F32:
+                    loss = loss.float().mean()
+                self._losses.append(loss)
+            else:
+                self._losses.append(float(loss))
 
     def log_event(self, kind: str, step: int | None = None, **data: Any) -> None:
         """Write an event (a guard skip, a note) into the trace at this step.
