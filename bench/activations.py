@@ -51,6 +51,11 @@ a Python hook that holds them, then one norm           +1.7 ms (hook + norm now)
 float64 sum of squares (for the centred norm)          vector_norm(dtype=float64)  no
                                                        costs 3x a float32 pass
 =====================================================  ==========================  =======
+
+All kept together, against the previous hooks.py + batched.py loaded side by side in one
+process (bare, old, new step in turn; median extra ms of an activation step):
+MLP defaults +15.9 -> +10.6, full +12.4 -> +9.8; 100 x (Linear(8, 8) + Tanh) defaults
++10.3 -> +9.8, full +7.9 -> +7.0 (its attach/detach saving lands on the step before).
 """
 from __future__ import annotations
 
