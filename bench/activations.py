@@ -35,6 +35,11 @@ hold outputs >= SMALL_ENTRIES too (were measured per   MLP figures 5.3 -> 2.7 ms
 call in the hook) and reduce them in groups into a     a step; 8 x 128 x 1024
 kept stack, centred in place (no third array)          outputs 10.6 -> 1.0 ms
 same, into a fresh stack (page faults every step)      MLP 4.5 ms                  no
+same for outputs over 256 KiB (HOLD_MAX_BYTES): whole  8 x 128 x 1024 MLP: +24.3 /  no
+step, not hook time, decides: held megabytes make the  +22.6 vs +21.5 / +23.2 ms
+model's own allocations fault (interleaved A/B)        (per call); MLP with
+                                                       nothing large held: +14.9
+                                                       vs +14.3 (old), held: -2.9
 forward hooks straight into the modules' hook dicts    attach + detach, 200        yes
 (register_forward_hook builds a handle per call)       modules: 1.85 -> 0.23 ms
 no detach() per held output / retained gradient        ~2.5 us a call              yes

@@ -406,8 +406,8 @@ def test_out_dtypes_name_each_modules_first_floating_output_dtype():
 
 
 def test_large_outputs_are_held_and_batched_after_the_first_step():
-    """From the second step on, outputs up to STACK_BYTES are held too (none measured in
-    its hook), and their figures still match the reference."""
+    """From the second step on, outputs of SMALL_ENTRIES or more up to HOLD_MAX_BYTES are
+    held too (none measured in its hook), and their figures still match the reference."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
     measured = []
@@ -434,11 +434,12 @@ def test_large_outputs_are_held_and_batched_after_the_first_step():
     finally:
         hooks_mod.StepHooks._measure = orig
         ref.remove()
-    assert 128 * 256 >= hooks_mod.SMALL and {0, 1, 2, 3} <= mon._hooks._safe
+    assert 128 * 256 >= hooks_mod.SMALL and 128 * 256 * 4 <= hooks_mod.HOLD_MAX_BYTES
+    assert {0, 1, 2, 3} <= mon._hooks._safe
 
 
-def test_outputs_over_the_stack_bound_are_measured_in_their_hook(monkeypatch):
-    monkeypatch.setattr(hooks_mod, "STACK_BYTES", 1000)     # 16 x 16 float32 outputs exceed it
+def test_outputs_over_the_hold_bound_are_measured_in_their_hook(monkeypatch):
+    monkeypatch.setattr(hooks_mod, "HOLD_MAX_BYTES", 1000)  # 16 x 16 float32 outputs exceed it
     measured = []
     orig = hooks_mod.StepHooks._measure
 
