@@ -31,15 +31,18 @@ of the MLP's figures by strategy. Ideas measured in-loop for the activation step
 =====================================================  ==========================  =======
 idea                                                   measured in-loop            kept
 =====================================================  ==========================  =======
-hold outputs >= SMALL_ENTRIES too (were measured per   MLP figures 5.3 -> 2.7 ms   yes
-call in the hook) and reduce them in groups into a     a step; 8 x 128 x 1024
-kept stack, centred in place (no third array)          outputs 10.6 -> 1.0 ms
-same, into a fresh stack (page faults every step)      MLP 4.5 ms                  no
-same for outputs over 256 KiB (HOLD_MAX_BYTES): whole  8 x 128 x 1024 MLP: +24.3 /  no
-step, not hook time, decides: held megabytes make the  +22.6 vs +21.5 / +23.2 ms
-model's own allocations fault (interleaved A/B)        (per call); MLP with
-                                                       nothing large held: +14.9
-                                                       vs +14.3 (old), held: -2.9
+hold outputs >= SMALL_ENTRIES up to 256 KiB too (were  MLP hook time 5.3 -> 2.7    yes
+measured per call in the hook), reduce them in groups  ms a step; whole step,
+into a kept stack, centred in place (no third array)   interleaved with the old
+                                                       code: -2.9 ms (none held:
+                                                       +14.9 vs +14.3, equal)
+same, into a fresh stack (page faults every step)      MLP hook time 4.5 ms        no
+same for outputs over 256 KiB (HOLD_MAX_BYTES)         8 x 128 x 1024 MLP: hook    no
+                                                       time 10.6 -> 1.0 ms, but
+                                                       whole step +24.3 / +22.6
+                                                       vs +21.5 / +23.2 ms: held
+                                                       megabytes make the model's
+                                                       own allocations fault
 forward hooks straight into the modules' hook dicts    attach + detach, 200        yes
 (register_forward_hook builds a handle per call)       modules: 1.85 -> 0.23 ms
 no detach() per held output / retained gradient        ~2.5 us a call              yes
