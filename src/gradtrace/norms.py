@@ -86,9 +86,9 @@ _FOREACH_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia"})
 #: smallest normal (2**-126) may be lost (flushed or rounded to a subnormal), so a norm
 #: ``N`` of ``n`` entries can be short by at most ``n * 2**-126`` in ``N ** p``; that is
 #: under float32's rounding (``RTOL`` = 2**-24 relative) unless ``N ** p < n * 2**-102``.
-#: Only those norms (and ``inf`` from finite entries) are redone. A fixed bound would either redo
-#: legitimate 1e-13 gradients every step (the old 1e-12 did: 3.8 ms a step on 100 tiny
-#: layers) or miss a large tensor of tiny entries; this one depends on ``n``.
+#: Only those norms (and ``inf`` from finite entries) are redone. A fixed bound would
+#: either redo legitimate 1e-13 gradients every step (the old 1e-12 did: 3.8 ms a step on
+#: 100 tiny layers) or miss a large tensor of tiny entries; this one depends on ``n``.
 RTOL = 2.0 ** -24
 _TINY_POWER = 2.0 ** -126
 #: Tensors up to this many entries: a first check on the smallest norm alone (no numel
