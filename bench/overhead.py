@@ -7,8 +7,9 @@ machine noise hits all of them alike. Reported: median step time, and the median
 rounds of each round's ratio to the baseline's time in that round (per-pair ratios).
 The clock is this thread's CPU time by default (``--clock thread``: with one torch
 thread every step's work runs on it, and time spent descheduled on a shared machine is
-not counted); ``--clock wall`` for wall time. Then, part by part, where the defaults'
-remaining cost goes (cProfile, cumulative time of each of gradtrace's entry points per
+not counted); ``--clock wall`` for wall time. Then the defaults' cost by kind of step
+(a gradient-only step and an activation step, each against a bare step run beside it),
+and, part by part, where the defaults' remaining cost goes (cProfile, cumulative time of each of gradtrace's entry points per
 step; cProfile inflates Python-heavy parts, so read it as shares, not as the ratio).
 Variants:
 
@@ -157,6 +158,35 @@ def parts(title: str, make_model, batch, steps: int) -> None:
     print(f"| all of gradtrace | {total / steps * 1e3:.3f} | {total / steps / whole:.1%} |")
 
 
+def step_types(title: str, make_model, batch, steps: int) -> None:
+    """The defaults' cost split by kind of step: a bare step and a watched step run one
+    after the other (their order alternating), and each watched step is filed under its
+    kind. Medians per kind; the amortised line is what ``activations_every=10`` adds."""
+    bare = Variant("bare", make_model, batch, "bare")
+    mon = Variant("gt default", make_model, batch, "default")
+    for v in (bare, mon):
+        v.run(5)
+    t_bare, t_grad, t_act = [], [], []
+    for i in range(steps):
+        act = mon.mon._act
+        for v in ((bare, mon) if i % 2 else (mon, bare)):
+            t0 = CLOCK[0]()
+            v.step()
+            dt = CLOCK[0]() - t0
+            (t_bare if v is bare else t_act if act else t_grad).append(dt)
+    mon.close()
+    b, g, a = (statistics.median(t) * 1e3 for t in (t_bare, t_grad, t_act))
+    every = mon.mon.activations_every
+    print(f"\n{title}: the defaults by kind of step ({steps} pairs, medians)")
+    print("| step | ms | extra ms | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| bare | {b:.2f} | | |")
+    print(f"| gradient figures only (9 steps in 10) | {g:.2f} | {g - b:.3f} | {g / b:.3f}x |")
+    print(f"| with activation figures (1 in {every}) | {a:.2f} | {a - b:.3f} | {a / b:.3f}x |")
+    amort = ((every - 1) * (g - b) + (a - b)) / every
+    print(f"| amortised | | {amort:.3f} | {1 + amort / b:.3f}x |")
+
+
 def compare(title: str, make_model, batch, modes: list[tuple[str, str]], steps: int, rounds: int,
             baseline: str = "bare") -> dict[str, float]:
     variants = [Variant(n, make_model, batch, m) for n, m in modes]
@@ -211,6 +241,9 @@ def main() -> None:
             modes, args.steps, args.rounds)
     compare("24-layer MLP: clipping alone vs monitor + fused clipping", lambda: mlp(24), mlp_batch,
             [("clip alone", "clip"), ("gt + clip", "gtclip")], args.steps, args.rounds, baseline="clip alone")
+    step_types("24-layer MLP", lambda: mlp(24), mlp_batch, 10 * args.steps)
+    step_types("100 x (Linear(8, 8) + Tanh)", lambda: nn.Sequential(*mlp(100, 8, nn.Tanh)[:-1]),
+               narrow_batch, 10 * args.steps)
     parts("24-layer MLP", lambda: mlp(24), mlp_batch, 4 * args.steps)
     parts("100 x (Linear(8, 8) + Tanh)", lambda: nn.Sequential(*mlp(100, 8, nn.Tanh)[:-1]),
           narrow_batch, 4 * args.steps)
