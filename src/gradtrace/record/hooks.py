@@ -105,7 +105,9 @@ class StepHooks:
         self.modules, self.kinds, self._on_error, self.root = modules, kinds, on_error, root
         self._handles: list[Any] = []
         self._direct: list[dict] = []              # module hook dicts holding self._fns[i]
-        self._key = ("gradtrace", id(self))
+        # An int key like torch's own handle ids (code that sorts a module's hook keys keeps
+        # working), negative so that it never meets one of them (they count up from 0).
+        self._key = -id(self)
         self._fns = [partial(self._on_forward, i) for i in range(len(modules))]
         self.active = self.act = self.backward = False
         self._safe: set[int] = set()          # outputs never changed after return: deferred
