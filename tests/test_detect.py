@@ -929,3 +929,25 @@ def test_blocks_of_real_transformer_stacks():
     ids = torch.randint(0, 32, (2, 8))
     units = [u for u, _ in blocks(_watched_layers(gpt, ids, lambda out: out.logits.pow(2).mean()))]
     assert [u for u in units if u.startswith("transformer.h.")] == [f"transformer.h.{i}" for i in range(3)]
+
+
+def test_a_float16_output_far_from_its_limit_is_no_overflow_cause():
+    # float16 output held at 700 (1% of 65504, 93x headroom): a nan then is an invalid
+    # operation, as it would be in float32; near the limit (40000) it is an overflow.
+    def trace(level):
+        meta = mlp_meta(2)
+        recs = [rec(meta, s, exec_order=(s == 0), module={"out_maxabs": module_col(meta, {"2": level})})
+                for s in range(10)]
+        recs[0]["out_dtypes"] = {"0": "float32", "1": "float32", "2": "float16"}
+        events = [{"event": "nonfinite", "step": 9, "forward": "2", "backward": None, "params": [],
+                   "loss_nonfinite": True}]
+        return [x for x in diagnose(Trace(meta, recs + events)) if x.kind == "nonfinite"][0]
+    assert trace(700.0).evidence["cause"] == "invalid_operation"
+    near = trace(40000.0).evidence
+    assert near["cause"] == "overflow" and near["cause_evidence"]["value_dtype"] == "float16"
+    assert near["cause_evidence"]["fraction_of_dtype_max"] == pytest.approx(40000.0 / F16_MAX, rel=REL_TOL)
+
+
+def test_overflow_trend_window_needs_two_points():
+    with pytest.raises(ValueError, match="overflow_trend_window"):
+        Thresholds(overflow_trend_window=1)

@@ -745,3 +745,76 @@ def test_a_module_called_several_times_pools_its_calls_like_torch():
     np.testing.assert_allclose(t.series("out_std", "act")[0], allv.std(unbiased=False).item(), rtol=RTOL)
     np.testing.assert_allclose(t.series("out_maxabs", "act")[0], allv.abs().max().item(), rtol=RTOL)
     np.testing.assert_allclose(t.series("zero_frac", "act")[0], (allv == 0).double().mean().item(), rtol=RTOL)
+
+
+def test_sparse_gradients_of_dense_parameters_keep_every_record():
+    # 8 Embedding(sparse=True): dense parameters, sparse gradients of one shape; the
+    # activation step's max|g| must fall back from the stacked route, not drop the record.
+    torch.manual_seed(0)
+    embs = nn.ModuleList(nn.Embedding(10, 8, sparse=True) for _ in range(8))
+    opt = torch.optim.SGD(embs.parameters(), lr=0.1)
+    idx = torch.tensor([1, 2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gt.watch(embs, opt, activations_every=2) as mon:
+            for _ in range(3):
+                sum(e(idx).sum() for e in embs).backward()
+                ref = [float(e.weight.grad.to_dense().abs().max()) for e in embs]
+                opt.step()
+                opt.zero_grad()
+    t = mon.trace
+    assert len(t.series("grad_norm", "0.weight")) == 3
+    assert t.series("grad_maxabs", "0.weight")[-1] == pytest.approx(ref[0], rel=1e-6)
+
+
+def test_the_recorded_loss_is_the_value_when_noted():
+    # record_loss keeps a copy: an in-place change afterwards does not reach the trace.
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt) as mon:
+        loss = model(torch.ones(2, 3)).pow(2).mean()
+        noted = float(loss.detach())
+        mon.record_loss(loss)
+        loss.backward()
+        loss.detach().mul_(0)
+        opt.step()
+    assert mon.trace.series("loss").tolist() == pytest.approx([noted], rel=1e-6)
+
+
+def test_a_float64_model_records_its_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gt.watch(model, opt, activations_every=1) as mon:
+            model(x).pow(2).mean().backward()
+            with torch.no_grad():
+                h = model[1](model[0](x))        # the output the step saw, before it
+            opt.step()
+    assert mon.trace.series("out_maxabs", "1")[0] == pytest.approx(float(h.abs().max()), rel=1e-6)
+
+
+def test_out_dtypes_follow_a_module_that_changes_precision():
+    # float32 on step 0, float16 from step 1 (autocast switched on after a warm-up): the
+    # trace says so from that step on, and the earlier dtype stays readable at step 0.
+    class Half(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.on = False
+
+        def forward(self, x):
+            return x.half() if self.on else x
+    torch.manual_seed(0)
+    switch = Half()
+    model = nn.Sequential(nn.Linear(3, 3), switch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gt.watch(model, opt, activations_every=1) as mon:
+        for step in range(3):
+            switch.on = step >= 1
+            model(torch.ones(2, 3)).float().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    t = mon.trace
+    assert t.out_dtypes(step=0)["1"] == "float32" and t.out_dtypes()["1"] == "float16"

@@ -468,3 +468,15 @@ def test_max_abs_stacked_route_equals_one_aminmax_per_tensor():
     expect = [float(t.abs().max()) if t.numel() else 0.0 for t in ts]
     np.testing.assert_array_equal(got.numpy(), ref.numpy())
     np.testing.assert_array_equal(got.numpy(), np.array(expect, dtype=np.float32))
+
+
+def test_max_abs_of_repeated_empty_or_sparse_tensors():
+    from gradtrace.record.reduce import max_abs
+    cpu = torch.device("cpu")
+    assert max_abs([torch.zeros(0)] * N.STACK_MIN, cpu, uniform=True).tolist() == [0.0] * N.STACK_MIN
+    assert N.norm_vector([torch.zeros(0)] * N.STACK_MIN).tolist() == [0.0] * N.STACK_MIN
+    g = torch.Generator().manual_seed(12)
+    sparse = [torch.randn(4, 8, generator=g).relu().to_sparse() for _ in range(N.STACK_MIN)]
+    # uniform=True wrongly claimed (dense parameters, sparse gradients): caught, per tensor
+    got = max_abs(sparse, cpu, uniform=True)
+    assert got.tolist() == [float(t.to_dense().abs().max()) for t in sparse]

@@ -430,7 +430,6 @@ def test_large_outputs_are_held_and_batched_after_the_first_step():
                 opt.zero_grad()
                 check_step(mon.trace, step, ref, _kinds(mon))
                 assert (len(measured) > 0) == (step == 0)
-                assert step == 0 or max(measured, default=0) == 0
     finally:
         hooks_mod.StepHooks._measure = orig
         ref.remove()

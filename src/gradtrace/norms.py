@@ -316,7 +316,7 @@ def _plan(shapes: tuple) -> _Plan | None:
         return _plans[shapes]
     by_shape: dict[Any, list[int]] = {}
     for i, shape in enumerate(shapes):
-        if shape.numel() <= SMALL_NUMEL:
+        if 0 < shape.numel() <= SMALL_NUMEL:         # (empty ones: nothing to stack)
             by_shape.setdefault(shape, []).append(i)
     stacked = [idx for idx in by_shape.values() if len(idx) >= STACK_MIN]
     plan = None

@@ -44,7 +44,8 @@ def chains(trace: Trace, layers: list[str]) -> list[list[int]]:
         [[0, 1, 2]]
     """
     pos = {n: i for i, n in enumerate(U.exec_order(trace))}
-    norms = sorted(pos[n] for n in pos if U.activation_of(trace, n) == "norm")
+    kind = {m["name"]: m.get("activation") for m in trace.meta.get("modules", [])}
+    norms = sorted(i for n, i in pos.items() if kind.get(n) == "norm")
     out: list[list[int]] = []
     last = None
     for i, name in enumerate(layers):

@@ -126,26 +126,33 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
     recent = before[-th.divergence_window:].tolist()
     # Largest finite magnitude seen just before the step (at the step itself a diverging
     # run is huge too: only look before).
-    big = frac = 0.0
+    big = frac = score = 0.0
     where = None
     # A module output recorded in a narrower dtype than the parameters' (float16 logits
-    # under float32 weights) is judged against its own dtype's limit.
-    out_max = {m: x for m, d in trace.out_dtypes().items() if (x := headroom.dtype_max(d))}
+    # under float32 weights) is judged against its own dtype's limit, and called an
+    # overflow only within overflow_headroom of it: overflow_frac (1%) is a float32-sized
+    # margin, and 1% of float16's range (655) is an ordinary activation.
+    dtypes = trace.out_dtypes()
+    out_max = {m: x for m, d in dtypes.items() if (x := headroom.dtype_max(d)) and x != fmax}
+    narrow_at = max(th.overflow_frac, 1.0 / th.overflow_headroom)
     for stat in ("out_maxabs", "grad_maxabs"):
         if not U.has_stat(trace, stat) or not recent:
             continue
         m = trace.matrix(stat, steps=recent)
         vals = np.where(m.recorded & np.isfinite(m.values), np.abs(m.values), 0.0)
-        limits = np.array([out_max.get(n, fmax) if stat == "out_maxabs" else fmax for n in m.names])
+        narrow = [stat == "out_maxabs" and n in out_max for n in m.names]
+        limits = np.array([out_max[n] if nr else fmax for n, nr in zip(m.names, narrow)])
+        at = np.array([narrow_at if nr else th.overflow_frac for nr in narrow])
         fracs = vals / limits if vals.size else vals
-        if vals.size and fracs.max() > frac:
-            r, j = np.unravel_index(int(np.argmax(fracs)), vals.shape)
+        if vals.size and (fracs / at).max() > score:
+            r, j = np.unravel_index(int(np.argmax(fracs / at)), vals.shape)
             big, frac, where = float(vals[r, j]), float(fracs[r, j]), (m.names[j], stat, int(m.steps[r]))
+            score = frac / float(at[j])
     ev["largest_finite_value"] = big
     if where:
         ev["largest_value_at"] = {"name": where[0], "stat": where[1], "step": where[2]}
-        if where[1] == "out_maxabs" and where[0] in out_max and out_max[where[0]] != fmax:
-            ev["value_dtype"] = trace.out_dtypes()[where[0]]
+        if where[1] == "out_maxabs" and where[0] in out_max:
+            ev["value_dtype"] = dtypes[where[0]]
             ev["value_dtype_max"] = out_max[where[0]]
     ev["fraction_of_dtype_max"] = frac
 
@@ -190,7 +197,7 @@ def classify_cause(trace: Trace, step: int, th: Thresholds) -> tuple[str, dict]:
     if opt:
         ev.update(opt)
         return "optimizer_step", ev
-    if frac >= th.overflow_frac:
+    if score >= 1.0:                 # within its dtype's overflow margin (see above)
         return "overflow", ev
     if (max(ev["grad_norm_growth"], ev["param_norm_growth"]) >= th.divergence_fold
             or (upd or 0.0) >= th.divergence_update_ratio):

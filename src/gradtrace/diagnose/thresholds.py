@@ -168,6 +168,8 @@ class Thresholds:
                      "diverge_fold", "overflow_headroom"):
             if getattr(self, name) < 1:
                 raise ValueError(f"threshold {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.overflow_trend_window < 2:      # one point has no trend: the rule would never fire
+            raise ValueError(f"threshold overflow_trend_window must be >= 2, got {self.overflow_trend_window!r}")
 
     def replace(self, **overrides: Any) -> "Thresholds":
         """A copy with some fields changed; unknown names raise ``ValueError``.

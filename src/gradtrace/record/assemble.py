@@ -103,6 +103,8 @@ class Assembler:
             return None
         scalars = {"total_grad_norm": math.sqrt(total_sq)}
         loss = host.get("loss")
+        if loss is not None and not loss.size:
+            loss = None
         if loss is not None or info.losses:
             if loss is not None and loss.size == 1 and not info.losses:
                 value = float(loss[0])

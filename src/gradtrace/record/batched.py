@@ -62,6 +62,12 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device, use: s
     return buf[:n].view(shape)
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of a norm whose result is float32: float32, or float64 for a
+    float64 tensor (``vector_norm`` refuses to narrow its input through ``dtype=``)."""
+    return torch.float64 if t.dtype == torch.float64 else F32
+
+
 def units_of(shape: torch.Size) -> int:
     """Unit count of an output of ``shape``, as :func:`selection.unit_view` sees it.
 
@@ -141,7 +147,7 @@ def figures(tensors: list[torch.Tensor], kind: str | None, act: bool) -> dict[st
     mean = (total / n).unsqueeze(1)
     dtype = torch.result_type(flat, mean)
     c = flat.sub_(mean) if owned and dtype == flat.dtype else torch.sub(flat, mean, out=_scratch(flat.shape, dtype, flat.device))
-    out["a_norm"] = torch.linalg.vector_norm(c, dim=1, dtype=F32)
+    out["a_norm"] = torch.linalg.vector_norm(c, dim=1, dtype=_acc(c)).to(F32)
     return out
 
 
@@ -160,7 +166,7 @@ def call_figures(t: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, torch
     """
     total = t.sum(dtype=F32)
     mn, mx = t.aminmax()
-    norm = torch.linalg.vector_norm(t - total / t.numel(), dtype=F32)
+    norm = torch.linalg.vector_norm(t - total / t.numel(), dtype=_acc(t)).to(F32)
     units = None
     if kind == "relu":
         extra = t.sign().sum(dtype=F32)
@@ -191,4 +197,4 @@ def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     if len(grads) > chunk:
         return torch.cat([grad_norms(grads[i:i + chunk]) for i in range(0, len(grads), chunk)])
     s, _ = _rows(grads)
-    return torch.linalg.vector_norm(s.reshape(s.shape[0], -1), dim=1, dtype=F32)
+    return torch.linalg.vector_norm(s.reshape(s.shape[0], -1), dim=1, dtype=_acc(s)).to(F32)

@@ -114,9 +114,12 @@ class StepHooks:
         self._unsafe: set[int] = set()        # changed in place after return: measured in the hook
         self._grad_unsafe: set[int] = set()   # output gradients changed before the backward's end
         self._units: dict[int, tuple[int, int]] = {}   # ReLU module -> (unit count, run number)
-        #: Module index -> dtype name ("float16") of its first floating output, kept from the
-        #: first activation step that saw the module (the diagnosis reads overflow by dtype).
+        #: Module index -> dtype name ("float16") of its first floating output, as of the
+        #: latest hooked step that saw the module (the diagnosis reads overflow by dtype);
+        #: ``dtype_changes`` counts the updates, so the monitor writes them when they happen.
         self.out_dtypes: dict[int, str] = {}
+        self.dtype_changes = 0
+        self._dtype_of: dict[int, torch.dtype] = {}
         self.reset()
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -205,8 +208,11 @@ class StepHooks:
             if idx not in self.seen:
                 self.seen.add(idx)
                 self.order.append(idx)
-                if idx not in self.out_dtypes:
-                    self.out_dtypes[idx] = str(tensors[0].dtype).removeprefix("torch.")
+                dt = tensors[0].dtype
+                if self._dtype_of.get(idx) is not dt:   # first seen, or autocast switched on
+                    self._dtype_of[idx] = dt
+                    self.out_dtypes[idx] = str(dt).removeprefix("torch.")
+                    self.dtype_changes += 1
             grads = self.act or self.backward
             held = self._fwd
             for t in tensors:

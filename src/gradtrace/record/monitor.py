@@ -186,7 +186,7 @@ class Monitor:
         self.step_count = 0           # optimizer steps closed so far (index of the current step)
         self.capture: StepCapture | None = None
         self._last_order: list[int] | None = None
-        self._dtypes_written = 0      # out_dtypes entries already in the trace (the dict only grows)
+        self._dtypes_written = 0      # StepHooks.dtype_changes already written to the trace
         self._flight_done = False
         self._replaying = False
         meta = self._meta(root, layers, out, preset)
@@ -466,8 +466,6 @@ class Monitor:
         # (Finite gradients gave finite squares: the norm engine keeps float32's range.)
         # The copy stays with the step: on a step whose record holds nothing else it is
         # the record's copy too (_finish_step), else it is released there.
-        if not len(bad) and not loss_bad:
-            return
         info.counted = True
         for k, c in zip(bad, nonfinite_counts([distributed.local(b["grads"][k]) for k in bad])):
             info.counts[int(k)] = c
@@ -618,10 +616,10 @@ class Monitor:
             if info.order and info.order != self._last_order:
                 rec["exec_order"] = [self._mod_names[i] for i in info.order]
                 self._last_order = list(info.order)
-            dtypes = self._hooks.out_dtypes if self._hooks is not None else {}
-            if len(dtypes) != self._dtypes_written:
-                rec["out_dtypes"] = {self._mod_names[i]: d for i, d in dtypes.items()}
-                self._dtypes_written = len(dtypes)
+            hooks = self._hooks
+            if hooks.dtype_changes != self._dtypes_written:
+                rec["out_dtypes"] = {self._mod_names[i]: d for i, d in hooks.out_dtypes.items()}
+                self._dtypes_written = hooks.dtype_changes
             if event is not None:
                 self._write(event)
             self._write(rec)
@@ -722,11 +720,11 @@ class Monitor:
         """
         if self._rec and not self._closed:
             # A per-example loss vector is averaged (on the device: no sync); a float32
-            # scalar is kept as it is (one operation less a step).
+            # scalar is copied (later in-place changes to the user's tensor, or a reused
+            # buffer it views, must not reach the record).
             if isinstance(loss, torch.Tensor):
                 loss = loss.detach()
-                if loss.dim() or loss.dtype != F32:
-                    loss = loss.float().mean()
+                loss = loss.clone() if loss.dim() == 0 and loss.dtype == F32 else loss.float().mean()
                 self._losses.append(loss)
             else:
                 self._losses.append(float(loss))

@@ -60,11 +60,14 @@ def max_abs(tensors: list[torch.Tensor], device: torch.device, uniform: bool = F
     if plan is None:
         return _max_abs_each(tensors, device)
     parts = []
-    for pick in plan.stacks:
-        group = pick(tensors)
-        rows = torch.stack(group).reshape(len(group), -1)
-        # maximum() propagates NaN, so a NaN anywhere in a row shows in its max |x|.
-        parts.append(torch.maximum(rows.amax(1), rows.amin(1).neg_()).to(F32))
+    try:
+        for pick in plan.stacks:
+            group = pick(tensors)
+            rows = torch.stack(group).reshape(len(group), -1)
+            # maximum() propagates NaN, so a NaN anywhere in a row shows in its max |x|.
+            parts.append(torch.maximum(rows.amax(1), rows.amin(1).neg_()).to(F32))
+    except (TypeError, RuntimeError):    # sparse gradients of dense parameters (Embedding)
+        return _max_abs_each(tensors, device)
     if plan.rest is not None:
         parts.append(_max_abs_each(plan.rest(tensors), device))
     v = torch.cat(parts) if len(parts) > 1 else parts[0]
