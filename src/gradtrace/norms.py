@@ -343,6 +343,29 @@ def _picker(idx: list[int]) -> Callable[[list], list]:
     return lambda xs: list(get(xs))
 
 
+def by_shape(tensors: list[Tensor], stacked: Callable[[list[Tensor]], Tensor],
+             rest: Callable[[list[Tensor]], Tensor]) -> Tensor | None:
+    """One value per tensor, in input order, from ``stacked`` (given each small shape that
+    repeats :data:`STACK_MIN` times, its tensors) and ``rest`` (given the others); None
+    when no small shape repeats (then the caller's per-tensor route is the right one).
+    The CPU routes of the norm engine and of the recorder's max |g| share this plan.
+
+    Example:
+        >>> ts = [torch.ones(2)] * STACK_MIN + [torch.ones(3000)]
+        >>> v = by_shape(ts, lambda g: torch.full((len(g),), 1.0), lambda g: torch.full((len(g),), 2.0))
+        >>> v.tolist()[-2:]
+        [1.0, 2.0]
+    """
+    plan = _plan(tuple(map(_SHAPE, tensors)))
+    if plan is None:
+        return None
+    parts = [stacked(pick(tensors)) for pick in plan.stacks]
+    if plan.rest is not None:             # the large tensors and unrepeated small shapes
+        parts.append(rest(plan.rest(tensors)))
+    v = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return v if plan.order is None else v[plan.order]
+
+
 def _stack_norms(group: list[Tensor]) -> Tensor:
     """2-norms of same-shape small dense CPU tensors, accumulated in float64: the tensors
     as the rows of one stack, one ``vector_norm(dim=1, dtype=float64)`` (one kernel where
@@ -364,15 +387,9 @@ def _group_norms(group: list[Tensor], device: torch.device, dtype: torch.dtype, 
     widen = at_risk and device.type not in HOST_READ_FREE and device.type != "mps"
     plain = use_foreach(group, device, foreach)
     if p == 2.0 and plain and device.type in HOST_READ_FREE and dtype.is_floating_point:
-        plan = _plan(tuple(map(_SHAPE, group)))
-        if plan is not None:
-            parts = [_stack_norms(pick(group)) for pick in plan.stacks]
-            if plan.rest is not None:     # the large tensors and unrepeated small shapes
-                parts.append(_group_norms(plan.rest(group), device, dtype, p, foreach, False,
-                                          check, wide, rtol)[1].to(F64))
-            v = torch.cat(parts) if len(parts) > 1 else parts[0]
-            if plan.order is not None:
-                v = v[plan.order]
+        v = by_shape(group, _stack_norms, lambda rest: _group_norms(
+            rest, device, dtype, p, foreach, False, check, wide, rtol)[1].to(F64))
+        if v is not None:
             if not wide and dtype != F64:
                 v = v.to(F32)
             return (list(v.unbind(0)) if as_list else []), v

@@ -8,14 +8,11 @@ float64 accumulation on accelerators): finite gradients give finite squares.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 
-from ..norms import _plan, norm_vector, stored_values
+from ..norms import by_shape, norm_vector, stored_values
 
 F32 = torch.float32
-_SHAPE = operator.attrgetter("shape")
 __all__ = ["squared_norms", "max_abs", "nonfinite_counts", "stored_values"]
 
 
@@ -53,25 +50,21 @@ def max_abs(tensors: list[torch.Tensor], device: torch.device, uniform: bool = F
     """
     if not tensors:
         return torch.empty(0, dtype=F32, device=device)
-    plan = None
+    v = None
     if uniform and device.type == "cpu" and tensors[0].device.type == "cpu" and \
             tensors[0].is_floating_point():
-        plan = _plan(tuple(map(_SHAPE, tensors)))
-    if plan is None:
-        return _max_abs_each(tensors, device)
-    parts = []
-    try:
-        for pick in plan.stacks:
-            group = pick(tensors)
-            rows = torch.stack(group).reshape(len(group), -1)
-            # maximum() propagates NaN, so a NaN anywhere in a row shows in its max |x|.
-            parts.append(torch.maximum(rows.amax(1), rows.amin(1).neg_()).to(F32))
-    except (TypeError, RuntimeError):    # sparse gradients of dense parameters (Embedding)
-        return _max_abs_each(tensors, device)
-    if plan.rest is not None:
-        parts.append(_max_abs_each(plan.rest(tensors), device))
-    v = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return v if plan.order is None else v[plan.order]
+        try:
+            v = by_shape(tensors, _stack_max_abs, lambda rest: _max_abs_each(rest, device))
+        except (TypeError, RuntimeError):    # sparse gradients of dense parameters (Embedding)
+            v = None
+    return _max_abs_each(tensors, device) if v is None else v
+
+
+def _stack_max_abs(group: list[torch.Tensor]) -> torch.Tensor:
+    """Largest |entry| of same-shape tensors as the rows of one stack, float32."""
+    rows = torch.stack(group).reshape(len(group), -1)
+    # maximum() propagates NaN, so a NaN anywhere in a row shows in its max |x|.
+    return torch.maximum(rows.amax(1), rows.amin(1).neg_()).to(F32)
 
 
 def _max_abs_each(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
